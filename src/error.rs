@@ -1,0 +1,83 @@
+//! The crate's error type for everything outside the tensor kernels.
+//!
+//! Tensor-level code (the FWHT op, the layers) returns [`candle_core::Result`] like the rest of
+//! candle, so it composes with candle modules. The parts a user drives directly (data loading,
+//! checkpoints, training, evaluation, the command line) return [`Error`], whose messages say what
+//! went wrong and what to do about it.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `whvi` outside the tensor kernels.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error from a candle tensor operation.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A data file exists but its content is not what the format requires.
+    #[error("{}: {message}", path.display())]
+    Data {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong and what to do about it.
+        message: String,
+    },
+    /// A checkpoint file is missing, damaged or does not match what was asked of it.
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong and what to do about it.
+        message: String,
+    },
+    /// An argument or configuration value is invalid.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Training diverged (NaN or infinite loss).
+    #[error("{0}")]
+    Diverged(String),
+    /// The run was interrupted (Ctrl-C) after its state was saved.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A data-format error about `path`.
+    pub fn data(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A checkpoint error about `path`.
+    pub fn checkpoint(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An invalid argument or configuration value.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::InvalidArgument(message.into())
+    }
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,12 @@
+//! `whvi`: Walsh-Hadamard Variational Inference for Bayesian convolutional networks on Candle.
+//!
+//! A D x D weight matrix is `W = S1 · H · diag(g) · H · S2` with `H` the Walsh-Hadamard matrix,
+//! `S1`, `S2` learned diagonals and `g ~ N(mu, diag(sigma^2))`: `4·D` parameters instead of `D^2`,
+//! and `O(D log D)` compute through the fast Walsh-Hadamard transform ([`fwht`]).
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod fwht;
+
+pub use error::{Error, Result};
