@@ -8,5 +8,6 @@
 
 pub mod error;
 pub mod fwht;
+pub mod rng;
 
 pub use error::{Error, Result};
