@@ -8,6 +8,10 @@
 
 pub mod error;
 pub mod fwht;
+pub mod layers;
+pub mod loss;
+pub mod params;
 pub mod rng;
+pub mod zoo;
 
 pub use error::{Error, Result};

@@ -110,7 +110,7 @@ fn check_input(dims: &[usize], dtype: DType) -> candle_core::Result<()> {
 fn gather<T: Copy>(src: &[T], layout: &Layout) -> Vec<T> {
     match layout.contiguous_offsets() {
         Some((start, end)) => src[start..end].to_vec(),
-        None => layout.strided_index().map(|i| src[i]).collect(),
+        None => candle_core::cpu_backend::unary_map(src, layout, |v| v),
     }
 }
 
@@ -156,7 +156,7 @@ fn forward_half<T: Copy + Send + Sync>(
 ) -> Vec<T> {
     let mut wide: Vec<f32> = match layout.contiguous_offsets() {
         Some((start, end)) => src[start..end].iter().map(|&v| widen(v)).collect(),
-        None => layout.strided_index().map(|i| widen(src[i])).collect(),
+        None => candle_core::cpu_backend::unary_map(src, layout, widen),
     };
     cpu::fwht_rows_f32(&mut wide, d, scale);
     wide.into_iter().map(narrow).collect()

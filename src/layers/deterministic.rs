@@ -1,0 +1,135 @@
+//! Point-estimate layers: candle-nn's modules behind the [`BayesianModule`] trait.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{BatchNormConfig, Conv2dConfig, VarBuilder};
+
+use super::{BayesianModule, Pass};
+
+/// A deterministic dense layer (candle-nn's `Linear`, Kaiming-uniform initialised).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl Linear {
+    /// A `d_in -> d_out` layer with bias; parameters `weight` `[d_out, d_in]` and `bias`.
+    pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Linear {
+            inner: candle_nn::linear(d_in, d_out, vb)?,
+            d_in,
+            d_out,
+        })
+    }
+}
+
+impl BayesianModule for Linear {
+    fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        self.d_in * self.d_out + self.d_out
+    }
+
+    fn describe(&self) -> String {
+        format!("Linear({} -> {})", self.d_in, self.d_out)
+    }
+}
+
+/// A deterministic convolution (candle-nn's `Conv2d`), groups 1, with bias.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+}
+
+impl Conv2d {
+    /// A `k x k` convolution; parameters `weight` `[C_out, C_in, k, k]` and `bias`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let config = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Ok(Conv2d {
+            inner: candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)?,
+            in_channels,
+            out_channels,
+            kernel,
+        })
+    }
+}
+
+impl BayesianModule for Conv2d {
+    fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        self.out_channels * self.in_channels * self.kernel * self.kernel + self.out_channels
+    }
+
+    fn describe(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "Conv2d({} -> {}, k={}, s={}, p={})",
+            self.in_channels, self.out_channels, self.kernel, c.stride, c.padding
+        )
+    }
+}
+
+/// Batch normalisation over channels; always deterministic. Running statistics are stored as
+/// parameters (`running_mean`, `running_var`) so that checkpoints carry them.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    inner: candle_nn::BatchNorm,
+    channels: usize,
+}
+
+impl BatchNorm2d {
+    /// Batch normalisation of `channels` channels (eps 1e-5, momentum 0.1, affine).
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(BatchNorm2d {
+            inner: candle_nn::batch_norm(channels, BatchNormConfig::default(), vb)?,
+            channels,
+        })
+    }
+}
+
+impl BayesianModule for BatchNorm2d {
+    fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        self.inner.forward_t(x, pass.is_train())
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        // weight and bias are trained; the running statistics are buffers.
+        2 * self.channels
+    }
+
+    fn describe(&self) -> String {
+        format!("BatchNorm2d({})", self.channels)
+    }
+}

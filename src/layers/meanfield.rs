@@ -1,0 +1,211 @@
+//! Mean-field Gaussian layers (Bayes by backprop, Blundell et al. 2015): every weight has its
+//! own independent Gaussian posterior, `2·d_in·d_out` variational parameters.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::noise::standard_normal;
+use super::prior::{gaussian_kl, Prior};
+use super::{BayesianModule, Pass};
+
+/// Initial posterior standard deviation as a fraction of the He scale of the mean.
+const INITIAL_SIGMA_FRACTION: f64 = 1e-2;
+
+/// Keeps the square root of the local-reparameterisation variance differentiable at zero.
+const VARIANCE_FLOOR: f64 = 1e-12;
+
+/// The mean-field weights of a layer: `mu` and `log_sigma` of the same shape (sigma stored as
+/// its logarithm), plus a deterministic bias.
+#[derive(Debug, Clone)]
+struct GaussianWeights {
+    mu: Tensor,
+    log_sigma: Tensor,
+    bias: Tensor,
+    prior_var: f64,
+}
+
+impl GaussianWeights {
+    fn new(shape: &[usize], fan_in: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
+        let he_var = 2.0 / fan_in as f64;
+        let mu = vb.get_with_hints(
+            shape,
+            "mu",
+            Init::Randn {
+                mean: 0.0,
+                stdev: he_var.sqrt(),
+            },
+        )?;
+        let log_sigma = vb.get_with_hints(
+            shape,
+            "log_sigma",
+            Init::Const((INITIAL_SIGMA_FRACTION * he_var.sqrt()).ln()),
+        )?;
+        let bias = vb.get_with_hints(shape[0], "bias", Init::Const(0.0))?;
+        Ok(GaussianWeights {
+            mu,
+            log_sigma,
+            bias,
+            prior_var: prior.variance(he_var),
+        })
+    }
+
+    fn sigma_sq(&self) -> Result<Tensor> {
+        (&self.log_sigma * 2.0)?.exp()
+    }
+
+    fn sample(&self, rng: &mut crate::rng::WhviRng) -> Result<Tensor> {
+        let eps = standard_normal(self.mu.shape(), self.mu.dtype(), self.mu.device(), rng)?;
+        &self.mu + (eps * self.log_sigma.exp()?)?
+    }
+
+    fn kl(&self) -> Result<Tensor> {
+        gaussian_kl(&self.mu, &self.log_sigma, self.prior_var)
+    }
+
+    fn num_params(&self) -> usize {
+        2 * self.mu.elem_count() + self.bias.elem_count()
+    }
+}
+
+/// Adds `sqrt(var) ⊙ eps` to `mean`: the local reparameterisation (Kingma et al. 2015), which
+/// samples pre-activations instead of weights, independently per example.
+fn local_noise(mean: Tensor, var: Tensor, rng: &mut crate::rng::WhviRng) -> Result<Tensor> {
+    let eps = standard_normal(mean.shape(), mean.dtype(), mean.device(), rng)?;
+    mean + ((var + VARIANCE_FLOOR)?.sqrt()? * eps)?
+}
+
+/// A mean-field Gaussian dense layer with the local reparameterisation.
+#[derive(Debug, Clone)]
+pub struct MeanFieldLinear {
+    weights: GaussianWeights,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl MeanFieldLinear {
+    /// A `d_in -> d_out` layer; parameters `mu`, `log_sigma` `[d_out, d_in]` and `bias`.
+    pub fn new(d_in: usize, d_out: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
+        Ok(MeanFieldLinear {
+            weights: GaussianWeights::new(&[d_out, d_in], d_in, prior, vb)?,
+            d_in,
+            d_out,
+        })
+    }
+}
+
+impl BayesianModule for MeanFieldLinear {
+    fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let w = &self.weights;
+        let mean = x.broadcast_matmul(&w.mu.t()?)?.broadcast_add(&w.bias)?;
+        match pass.rng() {
+            Some(rng) => {
+                let var = x.sqr()?.broadcast_matmul(&w.sigma_sq()?.t()?)?;
+                local_noise(mean, var, rng)
+            }
+            None => Ok(mean),
+        }
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        self.weights.kl().map(Some)
+    }
+
+    fn num_params(&self) -> usize {
+        self.weights.num_params()
+    }
+
+    fn describe(&self) -> String {
+        format!("MeanFieldLinear({} -> {})", self.d_in, self.d_out)
+    }
+}
+
+/// How a mean-field convolution samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MeanFieldConvMode {
+    /// Local reparameterisation: sample the output from its Gaussian given the input,
+    /// `conv(x, mu) + sqrt(conv(x^2, sigma^2)) ⊙ eps`; independent per example and position.
+    #[default]
+    Local,
+    /// One weight sample per forward pass, shared by the batch.
+    Shared,
+}
+
+/// A mean-field Gaussian convolution, groups 1, with a deterministic bias.
+#[derive(Debug, Clone)]
+pub struct MeanFieldConv2d {
+    weights: GaussianWeights,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    mode: MeanFieldConvMode,
+}
+
+impl MeanFieldConv2d {
+    /// A `k x k` mean-field convolution; parameters `mu`, `log_sigma` `[C_out, C_in, k, k]`
+    /// and `bias`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        mode: MeanFieldConvMode,
+        prior: Prior,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let shape = [out_channels, in_channels, kernel, kernel];
+        Ok(MeanFieldConv2d {
+            weights: GaussianWeights::new(&shape, in_channels * kernel * kernel, prior, vb)?,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            mode,
+        })
+    }
+
+    fn conv(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        x.conv2d(w, self.padding, self.stride, 1, 1)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        y.broadcast_add(&self.weights.bias.reshape((1, self.out_channels, 1, 1))?)
+    }
+}
+
+impl BayesianModule for MeanFieldConv2d {
+    fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let w = &self.weights;
+        let y = match (pass.rng(), self.mode) {
+            (None, _) => self.conv(x, &w.mu)?,
+            (Some(rng), MeanFieldConvMode::Shared) => self.conv(x, &w.sample(rng)?)?,
+            (Some(rng), MeanFieldConvMode::Local) => {
+                let mean = self.conv(x, &w.mu)?;
+                let var = self.conv(&x.sqr()?, &w.sigma_sq()?)?;
+                local_noise(mean, var, rng)?
+            }
+        };
+        self.add_bias(y)
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        self.weights.kl().map(Some)
+    }
+
+    fn num_params(&self) -> usize {
+        self.weights.num_params()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "MeanFieldConv2d({} -> {}, k={}, s={}, p={}, {:?})",
+            self.in_channels, self.out_channels, self.kernel, self.stride, self.padding, self.mode
+        )
+    }
+}

@@ -1,0 +1,107 @@
+//! Bayesian and deterministic layers behind one trait.
+//!
+//! Every layer implements [`BayesianModule`]: a forward pass that either samples from the
+//! posterior or uses its mean (chosen by the [`Pass`]), and the KL divergence of its posterior
+//! from its prior. Deterministic layers have no KL. The same network can therefore be trained
+//! with WHVI, a mean-field Gaussian posterior, MC dropout or point estimates and compared on
+//! equal terms.
+
+mod deterministic;
+mod dropout;
+mod meanfield;
+mod noise;
+mod prior;
+mod sequential;
+mod whvi;
+
+pub use deterministic::{BatchNorm2d, Conv2d, Linear};
+pub use dropout::McDropout;
+pub use meanfield::{MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear};
+pub use noise::standard_normal;
+pub use prior::{gaussian_kl, Prior};
+pub use sequential::{Activation, Flatten, MaxPool2d, Sequential};
+pub use whvi::{ConvSampling, WhviBlocks, WhviConv2d, WhviLinear};
+
+use candle_core::{Result, Tensor};
+
+use crate::rng::WhviRng;
+
+/// What a forward pass does with the posterior, and where its noise comes from.
+///
+/// The caller owns the random generator, so a seed reproduces a run bit for bit on the CPU.
+pub struct Pass<'a> {
+    train: bool,
+    rng: Option<&'a mut WhviRng>,
+}
+
+impl<'a> Pass<'a> {
+    /// A training pass: sample from the posterior, dropout on, BatchNorm uses batch statistics.
+    pub fn train(rng: &'a mut WhviRng) -> Self {
+        Pass {
+            train: true,
+            rng: Some(rng),
+        }
+    }
+
+    /// A prediction pass that draws one posterior sample (one Monte Carlo sample of the
+    /// predictive distribution); BatchNorm uses its running statistics.
+    pub fn sample(rng: &'a mut WhviRng) -> Self {
+        Pass {
+            train: false,
+            rng: Some(rng),
+        }
+    }
+
+    /// A prediction pass through the posterior mean (no noise, dropout off).
+    pub fn mean() -> Self {
+        Pass {
+            train: false,
+            rng: None,
+        }
+    }
+
+    /// Whether this pass trains (BatchNorm updates and uses batch statistics).
+    pub fn is_train(&self) -> bool {
+        self.train
+    }
+
+    /// Whether layers draw from their posterior in this pass.
+    pub fn is_sampling(&self) -> bool {
+        self.rng.is_some()
+    }
+
+    /// The generator of a sampling pass; `None` in a mean pass.
+    pub fn rng(&mut self) -> Option<&mut WhviRng> {
+        self.rng.as_deref_mut()
+    }
+}
+
+/// A layer with a (possibly degenerate) posterior over its weights.
+pub trait BayesianModule: Send + Sync {
+    /// The forward pass; samples or uses the posterior mean as `pass` says.
+    fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor>;
+
+    /// KL(q || p) of this layer's posterior from its prior, a scalar; `None` for layers without
+    /// a posterior (deterministic layers, activations), whose KL is zero.
+    fn kl(&self) -> Result<Option<Tensor>>;
+
+    /// The number of trainable parameters (variational parameters count: 4·D per WHVI block).
+    fn num_params(&self) -> usize;
+
+    /// A short description for model summaries, e.g. `WhviLinear(512 -> 10, D=512, 1 block)`.
+    fn describe(&self) -> String;
+}
+
+/// Sums the KL terms of `layers` (zero, as an f32 scalar on `device`, if none has a posterior).
+pub fn total_kl<'a>(
+    layers: impl IntoIterator<Item = &'a dyn BayesianModule>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut total = Tensor::zeros((), candle_core::DType::F32, device)?;
+    for layer in layers {
+        if let Some(kl) = layer.kl()? {
+            total = (total + kl.to_dtype(candle_core::DType::F32)?)?;
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,162 @@
+//! Parameter-free layers and the container that chains layers.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{BayesianModule, Pass};
+
+/// An element-wise activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Activation {
+    /// max(x, 0)
+    Relu,
+    /// tanh(x)
+    Tanh,
+}
+
+impl BayesianModule for Activation {
+    fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
+        match self {
+            Activation::Relu => x.relu(),
+            Activation::Tanh => x.tanh(),
+        }
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        0
+    }
+
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// Flattens every dimension after the batch dimension.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Flatten;
+
+impl BayesianModule for Flatten {
+    fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
+        x.flatten_from(1)
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        0
+    }
+
+    fn describe(&self) -> String {
+        "Flatten".to_string()
+    }
+}
+
+/// Max pooling with a square window whose stride equals its size (candle's backward needs
+/// kernel == stride).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool2d {
+    size: usize,
+}
+
+impl MaxPool2d {
+    /// A `size x size` max pool with stride `size`.
+    pub fn new(size: usize) -> Self {
+        MaxPool2d { size }
+    }
+}
+
+impl BayesianModule for MaxPool2d {
+    fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
+        x.max_pool2d(self.size)
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        0
+    }
+
+    fn describe(&self) -> String {
+        format!("MaxPool2d({})", self.size)
+    }
+}
+
+/// Layers applied one after the other; the KL is the sum of theirs.
+#[derive(Default)]
+pub struct Sequential {
+    layers: Vec<Box<dyn BayesianModule>>,
+}
+
+impl Sequential {
+    /// An empty chain.
+    pub fn new() -> Self {
+        Sequential::default()
+    }
+
+    /// Appends a layer.
+    pub fn push(&mut self, layer: impl BayesianModule + 'static) {
+        self.layers.push(Box::new(layer));
+    }
+
+    /// Appends a layer (builder style).
+    pub fn add(mut self, layer: impl BayesianModule + 'static) -> Self {
+        self.push(layer);
+        self
+    }
+
+    /// The layers in order.
+    pub fn layers(&self) -> impl Iterator<Item = &dyn BayesianModule> {
+        self.layers.iter().map(|l| l.as_ref())
+    }
+
+    /// The number of layers.
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Whether there are no layers.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
+impl BayesianModule for Sequential {
+    fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &self.layers {
+            x = layer.forward_pass(&x, pass)?;
+        }
+        Ok(x)
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for layer in &self.layers {
+            if let Some(kl) = layer.kl()? {
+                total = Some(match total {
+                    Some(t) => (t + kl)?,
+                    None => kl,
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    fn num_params(&self) -> usize {
+        self.layers.iter().map(|l| l.num_params()).sum()
+    }
+
+    fn describe(&self) -> String {
+        let inner: Vec<String> = self.layers.iter().map(|l| l.describe()).collect();
+        format!("Sequential[{}]", inner.join(", "))
+    }
+}

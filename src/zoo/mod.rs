@@ -1,0 +1,13 @@
+//! The model zoo: architectures looked up by name (or read from a spec file), built with any
+//! posterior per layer.
+//!
+//! Specs are TOML files in `models/`, embedded in the binary: TOML because a person edits them
+//! (comments, no quoting of keys) and serde reads them into [`ModelSpec`] with clear errors.
+
+mod network;
+mod spec;
+
+pub use network::{
+    plan, summary, BayesPolicy, BuildOptions, LayerKind, LayerPlan, Method, Network,
+};
+pub use spec::{ConvSpec, Feature, ModelSpec, PoolMarker, BUILTIN};

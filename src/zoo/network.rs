@@ -1,0 +1,612 @@
+//! Builds a [`Network`] from a [`ModelSpec`] and a choice of posterior per layer.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::spec::ModelSpec;
+use crate::layers::{
+    Activation, BatchNorm2d, BayesianModule, Conv2d, ConvSampling, Flatten, Linear, MaxPool2d,
+    McDropout, MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear, Pass, Prior, Sequential,
+    WhviConv2d, WhviLinear,
+};
+use crate::{Error, Result};
+
+/// The posterior of a weight layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Walsh-Hadamard variational inference.
+    Whvi,
+    /// Mean-field Gaussian (Bayes by backprop).
+    MeanField,
+    /// Deterministic weights with MC dropout in front of the layer.
+    McDropout,
+    /// Point estimates.
+    Deterministic,
+}
+
+impl Method {
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Whvi => "whvi",
+            Method::MeanField => "mean-field",
+            Method::McDropout => "mc-dropout",
+            Method::Deterministic => "deterministic",
+        }
+    }
+
+    /// Parses a method name (`whvi`, `mean-field`, `mc-dropout`, `deterministic`).
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "whvi" => Ok(Method::Whvi),
+            "mean-field" | "meanfield" | "mf" => Ok(Method::MeanField),
+            "mc-dropout" | "dropout" => Ok(Method::McDropout),
+            "deterministic" | "det" => Ok(Method::Deterministic),
+            other => Err(Error::invalid(format!(
+                "unknown method '{other}': use whvi, mean-field, mc-dropout or deterministic"
+            ))),
+        }
+    }
+}
+
+/// Which weight layers get the chosen posterior (the others are deterministic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BayesPolicy {
+    /// The dense layers (hidden head and classifier): the paper's finding is that WHVI on
+    /// convolution filters alone brings little.
+    #[default]
+    Head,
+    /// Every convolution and dense layer.
+    All,
+    /// The classifier only.
+    Last,
+    /// No layer: a deterministic network.
+    None,
+}
+
+impl BayesPolicy {
+    /// Parses `head`, `all`, `last` or `none`.
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "head" => Ok(BayesPolicy::Head),
+            "all" => Ok(BayesPolicy::All),
+            "last" => Ok(BayesPolicy::Last),
+            "none" => Ok(BayesPolicy::None),
+            other => Err(Error::invalid(format!(
+                "unknown Bayesian-layer policy '{other}': use head, all, last or none"
+            ))),
+        }
+    }
+}
+
+/// Everything besides the spec that decides the network: posterior per layer, width, classes,
+/// input shape and the layers' options. Stored in checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildOptions {
+    /// The posterior of the Bayesian layers.
+    pub method: Method,
+    /// Which layers are Bayesian.
+    pub policy: BayesPolicy,
+    /// Per-layer overrides `(layer name, method)`, applied after the policy.
+    #[serde(default)]
+    pub overrides: Vec<(String, Method)>,
+    /// Multiplies every convolution and hidden dense width.
+    pub width: f64,
+    /// Number of classes; the spec's default when `None`.
+    pub classes: Option<usize>,
+    /// Input shape `[C, H, W]`; the spec's default when `None`.
+    pub input: Option<[usize; 3]>,
+    /// How WHVI convolutions sample their filters.
+    #[serde(default)]
+    pub conv_sampling: ConvSampling,
+    /// How mean-field convolutions sample.
+    #[serde(default)]
+    pub meanfield_conv: MeanFieldConvMode,
+    /// Drop probability of MC dropout layers.
+    pub dropout: f64,
+    /// The prior of the Bayesian layers.
+    #[serde(default)]
+    pub prior: Prior,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            method: Method::Whvi,
+            policy: BayesPolicy::Head,
+            overrides: Vec::new(),
+            width: 1.0,
+            classes: None,
+            input: None,
+            conv_sampling: ConvSampling::Shared,
+            meanfield_conv: MeanFieldConvMode::Local,
+            dropout: 0.2,
+            prior: Prior::HeLike,
+        }
+    }
+}
+
+/// What a planned layer computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LayerKind {
+    /// A convolution.
+    Conv {
+        /// Input channels.
+        c_in: usize,
+        /// Output channels.
+        c_out: usize,
+        /// Kernel size.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Padding.
+        padding: usize,
+    },
+    /// A dense layer.
+    Dense {
+        /// Input features.
+        d_in: usize,
+        /// Output features.
+        d_out: usize,
+    },
+    /// Batch normalisation over channels.
+    BatchNorm(usize),
+    /// ReLU.
+    Relu,
+    /// 2x2 max pool.
+    MaxPool,
+    /// Flatten to `[batch, features]`.
+    Flatten,
+    /// MC dropout with this drop probability.
+    Dropout(f64),
+}
+
+/// One row of a network's plan: a layer, its posterior and its output shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerPlan {
+    /// The layer's name (and its parameters' prefix in checkpoints).
+    pub name: String,
+    /// What it computes.
+    pub kind: LayerKind,
+    /// Its posterior (deterministic for layers without weights).
+    pub method: Method,
+    /// Output shape without the batch dimension.
+    pub output: Vec<usize>,
+}
+
+impl LayerPlan {
+    /// Trainable parameters of this layer if it used `method`.
+    pub fn params_with(&self, method: Method) -> usize {
+        let whvi = |d_in: usize, d_out: usize| {
+            let d = d_in.next_power_of_two();
+            4 * d * d_out.div_ceil(d) + d_out
+        };
+        match (self.kind, method) {
+            (
+                LayerKind::Conv {
+                    c_in,
+                    c_out,
+                    kernel,
+                    ..
+                },
+                m,
+            ) => {
+                let w = c_out * c_in * kernel * kernel;
+                match m {
+                    Method::Whvi => whvi(c_in * kernel * kernel, c_out),
+                    Method::MeanField => 2 * w + c_out,
+                    Method::McDropout | Method::Deterministic => w + c_out,
+                }
+            }
+            (LayerKind::Dense { d_in, d_out }, m) => match m {
+                Method::Whvi => whvi(d_in, d_out),
+                Method::MeanField => 2 * d_in * d_out + d_out,
+                Method::McDropout | Method::Deterministic => d_in * d_out + d_out,
+            },
+            (LayerKind::BatchNorm(c), _) => 2 * c,
+            _ => 0,
+        }
+    }
+
+    /// Trainable parameters with the layer's own method.
+    pub fn params(&self) -> usize {
+        self.params_with(self.method)
+    }
+
+    /// Whether the layer has weights that can take a posterior.
+    pub fn is_weight_layer(&self) -> bool {
+        matches!(self.kind, LayerKind::Conv { .. } | LayerKind::Dense { .. })
+    }
+}
+
+fn scaled(width: usize, multiplier: f64) -> usize {
+    ((width as f64 * multiplier).round() as usize).max(1)
+}
+
+/// Lays out the layers of `spec` under `options`, checking that the geometry works.
+pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> {
+    if !(options.width > 0.0 && options.width.is_finite()) {
+        return Err(Error::invalid(format!(
+            "width multiplier must be a positive number, got {}",
+            options.width
+        )));
+    }
+    if !(0.0..1.0).contains(&options.dropout) {
+        return Err(Error::invalid(format!(
+            "dropout probability must be in [0, 1), got {}",
+            options.dropout
+        )));
+    }
+    let classes = options.classes.unwrap_or(spec.classes);
+    if classes < 2 {
+        return Err(Error::invalid(format!(
+            "need at least 2 classes, got {classes}"
+        )));
+    }
+    let [mut c, mut h, mut w] = options.input.unwrap_or(spec.input);
+    if c == 0 || h == 0 || w == 0 {
+        return Err(Error::invalid(format!(
+            "input shape [{c}, {h}, {w}] has a zero dimension"
+        )));
+    }
+    let mut rows: Vec<LayerPlan> = Vec::new();
+    let mut push = |name: String, kind: LayerKind, output: Vec<usize>| {
+        rows.push(LayerPlan {
+            name,
+            kind,
+            method: Method::Deterministic,
+            output,
+        })
+    };
+    let (mut conv_index, mut pool_index) = (0, 0);
+    for feature in &spec.features {
+        match feature.conv() {
+            Some(conv) => {
+                conv_index += 1;
+                let c_out = scaled(conv.conv, options.width);
+                let (k, s, p) = (conv.kernel, conv.stride, conv.padding());
+                if h + 2 * p < k || w + 2 * p < k {
+                    return Err(Error::invalid(format!(
+                        "{}: conv{conv_index} ({k}x{k}) does not fit a {h}x{w} input; use a \
+                         larger input or fewer pooling stages",
+                        spec.name
+                    )));
+                }
+                h = (h + 2 * p - k) / s + 1;
+                w = (w + 2 * p - k) / s + 1;
+                let kind = LayerKind::Conv {
+                    c_in: c,
+                    c_out,
+                    kernel: k,
+                    stride: s,
+                    padding: p,
+                };
+                c = c_out;
+                push(format!("conv{conv_index}"), kind, vec![c, h, w]);
+                if spec.batch_norm {
+                    push(
+                        format!("bn{conv_index}"),
+                        LayerKind::BatchNorm(c),
+                        vec![c, h, w],
+                    );
+                }
+                push(
+                    format!("relu.conv{conv_index}"),
+                    LayerKind::Relu,
+                    vec![c, h, w],
+                );
+            }
+            None => {
+                pool_index += 1;
+                if h < 2 || w < 2 {
+                    return Err(Error::invalid(format!(
+                        "{}: max pool {pool_index} gets a {h}x{w} map; the input [{}, {}, {}] \
+                         is too small for this network",
+                        spec.name,
+                        options.input.unwrap_or(spec.input)[0],
+                        options.input.unwrap_or(spec.input)[1],
+                        options.input.unwrap_or(spec.input)[2]
+                    )));
+                }
+                h /= 2;
+                w /= 2;
+                push(
+                    format!("pool{pool_index}"),
+                    LayerKind::MaxPool,
+                    vec![c, h, w],
+                );
+            }
+        }
+    }
+    let mut features = c * h * w;
+    push("flatten".to_string(), LayerKind::Flatten, vec![features]);
+    let dense: Vec<(String, usize)> = spec
+        .head
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| (format!("fc{}", i + 1), scaled(d, options.width)))
+        .chain(std::iter::once(("out".to_string(), classes)))
+        .collect();
+    let last = dense.len() - 1;
+    for (i, (name, d_out)) in dense.into_iter().enumerate() {
+        push(
+            name.clone(),
+            LayerKind::Dense {
+                d_in: features,
+                d_out,
+            },
+            vec![d_out],
+        );
+        features = d_out;
+        if i != last {
+            push(format!("relu.{name}"), LayerKind::Relu, vec![d_out]);
+        }
+    }
+    assign_methods(&mut rows, options)?;
+    Ok(insert_dropout(rows, options.dropout))
+}
+
+fn assign_methods(rows: &mut [LayerPlan], options: &BuildOptions) -> Result<()> {
+    for row in rows.iter_mut().filter(|r| r.is_weight_layer()) {
+        let bayesian = match options.policy {
+            BayesPolicy::Head => matches!(row.kind, LayerKind::Dense { .. }),
+            BayesPolicy::All => true,
+            BayesPolicy::Last => row.name == "out",
+            BayesPolicy::None => false,
+        };
+        if bayesian {
+            row.method = options.method;
+        }
+    }
+    for (name, method) in &options.overrides {
+        match rows
+            .iter_mut()
+            .find(|r| &r.name == name && r.is_weight_layer())
+        {
+            Some(row) => row.method = *method,
+            None => {
+                let names: Vec<&str> = rows
+                    .iter()
+                    .filter(|r| r.is_weight_layer())
+                    .map(|r| r.name.as_str())
+                    .collect();
+                return Err(Error::invalid(format!(
+                    "override names layer '{name}', which this network does not have; its \
+                     weight layers are {}",
+                    names.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts an MC dropout layer in front of every MC-dropout weight layer but the first layer
+/// (dropping raw pixels would only add input noise).
+fn insert_dropout(rows: Vec<LayerPlan>, p: f64) -> Vec<LayerPlan> {
+    let mut out = Vec::with_capacity(rows.len() + 4);
+    for (i, row) in rows.into_iter().enumerate() {
+        if row.method == Method::McDropout && i > 0 {
+            let input = out
+                .last()
+                .map(|r: &LayerPlan| r.output.clone())
+                .unwrap_or_default();
+            out.push(LayerPlan {
+                name: format!("dropout.{}", row.name),
+                kind: LayerKind::Dropout(p),
+                method: Method::McDropout,
+                output: input,
+            });
+        }
+        out.push(row);
+    }
+    out
+}
+
+/// A network from the zoo, ready to train or predict.
+pub struct Network {
+    spec: ModelSpec,
+    options: BuildOptions,
+    plan: Vec<LayerPlan>,
+    body: Sequential,
+    device: Device,
+}
+
+impl Network {
+    /// Builds `spec` under `options`, with parameters created or loaded through `vb`.
+    pub fn build(spec: &ModelSpec, options: &BuildOptions, vb: VarBuilder) -> Result<Self> {
+        let plan = plan(spec, options)?;
+        let mut body = Sequential::new();
+        for row in &plan {
+            let vb = vb.pp(&row.name);
+            match (row.kind, row.method) {
+                (
+                    LayerKind::Conv {
+                        c_in,
+                        c_out,
+                        kernel,
+                        stride,
+                        padding,
+                    },
+                    method,
+                ) => match method {
+                    Method::Whvi => body.push(WhviConv2d::new(
+                        c_in,
+                        c_out,
+                        kernel,
+                        stride,
+                        padding,
+                        options.conv_sampling,
+                        options.prior,
+                        vb,
+                    )?),
+                    Method::MeanField => body.push(MeanFieldConv2d::new(
+                        c_in,
+                        c_out,
+                        kernel,
+                        stride,
+                        padding,
+                        options.meanfield_conv,
+                        options.prior,
+                        vb,
+                    )?),
+                    Method::McDropout | Method::Deterministic => {
+                        body.push(Conv2d::new(c_in, c_out, kernel, stride, padding, vb)?)
+                    }
+                },
+                (LayerKind::Dense { d_in, d_out }, method) => match method {
+                    Method::Whvi => body.push(WhviLinear::new(d_in, d_out, options.prior, vb)?),
+                    Method::MeanField => {
+                        body.push(MeanFieldLinear::new(d_in, d_out, options.prior, vb)?)
+                    }
+                    Method::McDropout | Method::Deterministic => {
+                        body.push(Linear::new(d_in, d_out, vb)?)
+                    }
+                },
+                (LayerKind::BatchNorm(c), _) => body.push(BatchNorm2d::new(c, vb)?),
+                (LayerKind::Relu, _) => body.push(Activation::Relu),
+                (LayerKind::MaxPool, _) => body.push(MaxPool2d::new(2)),
+                (LayerKind::Flatten, _) => body.push(Flatten),
+                (LayerKind::Dropout(p), _) => body.push(McDropout::new(p)?),
+            }
+        }
+        Ok(Network {
+            spec: spec.clone(),
+            options: options.clone(),
+            plan,
+            body,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The architecture.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The options it was built with.
+    pub fn options(&self) -> &BuildOptions {
+        &self.options
+    }
+
+    /// The layers, their posteriors and output shapes.
+    pub fn plan(&self) -> &[LayerPlan] {
+        &self.plan
+    }
+
+    /// The input shape `[C, H, W]`.
+    pub fn input_shape(&self) -> [usize; 3] {
+        self.options.input.unwrap_or(self.spec.input)
+    }
+
+    /// The number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.options.classes.unwrap_or(self.spec.classes)
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Logits `[B, classes]` for images `[B, C, H, W]`.
+    pub fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let [c, h, w] = self.input_shape();
+        match x.dims() {
+            &[_, xc, xh, xw] if (xc, xh, xw) == (c, h, w) => {}
+            dims => {
+                return Err(Error::invalid(format!(
+                    "{} expects images [batch, {c}, {h}, {w}], got {dims:?}",
+                    self.spec.name
+                )))
+            }
+        }
+        Ok(self.body.forward_pass(x, pass)?)
+    }
+
+    /// The summed KL of every Bayesian layer (an f32 scalar; 0 for a deterministic network).
+    pub fn kl(&self) -> Result<Tensor> {
+        Ok(match self.body.kl()? {
+            Some(kl) => kl.to_dtype(DType::F32)?,
+            None => Tensor::zeros((), DType::F32, &self.device)?,
+        })
+    }
+
+    /// Trainable parameters (running BatchNorm statistics excluded).
+    pub fn num_params(&self) -> usize {
+        self.body.num_params()
+    }
+
+    /// Whether any layer samples (so Monte Carlo prediction makes sense).
+    pub fn is_bayesian(&self) -> bool {
+        self.plan.iter().any(|r| r.method != Method::Deterministic)
+    }
+}
+
+/// A readable table of the network's layers: output shape and parameters with the chosen
+/// posterior, next to the counts for deterministic and mean-field layers.
+pub fn summary(spec: &ModelSpec, options: &BuildOptions) -> Result<String> {
+    use std::fmt::Write;
+    let rows = plan(spec, options)?;
+    let mut s = String::new();
+    let [c, h, w] = options.input.unwrap_or(spec.input);
+    let _ = writeln!(s, "{} — {}", spec.name, spec.summary);
+    let _ = writeln!(
+        s,
+        "input {c}x{h}x{w}, {} classes, width x{}, method {}, Bayesian layers: {:?}\n",
+        options.classes.unwrap_or(spec.classes),
+        options.width,
+        options.method.name(),
+        options.policy
+    );
+    let _ = writeln!(
+        s,
+        "{:<14} {:<14} {:<16} {:>12} {:>14} {:>14}",
+        "layer", "posterior", "output", "params", "deterministic", "mean-field"
+    );
+    let (mut total, mut det, mut mf) = (0, 0, 0);
+    for row in &rows {
+        let shape = row
+            .output
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        let (p, d, m) = (
+            row.params(),
+            row.params_with(Method::Deterministic),
+            if row.method == Method::Deterministic && row.is_weight_layer() {
+                row.params_with(Method::Deterministic)
+            } else {
+                row.params_with(Method::MeanField)
+            },
+        );
+        total += p;
+        det += d;
+        mf += m;
+        let posterior = if row.is_weight_layer() || matches!(row.kind, LayerKind::Dropout(_)) {
+            row.method.name()
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "{:<14} {:<14} {:<16} {:>12} {:>14} {:>14}",
+            row.name, posterior, shape, p, d, m
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{:<14} {:<14} {:<16} {:>12} {:>14} {:>14}",
+        "total", "", "", total, det, mf
+    );
+    let _ = writeln!(
+        s,
+        "\n(mean-field column: the same layers made mean-field where this network has a \
+         posterior; BatchNorm running statistics are buffers and not counted)"
+    );
+    Ok(s)
+}
