@@ -1,0 +1,225 @@
+//! The model zoo: every network builds with every posterior, counts match hand computations.
+
+use candle_core::{DType, Device, Tensor};
+use whvi::layers::Pass;
+use whvi::params::Params;
+use whvi::rng::seeded;
+use whvi::zoo::{plan, BayesPolicy, BuildOptions, Method, ModelSpec, Network};
+
+const CPU: Device = Device::Cpu;
+const METHODS: [Method; 4] = [
+    Method::Whvi,
+    Method::MeanField,
+    Method::McDropout,
+    Method::Deterministic,
+];
+
+fn build(name: &str, options: &BuildOptions) -> (Network, Params) {
+    let spec = ModelSpec::lookup(name).unwrap();
+    let params = Params::new(0);
+    let network = Network::build(&spec, options, params.var_builder(DType::F32, &CPU)).unwrap();
+    (network, params)
+}
+
+#[test]
+fn every_network_builds_for_every_posterior_and_predicts() {
+    for spec in ModelSpec::builtin() {
+        for method in METHODS {
+            let options = BuildOptions {
+                method,
+                policy: BayesPolicy::All,
+                width: 0.125,
+                ..BuildOptions::default()
+            };
+            let (network, params) = build(&spec.name, &options);
+            let [c, h, w] = network.input_shape();
+            let x = Tensor::ones((2, c, h, w), DType::F32, &CPU).unwrap();
+            let mut rng = seeded(1);
+            let y = network
+                .forward_pass(&x, &mut Pass::train(&mut rng))
+                .unwrap();
+            assert_eq!(y.dims(), &[2, 10], "{} {method:?}", spec.name);
+            let kl = network.kl().unwrap().to_scalar::<f32>().unwrap();
+            if method == Method::Whvi || method == Method::MeanField {
+                assert!(kl > 0.0, "{} {method:?}: KL {kl}", spec.name);
+            } else {
+                assert_eq!(kl, 0.0);
+            }
+            // The analytic count of the plan equals what was built, and every trained
+            // parameter is a variable (running BatchNorm statistics are the only extras).
+            let planned: usize = network.plan().iter().map(|r| r.params()).sum();
+            assert_eq!(planned, network.num_params(), "{} {method:?}", spec.name);
+            let vars: usize = params
+                .named_vars()
+                .iter()
+                .filter(|(n, _)| !n.contains("running_"))
+                .map(|(_, v)| v.elem_count())
+                .sum();
+            assert_eq!(vars, network.num_params(), "{} {method:?}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn lenet5_parameter_counts_by_hand() {
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let count = |method, policy| -> usize {
+        let options = BuildOptions {
+            method,
+            policy,
+            ..BuildOptions::default()
+        };
+        plan(&spec, &options)
+            .unwrap()
+            .iter()
+            .map(|r| r.params())
+            .sum()
+    };
+    // conv1 6·1·25+6, conv2 16·6·25+16, fc1 400·120+120, fc2 120·84+84, out 84·10+10.
+    let deterministic = 156 + 2416 + 48_120 + 10_164 + 850;
+    assert_eq!(count(Method::Whvi, BayesPolicy::None), deterministic);
+    // WHVI head: fc1 D=512 (4·512+120), fc2 D=128 (4·128+84), out D=128 (4·128+10).
+    assert_eq!(
+        count(Method::Whvi, BayesPolicy::Head),
+        156 + 2416 + 2168 + 596 + 522
+    );
+    // Mean-field head doubles the dense weights.
+    assert_eq!(
+        count(Method::MeanField, BayesPolicy::Head),
+        156 + 2416 + 96_120 + 20_244 + 1690
+    );
+    // 32x32x3 input: conv1 3·25·6+6, the flattened size becomes 16·6·6 = 576.
+    let options = BuildOptions {
+        method: Method::Deterministic,
+        input: Some([3, 32, 32]),
+        ..BuildOptions::default()
+    };
+    let rows = plan(&spec, &options).unwrap();
+    let fc1 = rows.iter().find(|r| r.name == "fc1").unwrap();
+    assert_eq!(fc1.params(), 576 * 120 + 120);
+    let (network, _) = build("lenet5", &options);
+    let x = Tensor::zeros((3, 3, 32, 32), DType::F32, &CPU).unwrap();
+    assert_eq!(
+        network.forward_pass(&x, &mut Pass::mean()).unwrap().dims(),
+        &[3, 10]
+    );
+}
+
+#[test]
+fn vgg16_parameter_counts_by_hand() {
+    // The 13 convolutions of VGG-16 hold 14,714,688 weights and biases; BatchNorm adds
+    // 2·(2·64 + 2·128 + 3·256 + 6·512) = 8,448; the head 2·(512·512+512) + 512·10+10.
+    let convs_bn = 14_714_688 + 8_448;
+    let deterministic = BuildOptions {
+        method: Method::Deterministic,
+        policy: BayesPolicy::None,
+        ..BuildOptions::default()
+    };
+    let (network, _) = build("vgg16", &deterministic);
+    assert_eq!(network.num_params(), convs_bn + 2 * 262_656 + 5_130);
+    // WHVI head: three D = 512 blocks, 4·512 each, plus biases.
+    let whvi = BuildOptions::default();
+    let (network, _) = build("vgg16", &whvi);
+    assert_eq!(
+        network.num_params(),
+        convs_bn + 2 * (2048 + 512) + 2048 + 10
+    );
+}
+
+#[test]
+fn bad_specs_and_options_give_clear_errors() {
+    let err = ModelSpec::lookup("resnet50").unwrap_err().to_string();
+    assert!(
+        err.contains("unknown model 'resnet50'") && err.contains("vgg16"),
+        "{err}"
+    );
+
+    let err = ModelSpec::from_toml("name = \"x\"\nsummary = 3\n", "my.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("my.toml") && err.contains("line 2"), "{err}");
+
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let tiny = BuildOptions {
+        input: Some([1, 6, 6]),
+        ..BuildOptions::default()
+    };
+    let err = plan(&spec, &tiny).unwrap_err().to_string();
+    assert!(
+        err.contains("too small") || err.contains("does not fit"),
+        "{err}"
+    );
+
+    let bad_override = BuildOptions {
+        overrides: vec![("fc9".into(), Method::Whvi)],
+        ..BuildOptions::default()
+    };
+    let err = plan(&spec, &bad_override).unwrap_err().to_string();
+    assert!(
+        err.contains("'fc9'") && err.contains("conv1, conv2, fc1, fc2, out"),
+        "{err}"
+    );
+
+    let zero_width = BuildOptions {
+        width: 0.0,
+        ..BuildOptions::default()
+    };
+    assert!(plan(&spec, &zero_width)
+        .unwrap_err()
+        .to_string()
+        .contains("width"));
+}
+
+#[test]
+fn policies_and_overrides_choose_layer_posteriors() {
+    let spec = ModelSpec::lookup("vgg11").unwrap();
+    let methods = |options: &BuildOptions| -> Vec<(String, Method)> {
+        plan(&spec, options)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.is_weight_layer())
+            .map(|r| (r.name, r.method))
+            .collect()
+    };
+    let head = methods(&BuildOptions::default());
+    assert!(head
+        .iter()
+        .all(|(n, m)| (*m == Method::Whvi) == !n.starts_with("conv")));
+    let last = methods(&BuildOptions {
+        policy: BayesPolicy::Last,
+        ..BuildOptions::default()
+    });
+    assert!(last
+        .iter()
+        .all(|(n, m)| (*m == Method::Whvi) == (n == "out")));
+    let custom = methods(&BuildOptions {
+        policy: BayesPolicy::None,
+        overrides: vec![
+            ("conv8".into(), Method::Whvi),
+            ("fc1".into(), Method::MeanField),
+        ],
+        ..BuildOptions::default()
+    });
+    for (name, method) in custom {
+        let expected = match name.as_str() {
+            "conv8" => Method::Whvi,
+            "fc1" => Method::MeanField,
+            _ => Method::Deterministic,
+        };
+        assert_eq!(method, expected, "{name}");
+    }
+    // MC dropout puts a dropout layer in front of each of its layers.
+    let rows = plan(
+        &spec,
+        &BuildOptions {
+            method: Method::McDropout,
+            ..BuildOptions::default()
+        },
+    )
+    .unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    for layer in ["fc1", "fc2", "out"] {
+        let i = names.iter().position(|n| *n == layer).unwrap();
+        assert_eq!(names[i - 1], format!("dropout.{layer}"));
+    }
+}
