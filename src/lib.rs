@@ -6,12 +6,20 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod device;
 pub mod error;
+pub mod eval;
 pub mod fwht;
 pub mod layers;
 pub mod loss;
+pub mod metrics;
+pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod train;
 pub mod zoo;
 
 pub use error::{Error, Result};

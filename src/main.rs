@@ -1,1 +1,167 @@
-fn main() {}
+//! The `whvi` command line: parses arguments and calls the library.
+
+mod args;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+
+use args::{Bench, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(whvi::Error::Interrupted(message)) => {
+            eprintln!("whvi: interrupted: {message}");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("whvi: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> whvi::Result<()> {
+    match cli.command {
+        Command::Train(args) => {
+            args.runtime.apply()?;
+            let device = args.runtime.device()?;
+            let (config, note) = args.to_config()?;
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let handler_flag = stop.clone();
+            ctrlc::set_handler(move || {
+                if handler_flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("\nwhvi: second Ctrl-C, exiting without saving");
+                    std::process::exit(130);
+                }
+                eprintln!("\nwhvi: Ctrl-C: saving a resumable checkpoint after this batch...");
+            })
+            .map_err(|e| whvi::Error::invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
+            let mut progress: Box<dyn whvi::train::Progress> = if args.quiet {
+                Box::new(whvi::train::QuietProgress)
+            } else {
+                Box::new(whvi::train::BarProgress::new(config.batch_size))
+            };
+            let outcome =
+                whvi::train::train(&config, args.resume, &device, progress.as_mut(), stop)?;
+            println!("last checkpoint: {}", outcome.last_checkpoint.display());
+            println!("best checkpoint: {}", outcome.best_checkpoint.display());
+            println!(
+                "metrics log:     {}",
+                config.out.join("metrics.jsonl").display()
+            );
+            if let Some(report) = outcome.test_report {
+                println!(
+                    "\ntest set, {} posterior samples (best checkpoint):\n{report}",
+                    config.test_samples
+                );
+            }
+            Ok(())
+        }
+        Command::Zoo(args) => {
+            match &args.model {
+                None => {
+                    for spec in whvi::zoo::ModelSpec::builtin() {
+                        println!("{:<8} {}", spec.name, spec.summary);
+                    }
+                    println!("\n(`whvi zoo NAME --method whvi` shows a network's layers)");
+                }
+                Some(name) => {
+                    let spec = whvi::zoo::ModelSpec::lookup(name)?;
+                    print!("{}", whvi::zoo::summary(&spec, &args.build.to_options()?)?);
+                }
+            }
+            Ok(())
+        }
+        Command::Eval(args) => {
+            args.runtime.apply()?;
+            let device = args.runtime.device()?;
+            let config = args.to_config()?;
+            let reports = whvi::eval::evaluate(&config, &device, &mut |line| eprintln!("{line}"))?;
+            for report in &reports {
+                println!("{}\n{}", report.checkpoint.display(), report.metrics);
+                if let Some(mean) = &report.corruption_mean {
+                    println!(
+                        "corrupted sets (mean of {}): accuracy {:.4}, NLL {:.4}, ECE-15 {:.4}\n",
+                        report.corruptions.len(),
+                        mean.accuracy,
+                        mean.nll,
+                        mean.ece15
+                    );
+                }
+            }
+            println!("{}", whvi::eval::comparison_table(&reports));
+            if let Some(path) = &args.report {
+                let json = if reports.len() == 1 {
+                    serde_json::to_string_pretty(&reports[0])
+                } else {
+                    serde_json::to_string_pretty(&reports)
+                }
+                .map_err(|e| whvi::Error::invalid(format!("cannot serialise the report: {e}")))?;
+                std::fs::write(path, json + "\n").map_err(|e| whvi::Error::io(path, e))?;
+                println!("report: {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Info { checkpoint } => {
+            print!("{}", whvi::checkpoint::describe(&checkpoint)?);
+            Ok(())
+        }
+        Command::Metrics(args) => {
+            whvi::metrics::run_metrics(&args, &mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Bench(Bench::Fwht {
+            threads,
+            log2_d,
+            bytes,
+            reps,
+        }) => {
+            let config = whvi::bench::fwht::FwhtBenchConfig {
+                threads,
+                log2_d,
+                bytes,
+                reps,
+            };
+            whvi::bench::fwht::run(&config, &mut |line| {
+                println!(
+                    "{}",
+                    serde_json::to_string(line).expect("a line serialises")
+                )
+            })?;
+            Ok(())
+        }
+        Command::Bench(Bench::Layers {
+            sizes,
+            batch,
+            reps,
+            threads,
+        }) => {
+            if let Some(n) = threads {
+                args::set_threads(n)?;
+            }
+            let mut config = whvi::bench::layers::LayerBenchConfig {
+                batch,
+                reps,
+                ..Default::default()
+            };
+            if !sizes.is_empty() {
+                config.sizes = sizes;
+            }
+            whvi::bench::layers::bench_layers(&config, |line| {
+                println!(
+                    "{}",
+                    serde_json::to_string(line).expect("a line serialises")
+                )
+            })?;
+            Ok(())
+        }
+    }
+}

@@ -8,7 +8,12 @@
 //! `H` is symmetric, so the gradient of the op is the same op (same scale) applied to the
 //! incoming gradient: the transform takes part in backprop through [`Tensor::apply_op1`].
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod cpu;
+mod kernel;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
@@ -115,31 +120,15 @@ fn gather<T: Copy>(src: &[T], layout: &Layout) -> Vec<T> {
 }
 
 /// Transforms `src` (laid out by `layout`) into a new contiguous vector.
-fn forward_f32(src: &[f32], layout: &Layout, d: usize, scale: f32) -> Vec<f32> {
+///
+/// A contiguous input is read once by the kernel's first pass, straight into an output that
+/// is never zeroed; a strided one is gathered first and transformed in place.
+fn forward<T: cpu::Elem>(src: &[T], layout: &Layout, d: usize, scale: T) -> Vec<T> {
     match layout.contiguous_offsets() {
-        Some((start, end)) => {
-            let mut dst = vec![0f32; end - start];
-            cpu::fwht_rows_f32_into(&src[start..end], &mut dst, d, scale);
-            dst
-        }
+        Some((start, end)) => cpu::fwht_rows_to_vec(&src[start..end], d, scale),
         None => {
             let mut dst = gather(src, layout);
-            cpu::fwht_rows_f32(&mut dst, d, scale);
-            dst
-        }
-    }
-}
-
-fn forward_f64(src: &[f64], layout: &Layout, d: usize, scale: f64) -> Vec<f64> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => {
-            let mut dst = vec![0f64; end - start];
-            cpu::fwht_rows_f64_into(&src[start..end], &mut dst, d, scale);
-            dst
-        }
-        None => {
-            let mut dst = gather(src, layout);
-            cpu::fwht_rows_f64(&mut dst, d, scale);
+            cpu::transform_in_place(&mut dst, d, scale);
             dst
         }
     }
@@ -177,8 +166,8 @@ impl CustomOp1 for Fwht {
         let d = dims[dims.len() - 1];
         let scale = self.normalization.scale(d);
         let out = match storage {
-            CpuStorage::F32(src) => CpuStorage::F32(forward_f32(src, layout, d, scale as f32)),
-            CpuStorage::F64(src) => CpuStorage::F64(forward_f64(src, layout, d, scale)),
+            CpuStorage::F32(src) => CpuStorage::F32(forward(src, layout, d, scale as f32)),
+            CpuStorage::F64(src) => CpuStorage::F64(forward(src, layout, d, scale)),
             CpuStorage::F16(src) => CpuStorage::F16(forward_half(
                 src,
                 layout,

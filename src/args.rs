@@ -1,0 +1,482 @@
+//! Command-line arguments (clap) and their translation into library configurations.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use whvi::data::DatasetKind;
+use whvi::layers::ConvSampling;
+use whvi::optim::{KlWarmup, LrSchedule};
+use whvi::train::{OptimizerKind, TrainConfig};
+use whvi::zoo::{BayesPolicy, BuildOptions, Method};
+use whvi::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "whvi",
+    version,
+    about = "Bayesian convnets with Walsh-Hadamard Variational Inference, on Candle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train a network (CIFAR-10, MNIST or Fashion-MNIST); without --data, a short run on the
+    /// CIFAR-10 sample embedded in the binary.
+    Train(Box<TrainArgs>),
+    /// List the model zoo, or show one network's layers and parameter counts.
+    Zoo(ZooArgs),
+    /// Evaluate checkpoints: calibration, dataset shift, OOD detection; a table side by side
+    /// for several checkpoints.
+    Eval(EvalArgs),
+    /// Print what a checkpoint holds.
+    Info {
+        /// The checkpoint (.safetensors).
+        checkpoint: PathBuf,
+    },
+    /// Calibration and uncertainty metrics of saved probabilities (.npy).
+    Metrics(whvi::metrics::MetricsArgs),
+    /// Benchmarks; one JSON line per configuration.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// The CPU FWHT kernel and op against a memcpy of the same bytes.
+    Fwht {
+        /// Only this many threads (default: 1 and all available).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Only rows of length 2^LOG2 (default: 6, 8, 10, 12, 14, 16).
+        #[arg(long = "d", value_name = "LOG2")]
+        log2_d: Option<u32>,
+        /// Only batches of this many bytes (default: 262144 and 134217728).
+        #[arg(long)]
+        bytes: Option<usize>,
+        /// Timed repetitions per configuration; the median is reported.
+        #[arg(long, default_value_t = 9)]
+        reps: usize,
+    },
+    /// Forward+backward of square WHVI, dense and mean-field layers.
+    Layers {
+        /// Layer sizes D (default 512 1024 2048 4096 8192).
+        #[arg(long = "d", num_args = 1..)]
+        sizes: Vec<usize>,
+        /// Batch size.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Timed repetitions (median reported).
+        #[arg(long, default_value_t = 9)]
+        reps: usize,
+        /// Threads for the compute pool.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+/// Which network and which posterior.
+#[derive(Args, Clone)]
+pub struct BuildArgs {
+    /// Posterior of the Bayesian layers.
+    #[arg(long, value_enum, default_value_t = MethodArg::Whvi)]
+    pub method: MethodArg,
+    /// Which layers are Bayesian: the dense head, all, the last layer only, or none.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Head)]
+    pub bayes: PolicyArg,
+    /// Per-layer override, e.g. --layer conv5=whvi --layer fc1=deterministic (names as in
+    /// `whvi zoo MODEL`).
+    #[arg(long = "layer", value_name = "NAME=METHOD")]
+    pub overrides: Vec<String>,
+    /// Width multiplier for convolutions and hidden dense layers (e.g. 0.25 for CPU runs).
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// How WHVI convolutions sample filters: one bank per batch or one per example.
+    #[arg(long, value_enum, default_value_t = ConvSamplingArg::Shared)]
+    pub conv_sampling: ConvSamplingArg,
+    /// Drop probability of MC dropout layers.
+    #[arg(long, default_value_t = 0.2)]
+    pub dropout: f64,
+    /// Number of classes (default: the spec's, or the data set's when training).
+    #[arg(long)]
+    pub classes: Option<usize>,
+    /// Input shape C,H,W (default: the spec's, or the data set's when training).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    pub input: Option<Vec<usize>>,
+}
+
+impl BuildArgs {
+    pub fn to_options(&self) -> Result<BuildOptions> {
+        let overrides = self
+            .overrides
+            .iter()
+            .map(|o| match o.split_once('=') {
+                Some((name, method)) => Ok((name.to_string(), Method::parse(method)?)),
+                None => Err(Error::invalid(format!(
+                    "--layer {o}: expected NAME=METHOD, e.g. --layer fc1=whvi"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BuildOptions {
+            method: self.method.into(),
+            policy: self.bayes.into(),
+            overrides,
+            width: self.width.unwrap_or(1.0),
+            classes: self.classes,
+            input: self.input.as_ref().map(|v| [v[0], v[1], v[2]]),
+            conv_sampling: match self.conv_sampling {
+                ConvSamplingArg::Shared => ConvSampling::Shared,
+                ConvSamplingArg::PerExample => ConvSampling::PerExample,
+            },
+            dropout: self.dropout,
+            ..BuildOptions::default()
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MethodArg {
+    Whvi,
+    MeanField,
+    McDropout,
+    Deterministic,
+}
+
+impl From<MethodArg> for Method {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::Whvi => Method::Whvi,
+            MethodArg::MeanField => Method::MeanField,
+            MethodArg::McDropout => Method::McDropout,
+            MethodArg::Deterministic => Method::Deterministic,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PolicyArg {
+    Head,
+    All,
+    Last,
+    None,
+}
+
+impl From<PolicyArg> for BayesPolicy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Head => BayesPolicy::Head,
+            PolicyArg::All => BayesPolicy::All,
+            PolicyArg::Last => BayesPolicy::Last,
+            PolicyArg::None => BayesPolicy::None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ConvSamplingArg {
+    Shared,
+    PerExample,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OptimizerArg {
+    Sgd,
+    Nesterov,
+    Adamw,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ScheduleArg {
+    Cosine,
+    Step,
+    Paper,
+    Constant,
+}
+
+/// Where computations run.
+#[derive(Args, Clone)]
+pub struct RuntimeArgs {
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl RuntimeArgs {
+    pub fn apply(&self) -> Result<()> {
+        match self.threads {
+            Some(n) => set_threads(n),
+            None => Ok(()),
+        }
+    }
+
+    pub fn device(&self) -> Result<candle_core::Device> {
+        whvi::device::parse_device(&self.device)
+    }
+}
+
+/// Sizes the compute thread pools (rayon's, which candle and the FWHT kernels use).
+pub fn set_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid("--threads must be at least 1"));
+    }
+    // candle's CPU kernels read RAYON_NUM_THREADS when they first size their pools.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::invalid(format!("cannot size the thread pool: {e}")))
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Network from the zoo (`whvi zoo`) or a spec file.
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// Data set.
+    #[arg(long, value_enum, default_value_t = DatasetKind::Cifar10)]
+    pub dataset: DatasetKind,
+    /// Data directory or archive (CIFAR-10: cifar-10-binary.tar.gz or its extracted folder;
+    /// MNIST / Fashion-MNIST: the folder of idx files). Without it: the embedded CIFAR-10
+    /// sample, or Debian's Fashion-MNIST.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Optimiser.
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Nesterov)]
+    pub optimizer: OptimizerArg,
+    /// Base learning rate (default 0.05 for SGD, 1e-3 for AdamW).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Weight decay (not applied to biases, BatchNorm or variational parameters).
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule: cosine, step (x gamma every N steps), paper
+    /// (lr · (1 + 5e-4 t)^-0.3) or constant.
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub schedule: ScheduleArg,
+    /// Step schedule: decay every this many optimisation steps.
+    #[arg(long, default_value_t = 10_000)]
+    pub step_every: u64,
+    /// Step schedule: multiply the learning rate by this at each decay.
+    #[arg(long, default_value_t = 0.1)]
+    pub step_gamma: f64,
+    /// Linear learning-rate warm-up, in optimisation steps.
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// KL warm-up: beta rises from 0 to 1 over this many epochs.
+    #[arg(long, default_value_t = 0)]
+    pub kl_warmup: u64,
+    /// Posterior samples per training step.
+    #[arg(long, default_value_t = 1)]
+    pub mc_samples: usize,
+    /// Clip the global gradient norm.
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    /// Validation images carved from the training set.
+    #[arg(long)]
+    pub validation: Option<usize>,
+    /// Turn off random crops and flips.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Seed of everything random.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Posterior samples for validation metrics.
+    #[arg(long, default_value_t = 8)]
+    pub eval_samples: usize,
+    /// Posterior samples for the final test report (0: none).
+    #[arg(long, default_value_t = 32)]
+    pub test_samples: usize,
+    /// Stop after the epoch during which this many minutes have passed.
+    #[arg(long, value_name = "MINUTES")]
+    pub time_limit: Option<f64>,
+    /// Output directory: last.safetensors, best.safetensors, metrics.jsonl.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run saved in OUT/last.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+impl TrainArgs {
+    /// The run's configuration, and a note when the quick-start preset applies.
+    pub fn to_config(&self) -> Result<(TrainConfig, Option<String>)> {
+        let defaults = TrainConfig::default();
+        // Without data, CIFAR-10 means the small embedded sample: a few-minute quick start
+        // with a CPU-sized network instead of the full-data defaults.
+        let quick = self.data.is_none() && self.dataset == DatasetKind::Cifar10;
+        let model = self.model.clone().unwrap_or_else(|| {
+            if quick || self.dataset != DatasetKind::Cifar10 {
+                if self.dataset == DatasetKind::Cifar10 {
+                    "vgg11".into()
+                } else {
+                    "lenet5".into()
+                }
+            } else {
+                defaults.model.clone()
+            }
+        });
+        let mut build = self.build.to_options()?;
+        if self.build.width.is_none() && quick {
+            build.width = 0.25;
+        }
+        let epochs = self
+            .epochs
+            .unwrap_or(if quick { 6 } else { defaults.epochs });
+        let batch_size = self
+            .batch_size
+            .unwrap_or(if quick { 64 } else { defaults.batch_size });
+        let lr = self.lr.unwrap_or(match self.optimizer {
+            OptimizerArg::Adamw => 1e-3,
+            _ => 0.05,
+        });
+        let schedule = match self.schedule {
+            ScheduleArg::Cosine => LrSchedule::cosine(lr, 0.0),
+            ScheduleArg::Step => LrSchedule::step(lr, self.step_every, self.step_gamma),
+            ScheduleArg::Paper => LrSchedule::whvi_paper(lr),
+            ScheduleArg::Constant => LrSchedule::constant(lr),
+        };
+        let schedule = schedule.with_warmup(self.warmup_steps.unwrap_or(0));
+        let config = TrainConfig {
+            dataset: self.dataset,
+            data: self.data.clone(),
+            model,
+            build,
+            epochs,
+            batch_size,
+            optimizer: match self.optimizer {
+                OptimizerArg::Sgd => OptimizerKind::Sgd,
+                OptimizerArg::Nesterov => OptimizerKind::Nesterov,
+                OptimizerArg::Adamw => OptimizerKind::AdamW,
+            },
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            schedule,
+            kl_warmup: KlWarmup {
+                epochs: self.kl_warmup,
+            },
+            mc_samples: self.mc_samples,
+            clip_grad: self.clip_grad,
+            validation: self
+                .validation
+                .unwrap_or(if quick { 200 } else { defaults.validation }),
+            augment: !self.no_augment,
+            seed: self.seed,
+            eval_samples: self.eval_samples,
+            test_samples: self.test_samples,
+            time_limit_minutes: self.time_limit,
+            out: self.out.clone().unwrap_or_else(|| {
+                PathBuf::from(format!(
+                    "runs/{}",
+                    if quick { "quickstart" } else { "train" }
+                ))
+            }),
+        };
+        let note = quick.then(|| {
+            format!(
+                "no --data: training {} (width {}) for {} epochs on the CIFAR-10 (JPEG copy) \
+                 sample embedded in whvi; pass --data DIR for the full data set",
+                config.model, config.build.width, config.epochs
+            )
+        });
+        Ok((config, note))
+    }
+}
+
+#[derive(Args)]
+pub struct ZooArgs {
+    /// A network name or spec file; omit to list the zoo.
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub build: BuildArgs,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoints (.safetensors) to evaluate.
+    #[arg(required = true, num_args = 1..)]
+    pub checkpoints: Vec<PathBuf>,
+    /// Test data set (default: the one the checkpoint was trained on).
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// Data directory or archive (default: the training run's, else the default location).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Posterior samples T per image.
+    #[arg(long, default_value_t = 32)]
+    pub samples: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Seed of the posterior samples and corruptions.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate only the first N test images.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Corruptions at severities 1-5: `all` or a comma list (gaussian-noise, shot-noise,
+    /// impulse-noise, defocus-blur, contrast, brightness, pixelate, jpeg).
+    #[arg(long, value_delimiter = ',')]
+    pub corruptions: Vec<String>,
+    /// Images per corrupted set (the first N of the test set).
+    #[arg(long, default_value_t = 1000)]
+    pub corruption_images: usize,
+    /// Out-of-distribution set: noise, cifar10[:PATH], mnist:DIR or fashion-mnist[:DIR].
+    #[arg(long)]
+    pub ood: Option<String>,
+    /// Write the JSON report here (an array of reports for several checkpoints).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Write reliability, shift and OOD plots (PNG and SVG) into this directory.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+impl EvalArgs {
+    pub fn to_config(&self) -> Result<whvi::eval::EvalConfig> {
+        use whvi::eval::{Corruption, OodSource};
+        let corruptions = if self.corruptions.iter().any(|c| c == "all") {
+            Corruption::ALL.to_vec()
+        } else {
+            self.corruptions
+                .iter()
+                .map(|c| Corruption::parse(c))
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(whvi::eval::EvalConfig {
+            checkpoints: self.checkpoints.clone(),
+            dataset: self.dataset,
+            data: self.data.clone(),
+            samples: self.samples,
+            batch_size: self.batch_size,
+            seed: self.seed,
+            limit: self.limit,
+            corruptions,
+            corruption_images: self.corruption_images,
+            ood: self.ood.as_deref().map(OodSource::parse).transpose()?,
+            plots: self.plots.clone(),
+        })
+    }
+}

@@ -1,0 +1,126 @@
+//! `whvi bench layers`: forward+backward time of square WHVI, dense and mean-field layers.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+
+use crate::layers::{
+    standard_normal, BayesianModule, Linear, MeanFieldLinear, Pass, Prior, WhviLinear,
+};
+use crate::params::Params;
+use crate::rng::seeded;
+use crate::Result;
+
+/// One measured layer and size.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerTiming {
+    /// `whvi`, `dense` or `meanfield`.
+    pub layer: &'static str,
+    /// Input and output size.
+    pub d: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Median milliseconds of one forward + backward pass.
+    pub ms: f64,
+    /// Trainable parameters.
+    pub params: usize,
+    /// `ms` divided by the dense layer's `ms` measured in the same run.
+    pub ratio_to_dense: f64,
+    /// Threads used by the process.
+    pub threads: usize,
+}
+
+/// Settings of the layer benchmark.
+#[derive(Debug, Clone)]
+pub struct LayerBenchConfig {
+    /// Layer sizes D (square layers).
+    pub sizes: Vec<usize>,
+    /// Batch size.
+    pub batch: usize,
+    /// Timed repetitions per layer (the median is reported), after two warm-ups.
+    pub reps: usize,
+}
+
+impl Default for LayerBenchConfig {
+    fn default() -> Self {
+        LayerBenchConfig {
+            sizes: vec![512, 1024, 2048, 4096, 8192],
+            batch: 128,
+            reps: 9,
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark; calls `report` with each line as soon as it is measured.
+///
+/// The three layers of one size are interleaved repetition by repetition, so that load from
+/// other processes hits them alike and the ratios stay meaningful on a shared machine.
+pub fn bench_layers(
+    config: &LayerBenchConfig,
+    mut report: impl FnMut(&LayerTiming),
+) -> Result<Vec<LayerTiming>> {
+    let device = Device::Cpu;
+    let threads = rayon::current_num_threads();
+    let mut out = Vec::new();
+    for &d in &config.sizes {
+        let params = Params::new(0);
+        let vb = params.var_builder(DType::F32, &device);
+        let layers: Vec<(&'static str, Box<dyn BayesianModule>)> = vec![
+            ("dense", Box::new(Linear::new(d, d, vb.pp("dense"))?)),
+            (
+                "whvi",
+                Box::new(WhviLinear::new(d, d, Prior::HeLike, vb.pp("whvi"))?),
+            ),
+            (
+                "meanfield",
+                Box::new(MeanFieldLinear::new(d, d, Prior::HeLike, vb.pp("mf"))?),
+            ),
+        ];
+        let mut rng = seeded(1);
+        let x = Var::from_tensor(&standard_normal(
+            (config.batch, d),
+            DType::F32,
+            &device,
+            &mut rng,
+        )?)?;
+        let mut step = |layer: &dyn BayesianModule| -> Result<f64> {
+            let start = Instant::now();
+            let y = layer.forward_pass(x.as_tensor(), &mut Pass::train(&mut rng))?;
+            let loss: Tensor = y.sum_all()?;
+            let grads = loss.backward()?;
+            // Touch the result so the work cannot be skipped.
+            std::hint::black_box(grads.get(x.as_tensor()).is_some());
+            Ok(start.elapsed().as_secs_f64() * 1e3)
+        };
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); layers.len()];
+        for rep in 0..config.reps + 2 {
+            for (i, (_, layer)) in layers.iter().enumerate() {
+                let t = step(layer.as_ref())?;
+                if rep >= 2 {
+                    times[i].push(t);
+                }
+            }
+        }
+        let medians: Vec<f64> = times.into_iter().map(median).collect();
+        for (i, (name, layer)) in layers.iter().enumerate() {
+            let line = LayerTiming {
+                layer: name,
+                d,
+                batch: config.batch,
+                ms: medians[i],
+                params: layer.num_params(),
+                ratio_to_dense: medians[i] / medians[0],
+                threads,
+            };
+            report(&line);
+            out.push(line);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,373 @@
+//! Self-describing checkpoints: safetensors files whose metadata says what they hold.
+//!
+//! A checkpoint carries the network's weights (f32) and, in its metadata, everything needed to
+//! rebuild and use the network without knowing it in advance: the format version, the full
+//! architecture spec and posterior choices, input shape, class names, data normalisation, the
+//! training configuration and seed, the epoch and step, and the last evaluation metrics.
+//! Training state for resuming (optimiser tensors, random-generator state, data order) travels
+//! in the same file under the `optimizer.` prefix and the `resume` metadata key.
+//!
+//! Writes are atomic: the file is written under a temporary name in the same directory, synced,
+//! then renamed over the target, so a crash or Ctrl-C never leaves a broken checkpoint and never
+//! destroys the previous one.
+
+mod atomic;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::SafeTensors;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+pub use atomic::write_atomic;
+
+use crate::params::Params;
+use crate::zoo::{BuildOptions, ModelSpec, Network};
+use crate::{Error, Result};
+
+/// The value of the `format` metadata key.
+pub const FORMAT: &str = "whvi-checkpoint";
+/// The checkpoint format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Prefix of the tensors that hold optimiser state rather than weights.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// Everything a checkpoint says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// The architecture.
+    pub spec: ModelSpec,
+    /// Posterior per layer, width, classes, input shape.
+    pub options: BuildOptions,
+    /// Class names, in label order.
+    pub class_names: Vec<String>,
+    /// Input normalisation the network was trained with.
+    pub normalization: Option<crate::data::Normalization>,
+    /// The training configuration (optimiser, schedule, augmentation, seed...), as recorded by
+    /// the trainer.
+    pub training: Option<serde_json::Value>,
+    /// The seed of the run.
+    pub seed: Option<u64>,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Completed optimisation steps.
+    pub step: u64,
+    /// The last evaluation metrics.
+    pub metrics: Option<serde_json::Value>,
+    /// State needed to resume training bit for bit (random generators, data order...).
+    pub resume: Option<serde_json::Value>,
+}
+
+impl CheckpointMeta {
+    /// Metadata for a freshly built network, with nothing trained yet.
+    pub fn new(spec: ModelSpec, options: BuildOptions, class_names: Vec<String>) -> Self {
+        CheckpointMeta {
+            spec,
+            options,
+            class_names,
+            normalization: None,
+            training: None,
+            seed: None,
+            epoch: 0,
+            step: 0,
+            metrics: None,
+            resume: None,
+        }
+    }
+
+    fn to_strings(&self) -> Result<HashMap<String, String>> {
+        let json = |v: &dyn erased::Json| v.to_json();
+        let mut m = HashMap::new();
+        m.insert("format".into(), FORMAT.into());
+        m.insert("format_version".into(), FORMAT_VERSION.to_string());
+        m.insert("whvi_version".into(), env!("CARGO_PKG_VERSION").into());
+        m.insert("model".into(), self.spec.name.clone());
+        m.insert("spec".into(), json(&self.spec)?);
+        m.insert("options".into(), json(&self.options)?);
+        m.insert("class_names".into(), json(&self.class_names)?);
+        m.insert("normalization".into(), json(&self.normalization)?);
+        m.insert("training".into(), json(&self.training)?);
+        m.insert("seed".into(), json(&self.seed)?);
+        m.insert("epoch".into(), self.epoch.to_string());
+        m.insert("step".into(), self.step.to_string());
+        m.insert("metrics".into(), json(&self.metrics)?);
+        m.insert("resume".into(), json(&self.resume)?);
+        Ok(m)
+    }
+
+    fn from_strings(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
+        let get = |key: &str| -> Result<&String> {
+            m.get(key)
+                .ok_or_else(|| Error::checkpoint(path, format!("metadata key '{key}' is missing")))
+        };
+        if get("format")? != FORMAT {
+            return Err(Error::checkpoint(
+                path,
+                format!("metadata says format '{}', not '{FORMAT}'", get("format")?),
+            ));
+        }
+        let version = get("format_version")?;
+        if version.parse::<u32>().ok() != Some(FORMAT_VERSION) {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "format version {version} is not supported by this build of whvi \
+                     (which reads version {FORMAT_VERSION}); use the whvi version that wrote it \
+                     ({})",
+                    m.get("whvi_version").map_or("unknown", |v| v.as_str())
+                ),
+            ));
+        }
+        fn parse<T: DeserializeOwned>(path: &Path, key: &str, text: &str) -> Result<T> {
+            serde_json::from_str(text).map_err(|e| {
+                Error::checkpoint(
+                    path,
+                    format!(
+                        "metadata '{key}' does not parse at line {}, column {}: {e}",
+                        e.line(),
+                        e.column()
+                    ),
+                )
+            })
+        }
+        let number = |key: &str| -> Result<u64> {
+            get(key)?
+                .parse()
+                .map_err(|_| Error::checkpoint(path, format!("metadata '{key}' is not a number")))
+        };
+        Ok(CheckpointMeta {
+            spec: parse(path, "spec", get("spec")?)?,
+            options: parse(path, "options", get("options")?)?,
+            class_names: parse(path, "class_names", get("class_names")?)?,
+            normalization: parse(path, "normalization", get("normalization")?)?,
+            training: parse(path, "training", get("training")?)?,
+            seed: parse(path, "seed", get("seed")?)?,
+            epoch: number("epoch")? as usize,
+            step: number("step")?,
+            metrics: parse(path, "metrics", get("metrics")?)?,
+            resume: parse(path, "resume", get("resume")?)?,
+        })
+    }
+}
+
+mod erased {
+    /// Serialises any metadata value to JSON for a safetensors metadata string.
+    pub trait Json {
+        fn to_json(&self) -> crate::Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> crate::Result<String> {
+            serde_json::to_string(self)
+                .map_err(|e| crate::Error::invalid(format!("cannot serialise metadata: {e}")))
+        }
+    }
+}
+
+/// A checkpoint read from disk: metadata, weights and optimiser state.
+pub struct Checkpoint {
+    /// What the file says about itself.
+    pub meta: CheckpointMeta,
+    /// The network's tensors by name.
+    pub weights: BTreeMap<String, Tensor>,
+    /// Optimiser state tensors by name (without the `optimizer.` prefix).
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+/// A network loaded from a checkpoint, ready to predict (or to continue training).
+pub struct LoadedModel {
+    /// The network.
+    pub network: Network,
+    /// Its parameters as trainable variables.
+    pub params: Params,
+    /// The checkpoint's metadata.
+    pub meta: CheckpointMeta,
+    /// Optimiser state saved with it (empty for a checkpoint saved for inference only).
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// Writes `params` (as f32), `optimizer` state and `meta` to `path`, atomically.
+    pub fn save(
+        path: impl AsRef<Path>,
+        meta: &CheckpointMeta,
+        params: &Params,
+        optimizer: &[(String, Tensor)],
+    ) -> Result<()> {
+        let path = path.as_ref();
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (name, var) in params.named_vars() {
+            let t = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?;
+            tensors.push((name, t));
+        }
+        for (name, t) in optimizer {
+            tensors.push((
+                format!("{OPTIMIZER_PREFIX}{name}"),
+                t.to_device(&Device::Cpu)?,
+            ));
+        }
+        let info = meta.to_strings()?;
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
+                .map_err(|e| Error::checkpoint(path, format!("cannot serialise: {e}")))?;
+        write_atomic(path, |w| w.write_all(&bytes))
+    }
+
+    /// Reads the metadata only (cheap: no tensor is decoded).
+    pub fn read_meta(path: impl AsRef<Path>) -> Result<CheckpointMeta> {
+        let path = path.as_ref();
+        let bytes = read_file(path)?;
+        let (_, metadata) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| not_safetensors(path, e))?;
+        let strings = metadata.metadata().clone().ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                "the file has no metadata: it is a plain safetensors file, not a whvi checkpoint",
+            )
+        })?;
+        CheckpointMeta::from_strings(path, &strings)
+    }
+
+    /// Reads the whole checkpoint onto `device`.
+    pub fn read(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = Checkpoint::read_meta(path)?;
+        let bytes = read_file(path)?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(path, e))?;
+        let mut weights = BTreeMap::new();
+        let mut optimizer = BTreeMap::new();
+        for (name, view) in file.tensors() {
+            let tensor = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
+                Error::checkpoint(path, format!("tensor {name} cannot be read: {e}"))
+            })?;
+            match name.strip_prefix(OPTIMIZER_PREFIX) {
+                Some(rest) => optimizer.insert(rest.to_string(), tensor),
+                None => weights.insert(name, tensor),
+            };
+        }
+        Ok(Checkpoint {
+            meta,
+            weights,
+            optimizer,
+        })
+    }
+
+    /// Loads the network of the checkpoint at `path` onto `device`, its parameters in `dtype`
+    /// (f32 for training; f16 or bf16 allowed for inference).
+    pub fn load_as(path: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<LoadedModel> {
+        let path = path.as_ref();
+        let checkpoint = Checkpoint::read(path, device)?;
+        let params = Params::from_tensors(checkpoint.weights)?;
+        let network = Network::build(
+            &checkpoint.meta.spec,
+            &checkpoint.meta.options,
+            params.var_builder(dtype, device),
+        )
+        .map_err(|e| Error::checkpoint(path, format!("does not match its own spec: {e}")))?;
+        let stray = params.unrequested();
+        if !stray.is_empty() {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "holds tensors that its network does not use: {}; the file and its spec \
+                     disagree",
+                    stray.join(", ")
+                ),
+            ));
+        }
+        Ok(LoadedModel {
+            network,
+            params,
+            meta: checkpoint.meta,
+            optimizer: checkpoint.optimizer,
+        })
+    }
+
+    /// Loads the network of the checkpoint at `path` onto `device` in f32.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
+        Checkpoint::load_as(path, device, DType::F32)
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+fn not_safetensors(path: &Path, e: safetensors::SafeTensorError) -> Error {
+    Error::checkpoint(
+        path,
+        format!(
+            "is not a readable safetensors file ({e}); it may be truncated or of another format"
+        ),
+    )
+}
+
+/// A readable description of the checkpoint at `path` (for `whvi info`).
+pub fn describe(path: impl AsRef<Path>) -> Result<String> {
+    use std::fmt::Write;
+    let path = path.as_ref();
+    let meta = Checkpoint::read_meta(path)?;
+    let bytes = read_file(path)?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(path, e))?;
+    let (mut weights, mut weight_count, mut optimizer) = (0usize, 0usize, 0usize);
+    for (name, view) in file.tensors() {
+        if name.starts_with(OPTIMIZER_PREFIX) {
+            optimizer += 1;
+        } else {
+            weights += 1;
+            weight_count += view.shape().iter().product::<usize>();
+        }
+    }
+    let o = &meta.options;
+    let [c, h, w] = o.input.unwrap_or(meta.spec.input);
+    let mut s = String::new();
+    let _ = writeln!(s, "checkpoint   {}", path.display());
+    let _ = writeln!(s, "format       {FORMAT} v{FORMAT_VERSION}");
+    let _ = writeln!(s, "model        {} — {}", meta.spec.name, meta.spec.summary);
+    let _ = writeln!(
+        s,
+        "posterior    {} on {:?} layers{}; width x{}",
+        o.method.name(),
+        o.policy,
+        if o.overrides.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (overrides: {})",
+                o.overrides
+                    .iter()
+                    .map(|(n, m)| format!("{n}={}", m.name()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        o.width
+    );
+    let _ = writeln!(s, "input        {c}x{h}x{w}");
+    let _ = writeln!(s, "classes      {}", meta.class_names.join(", "));
+    if let Some(n) = &meta.normalization {
+        let _ = writeln!(s, "normalise    mean {:?}, std {:?}", n.mean(), n.std());
+    }
+    let _ = writeln!(
+        s,
+        "tensors      {weights} weight tensors ({weight_count} values), {optimizer} optimiser tensors{}",
+        if meta.resume.is_some() { ", resumable" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "trained      {} epochs, {} steps, seed {}",
+        meta.epoch,
+        meta.step,
+        meta.seed.map_or("-".to_string(), |v| v.to_string())
+    );
+    if let Some(training) = &meta.training {
+        let _ = writeln!(s, "training     {training}");
+    }
+    if let Some(metrics) = &meta.metrics {
+        let _ = writeln!(s, "last metrics {metrics}");
+    }
+    Ok(s)
+}

@@ -1,0 +1,152 @@
+//! Image data: loading CIFAR-10, MNIST and Fashion-MNIST, augmentation, and batching into
+//! candle tensors.
+//!
+//! Data sets live in memory as bytes ([`ImageDataset`], CHW per image) and become `f32`
+//! tensors one batch at a time ([`Batches`]). Everything random (the epoch order, the
+//! validation split, crops and flips) draws from a caller-owned
+//! [`WhviRng`](crate::rng::WhviRng), so a run is reproducible bit for bit and resumable.
+//!
+//! ```no_run
+//! use candle_core::Device;
+//! use whvi::data::{self, Augment, Batches, DatasetKind, Normalization};
+//!
+//! # fn main() -> whvi::Result<()> {
+//! let sets = data::load(DatasetKind::Cifar10, None)?; // the embedded CIFAR-10 sample
+//! let mut rng = whvi::rng::seeded(0);
+//! let (train, validation) = sets.train.split_validation(5_000, &mut rng)?;
+//! let order = data::shuffled_order(train.len(), &mut rng);
+//! let norm = Normalization::cifar10();
+//! for batch in Batches::new(&train, order, 128, &norm, &Device::Cpu)?
+//!     .drop_last(true)
+//!     .augment(Augment::for_kind(DatasetKind::Cifar10), &mut rng)
+//! {
+//!     let (images, labels) = batch?; // f32 [128, 3, 32, 32], u32 [128]
+//! #   let _ = (images, labels);
+//! }
+//! # let _ = validation;
+//! # Ok(())
+//! # }
+//! ```
+
+mod batch;
+pub mod cifar10;
+mod dataset;
+pub mod idx;
+mod transform;
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use batch::{sequential_order, shuffled_order, Batches};
+pub use dataset::{ImageDataset, Resize};
+pub use transform::{flip_horizontal, padded_crop, Augment, Normalization};
+
+use crate::{Error, Result};
+
+/// The number of validation images usually carved out of a training set
+/// (see [`ImageDataset::split_validation`] for how small sets are handled).
+pub const DEFAULT_VALIDATION_SIZE: usize = 5_000;
+
+/// The data sets `whvi` can load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// CIFAR-10: 32x32 RGB images of 10 object classes.
+    Cifar10,
+    /// MNIST: 28x28 grey images of handwritten digits.
+    Mnist,
+    /// Fashion-MNIST: 28x28 grey images of 10 kinds of clothing.
+    FashionMnist,
+}
+
+impl DatasetKind {
+    /// The name used on the command line and in files: `cifar10`, `mnist`, `fashion-mnist`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::FashionMnist => "fashion-mnist",
+        }
+    }
+
+    /// The class names, indexed by label.
+    pub fn classes(self) -> &'static [&'static str; 10] {
+        match self {
+            DatasetKind::Cifar10 => &cifar10::CLASSES,
+            DatasetKind::Mnist => &idx::MNIST_CLASSES,
+            DatasetKind::FashionMnist => &idx::FASHION_MNIST_CLASSES,
+        }
+    }
+
+    /// The image shape `(channels, height, width)`.
+    pub fn shape(self) -> (usize, usize, usize) {
+        match self {
+            DatasetKind::Cifar10 => (3, 32, 32),
+            DatasetKind::Mnist | DatasetKind::FashionMnist => (1, 28, 28),
+        }
+    }
+}
+
+impl fmt::Display for DatasetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A data set's training and test parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainTest {
+    /// The training images (carve a validation set from them with
+    /// [`ImageDataset::split_validation`]).
+    pub train: ImageDataset,
+    /// The test images.
+    pub test: ImageDataset,
+}
+
+/// Loads the training and test sets of `kind`.
+///
+/// `path` is where the files are:
+/// - CIFAR-10: `cifar-10-binary.tar.gz`, the extracted `cifar-10-batches-bin` directory, or
+///   its parent (see [`cifar10::load`]). `None` gives the small sample embedded in the binary
+///   ([`cifar10::embedded_sample`]).
+/// - MNIST: the directory with the four idx files (see [`idx::load_mnist`]). Required.
+/// - Fashion-MNIST: the directory with the four idx files; `None` looks in
+///   [`idx::FASHION_MNIST_SYSTEM_DIR`], where Debian's `dataset-fashion-mnist` puts them.
+pub fn load(kind: DatasetKind, path: Option<&Path>) -> Result<TrainTest> {
+    match (kind, path) {
+        (DatasetKind::Cifar10, Some(path)) => cifar10::load(path),
+        (DatasetKind::Cifar10, None) => cifar10::embedded_sample(),
+        (DatasetKind::Mnist, Some(dir)) => idx::load_mnist(dir),
+        (DatasetKind::Mnist, None) => Err(Error::invalid(format!(
+            "MNIST has no default location: pass the directory that holds its four idx files; {}",
+            idx::MNIST_HINT
+        ))),
+        (DatasetKind::FashionMnist, Some(dir)) => idx::load_fashion_mnist(dir),
+        (DatasetKind::FashionMnist, None) => {
+            idx::load_fashion_mnist(Path::new(idx::FASHION_MNIST_SYSTEM_DIR))
+        }
+    }
+}
+
+/// Reads a whole file, decompressing it when its name ends in `.gz`. `hint` says what to do
+/// about a missing or damaged file.
+fn read_maybe_gz(path: &Path, hint: &str) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::data(path, format!("cannot open ({e}); {hint}")))?;
+    let mut bytes = Vec::new();
+    let read = if path.extension().is_some_and(|ext| ext == "gz") {
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)).read_to_end(&mut bytes)
+    } else {
+        std::io::BufReader::new(file).read_to_end(&mut bytes)
+    };
+    read.map_err(|e| {
+        Error::data(
+            path,
+            format!("cannot read ({e}): the file is damaged or truncated; {hint}"),
+        )
+    })?;
+    Ok(bytes)
+}

@@ -1,0 +1,104 @@
+//! The `whvi metrics` command: load `.npy` predictions and labels, compute the report, print
+//! it, write it as JSON and draw the plots.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::npy::{load_labels, load_predictions};
+use super::plot::{plot_ood_histogram, plot_reliability};
+use super::report::{compute_report, MetricsReport};
+use super::uncertainty::{ood_scores, OodScore};
+use super::{calibration::ReliabilityDiagram, Predictions, DEFAULT_BINS};
+use crate::{Error, Result};
+
+/// Arguments of `whvi metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct MetricsArgs {
+    /// Predictive probabilities, .npy float32/float64 of shape [N, K], or [T, N, K] per
+    /// posterior sample (averaged here; enables the mutual-information metrics).
+    #[arg(long, value_name = "P.npy")]
+    pub probs: PathBuf,
+    /// True labels, .npy integer array of shape [N] with values in 0..K.
+    #[arg(long, value_name = "Y.npy")]
+    pub labels: PathBuf,
+    /// Probabilities on an out-of-distribution set, [M, K] or [T, M, K]: adds OOD detection.
+    #[arg(long, value_name = "Q.npy")]
+    pub ood_probs: Option<PathBuf>,
+    /// Write the report as JSON to this file.
+    #[arg(long, value_name = "R.json")]
+    pub report: Option<PathBuf>,
+    /// Write the plots (PNG and SVG) into this directory, created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub plots: Option<PathBuf>,
+}
+
+/// Runs `whvi metrics`: computes the report, writes the table to `out`, and the JSON report
+/// and plots where asked. Returns the report.
+pub fn run_metrics(args: &MetricsArgs, out: &mut dyn Write) -> Result<MetricsReport> {
+    let predictions = load_predictions(&args.probs)?;
+    let labels = load_labels(&args.labels)?;
+    if labels.len() != predictions.mean().n() {
+        return Err(Error::invalid(format!(
+            "{} holds {} labels but {} holds {} examples; they must match one to one",
+            args.labels.display(),
+            labels.len(),
+            args.probs.display(),
+            predictions.mean().n()
+        )));
+    }
+    let ood = args
+        .ood_probs
+        .as_deref()
+        .map(load_predictions)
+        .transpose()?;
+    let report = compute_report(&predictions, &labels, ood.as_ref())?;
+
+    let stdout_err = |e| Error::io("<stdout>", e);
+    write!(out, "{report}").map_err(stdout_err)?;
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report).expect("the report serialises");
+        std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))?;
+        writeln!(out, "report written to {}", path.display()).map_err(stdout_err)?;
+    }
+    if let Some(dir) = &args.plots {
+        let written = write_plots(dir, &predictions, &labels, ood.as_ref())?;
+        for path in written {
+            writeln!(out, "plot written to {}", path.display()).map_err(stdout_err)?;
+        }
+    }
+    Ok(report)
+}
+
+/// Draws the reliability diagram and, with an OOD set, the score histograms into `dir`, as PNG
+/// and SVG; returns the files written.
+fn write_plots(
+    dir: &Path,
+    predictions: &Predictions,
+    labels: &[usize],
+    ood: Option<&Predictions>,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut written = Vec::new();
+    let diagram = ReliabilityDiagram::new(predictions.mean(), labels, DEFAULT_BINS)?;
+    for ext in ["png", "svg"] {
+        let path = dir.join(format!("reliability.{ext}"));
+        plot_reliability(&diagram, "Reliability diagram", &path)?;
+        written.push(path);
+    }
+    if let Some(ood) = ood {
+        let mut scores = vec![(OodScore::Entropy, "entropy")];
+        if predictions.samples().is_some() && ood.samples().is_some() {
+            scores.push((OodScore::MutualInformation, "mi"));
+        }
+        for (score, stem) in scores {
+            let in_scores = ood_scores(predictions, score)?;
+            let out_scores = ood_scores(ood, score)?;
+            for ext in ["png", "svg"] {
+                let path = dir.join(format!("ood_{stem}.{ext}"));
+                plot_ood_histogram(&in_scores, &out_scores, score.name(), &path)?;
+                written.push(path);
+            }
+        }
+    }
+    Ok(written)
+}

@@ -1,0 +1,170 @@
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::DatasetKind;
+use crate::optim::{AdamWConfig, KlWarmup, LrSchedule, NameMatch, OptimizerConfig, SgdConfig};
+use crate::zoo::BuildOptions;
+use crate::{Error, Result};
+
+/// The optimiser of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// SGD with momentum.
+    Sgd,
+    /// SGD with Nesterov momentum.
+    Nesterov,
+    /// AdamW (decoupled weight decay).
+    AdamW,
+}
+
+/// Everything that defines a training run; recorded in every checkpoint it writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The data set.
+    pub dataset: DatasetKind,
+    /// Where the data are (`None`: the embedded CIFAR-10 sample, or the system Fashion-MNIST).
+    pub data: Option<PathBuf>,
+    /// Model name from the zoo, or a spec file path.
+    pub model: String,
+    /// Posterior per layer, width multiplier and layer options.
+    pub build: BuildOptions,
+    /// Epochs to train.
+    pub epochs: usize,
+    /// Images per optimisation step.
+    pub batch_size: usize,
+    /// The optimiser.
+    pub optimizer: OptimizerKind,
+    /// Momentum for SGD.
+    pub momentum: f64,
+    /// Weight decay (L2 for SGD, decoupled for AdamW); never applied to biases, BatchNorm or
+    /// variational parameters, whose prior is the KL term.
+    pub weight_decay: f64,
+    /// Learning-rate schedule (its `base_lr` is the learning rate).
+    pub schedule: LrSchedule,
+    /// KL warm-up.
+    pub kl_warmup: KlWarmup,
+    /// Posterior samples per training step (the loss is averaged over them).
+    pub mc_samples: usize,
+    /// Clip the global gradient norm to this value.
+    pub clip_grad: Option<f64>,
+    /// Validation images carved from the training set.
+    pub validation: usize,
+    /// Random crops and flips during training.
+    pub augment: bool,
+    /// The seed of everything random in the run.
+    pub seed: u64,
+    /// Posterior samples for validation metrics after each epoch.
+    pub eval_samples: usize,
+    /// Posterior samples for the final test-set report (0: no test report).
+    pub test_samples: usize,
+    /// Stop after the epoch during which this many minutes have passed.
+    pub time_limit_minutes: Option<f64>,
+    /// Output directory.
+    pub out: PathBuf,
+}
+
+impl Default for TrainConfig {
+    /// Defaults that make sense for CIFAR-10: VGG-16 with a WHVI head, SGD with Nesterov
+    /// momentum 0.9, lr 0.05 with cosine decay and one warm-up epoch's worth of steps,
+    /// weight decay 5e-4, batch 128, 30 epochs, random crops and flips.
+    fn default() -> Self {
+        TrainConfig {
+            dataset: DatasetKind::Cifar10,
+            data: None,
+            model: "vgg16".into(),
+            build: BuildOptions::default(),
+            epochs: 30,
+            batch_size: 128,
+            optimizer: OptimizerKind::Nesterov,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            schedule: LrSchedule::cosine(0.05, 0.0).with_warmup(350),
+            kl_warmup: KlWarmup::default(),
+            mc_samples: 1,
+            clip_grad: None,
+            validation: crate::data::DEFAULT_VALIDATION_SIZE,
+            augment: true,
+            seed: 0,
+            eval_samples: 8,
+            test_samples: 32,
+            time_limit_minutes: None,
+            out: PathBuf::from("runs/whvi"),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every value, with a message that names the option.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |v: usize, name: &str| {
+            if v == 0 {
+                Err(Error::invalid(format!("{name} must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        positive(self.epochs, "--epochs")?;
+        positive(self.batch_size, "--batch-size")?;
+        positive(self.mc_samples, "--mc-samples")?;
+        positive(self.eval_samples, "--eval-samples")?;
+        if let Some(c) = self.clip_grad {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "--clip-grad must be positive, got {c}"
+                )));
+            }
+        }
+        if !(self.momentum >= 0.0 && self.momentum < 1.0) {
+            return Err(Error::invalid(format!(
+                "--momentum must be in [0, 1), got {}",
+                self.momentum
+            )));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(Error::invalid(format!(
+                "--weight-decay must be >= 0, got {}",
+                self.weight_decay
+            )));
+        }
+        self.schedule.validate()?;
+        Ok(())
+    }
+
+    /// The optimiser configuration, with weight decay kept off biases, BatchNorm parameters
+    /// and variational parameters (their regulariser is the KL term).
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        let no_decay = vec![
+            NameMatch::Suffix(".bias".into()),
+            NameMatch::Prefix("bn".into()),
+            NameMatch::Suffix(".mu".into()),
+            NameMatch::Suffix(".log_sigma".into()),
+        ];
+        let lr = self.schedule.base_lr;
+        match self.optimizer {
+            OptimizerKind::Sgd | OptimizerKind::Nesterov => OptimizerConfig::Sgd(SgdConfig {
+                lr,
+                momentum: self.momentum,
+                nesterov: self.optimizer == OptimizerKind::Nesterov,
+                weight_decay: self.weight_decay,
+                no_decay,
+                ..SgdConfig::default()
+            }),
+            OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig {
+                lr,
+                weight_decay: self.weight_decay,
+                no_decay,
+                ..AdamWConfig::default()
+            }),
+        }
+    }
+
+    /// The parts of the configuration that must match for `--resume` to continue a run bit
+    /// for bit (everything but the time limit).
+    pub(crate) fn resume_key(&self) -> String {
+        let mut key = self.clone();
+        key.time_limit_minutes = None;
+        serde_json::to_string(&key).unwrap_or_default()
+    }
+}

@@ -1,0 +1,206 @@
+//! Checkpoints: round trips, and every bad file gives an error that says what is wrong.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use whvi::checkpoint::{Checkpoint, CheckpointMeta};
+use whvi::layers::Pass;
+use whvi::params::Params;
+use whvi::rng::seeded;
+use whvi::zoo::{BuildOptions, Method, ModelSpec, Network};
+
+const CPU: Device = Device::Cpu;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("whvi-ckpt-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn saved_lenet(dir: &Path, method: Method) -> (PathBuf, Network) {
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let options = BuildOptions {
+        method,
+        width: 0.5,
+        ..BuildOptions::default()
+    };
+    let params = Params::new(3);
+    let network = Network::build(&spec, &options, params.var_builder(DType::F32, &CPU)).unwrap();
+    let classes: Vec<String> = (0..10).map(|i| format!("class{i}")).collect();
+    let mut meta = CheckpointMeta::new(spec, options, classes);
+    meta.epoch = 7;
+    meta.seed = Some(3);
+    let path = dir.join("model.safetensors");
+    Checkpoint::save(&path, &meta, &params, &[]).unwrap();
+    (path, network)
+}
+
+fn images() -> Tensor {
+    whvi::layers::standard_normal((4, 1, 28, 28), DType::F32, &CPU, &mut seeded(9)).unwrap()
+}
+
+fn outputs(network: &Network, seed: Option<u64>) -> Vec<Vec<f32>> {
+    let x = images();
+    let y = match seed {
+        Some(s) => network.forward_pass(&x, &mut Pass::sample(&mut seeded(s))),
+        None => network.forward_pass(&x, &mut Pass::mean()),
+    };
+    y.unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn save_load_predict_gives_identical_outputs() {
+    for method in [
+        Method::Whvi,
+        Method::MeanField,
+        Method::McDropout,
+        Method::Deterministic,
+    ] {
+        let dir = temp_dir(method.name());
+        let (path, original) = saved_lenet(&dir, method);
+        let loaded = Checkpoint::load(&path, &CPU).unwrap();
+        assert_eq!(loaded.meta.epoch, 7);
+        assert_eq!(loaded.meta.class_names[3], "class3");
+        assert_eq!(
+            outputs(&loaded.network, None),
+            outputs(&original, None),
+            "{method:?}"
+        );
+        assert_eq!(
+            outputs(&loaded.network, Some(5)),
+            outputs(&original, Some(5)),
+            "{method:?}"
+        );
+        let description = whvi::checkpoint::describe(&path).unwrap();
+        assert!(description.contains("lenet5") && description.contains(method.name()));
+
+        // Inference in half precision stays close to f32 (candle's CPU matmul has f16, not bf16).
+        let half = Checkpoint::load_as(&path, &CPU, DType::F16).unwrap();
+        let x = images().to_dtype(DType::F16).unwrap();
+        let y = half.network.forward_pass(&x, &mut Pass::mean()).unwrap();
+        let y: Vec<Vec<f32>> = y.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let reference = outputs(&original, None);
+        for (a, b) in y.iter().flatten().zip(reference.iter().flatten()) {
+            assert!(
+                (a - b).abs() < 0.05 * (1.0 + b.abs()),
+                "{method:?}: {a} vs {b}"
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Rewrites the checkpoint at `path` after `edit` changes its tensors and metadata.
+fn rewrite(
+    path: &Path,
+    out: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Tensor)>, &mut HashMap<String, String>),
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut metadata = meta.metadata().clone().unwrap();
+    let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(path, &CPU)
+        .unwrap()
+        .into_iter()
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut tensors, &mut metadata);
+    let bytes =
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+            .unwrap();
+    std::fs::write(out, bytes).unwrap();
+}
+
+fn load_error(path: &Path) -> String {
+    match Checkpoint::load(path, &CPU) {
+        Ok(_) => panic!("{} loaded", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_files_give_errors_that_say_what_is_wrong() {
+    let dir = temp_dir("bad");
+    let (path, _) = saved_lenet(&dir, Method::Whvi);
+
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a checkpoint at all").unwrap();
+    assert!(load_error(&garbage).contains("not a readable safetensors file"));
+
+    let truncated = dir.join("truncated.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(&truncated);
+    assert!(
+        err.contains("truncated") && err.contains("truncated.safetensors"),
+        "{err}"
+    );
+
+    let missing = dir.join("missing.safetensors");
+    let err = load_error(&missing);
+    assert!(err.contains("missing.safetensors"), "{err}");
+
+    let version = dir.join("version.safetensors");
+    rewrite(&path, &version, |_, m| {
+        m.insert("format_version".into(), "99".into());
+    });
+    let err = load_error(&version);
+    assert!(err.contains("format version 99 is not supported"), "{err}");
+
+    let no_tensor = dir.join("no-tensor.safetensors");
+    rewrite(&path, &no_tensor, |t, _| t.retain(|(n, _)| n != "fc1.mu"));
+    let err = load_error(&no_tensor);
+    assert!(
+        err.contains("tensor fc1.mu") && err.contains("missing"),
+        "{err}"
+    );
+
+    let wrong_shape = dir.join("wrong-shape.safetensors");
+    rewrite(&path, &wrong_shape, |t, _| {
+        for (n, v) in t.iter_mut() {
+            if n == "conv1.weight" {
+                *v = Tensor::zeros((2, 2), DType::F32, &CPU).unwrap();
+            }
+        }
+    });
+    let err = load_error(&wrong_shape);
+    assert!(
+        err.contains("conv1.weight") && err.contains("shape"),
+        "{err}"
+    );
+
+    let stray = dir.join("stray.safetensors");
+    rewrite(&path, &stray, |t, _| {
+        t.push((
+            "extra.weight".into(),
+            Tensor::zeros(3, DType::F32, &CPU).unwrap(),
+        ))
+    });
+    let err = load_error(&stray);
+    assert!(err.contains("extra.weight"), "{err}");
+
+    let bad_spec = dir.join("bad-spec.safetensors");
+    rewrite(&path, &bad_spec, |_, m| {
+        m.insert(
+            "spec".into(),
+            "{\"name\": \"lenet5\",\n \"input\": [1, 28".into(),
+        );
+    });
+    let err = load_error(&bad_spec);
+    assert!(
+        err.contains("metadata 'spec' does not parse at line 2"),
+        "{err}"
+    );
+
+    // A failed save leaves the previous checkpoint readable.
+    let before = std::fs::read(&path).unwrap();
+    let params = Params::new(0);
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let meta = CheckpointMeta::new(spec, BuildOptions::default(), vec![]);
+    let blocked = dir.join("blocked-dir");
+    std::fs::create_dir_all(blocked.join("model.safetensors")).unwrap();
+    assert!(Checkpoint::save(blocked.join("model.safetensors"), &meta, &params, &[]).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    std::fs::remove_dir_all(dir).unwrap();
+}

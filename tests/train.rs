@@ -1,0 +1,195 @@
+//! The training loop on a tiny generated CIFAR-10-format data set: it learns, and a resumed
+//! run equals an uninterrupted one bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::Device;
+use rand::Rng;
+use whvi::data::DatasetKind;
+use whvi::optim::LrSchedule;
+use whvi::rng::seeded;
+use whvi::train::{train, OptimizerKind, Progress, QuietProgress, TrainConfig};
+
+const RECORD: usize = 3073;
+
+/// Writes `cifar-10-batches-bin` with `per_file` images per training file: each class has its
+/// own colour, plus noise, so a small network can learn it in two epochs.
+fn write_dataset(root: &Path, per_file: usize) -> PathBuf {
+    let dir = root.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rng = seeded(1);
+    let mut batch = |n: usize| -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(n * RECORD);
+        for i in 0..n {
+            let label = (i % 10) as u8;
+            bytes.push(label);
+            for channel in 0..3u32 {
+                let base = ((u32::from(label) * (channel + 3) * 37) % 200) as i32 + 20;
+                for _ in 0..1024 {
+                    let noise: i32 = rng.random_range(-30..=30);
+                    bytes.push((base + noise).clamp(0, 255) as u8);
+                }
+            }
+        }
+        bytes
+    };
+    for k in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{k}.bin")), batch(per_file)).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), batch(100)).unwrap();
+    root.to_path_buf()
+}
+
+fn tiny_spec(root: &Path) -> String {
+    let path = root.join("tiny.toml");
+    std::fs::write(
+        &path,
+        "name = \"tiny\"\nsummary = \"a test network\"\ninput = [3, 32, 32]\nclasses = 10\n\
+         batch_norm = true\nfeatures = [{ conv = 8, kernel = 3, stride = 2 }, \"M\", \"M\", \"M\"]\n\
+         head = [32]\n",
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn config(root: &Path, out: &str) -> TrainConfig {
+    TrainConfig {
+        dataset: DatasetKind::Cifar10,
+        data: Some(root.to_path_buf()),
+        model: tiny_spec(root),
+        epochs: 2,
+        batch_size: 32,
+        optimizer: OptimizerKind::AdamW,
+        weight_decay: 0.0,
+        schedule: LrSchedule::cosine(0.02, 0.0),
+        validation: 64,
+        eval_samples: 2,
+        test_samples: 4,
+        out: root.join(out),
+        ..TrainConfig::default()
+    }
+}
+
+fn temp_root(name: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("whvi-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+fn never() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+#[test]
+fn two_epochs_improve_accuracy_and_write_checkpoints() {
+    let root = write_dataset(&temp_root("learn"), 128);
+    let config = config(&root, "run");
+    let outcome = train(&config, false, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+    assert_eq!(outcome.epochs.len(), 2);
+    let (first, second) = (&outcome.epochs[0], &outcome.epochs[1]);
+    assert!(
+        second.train_loss < first.train_loss,
+        "{first:?} -> {second:?}"
+    );
+    assert!(
+        second.train_accuracy > first.train_accuracy,
+        "{first:?} -> {second:?}"
+    );
+    // Ten classes: chance is 0.1.
+    assert!(second.val_accuracy.unwrap() > 0.2, "{second:?}");
+    assert!(outcome.best_checkpoint.exists() && outcome.last_checkpoint.exists());
+    let log = std::fs::read_to_string(config.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2);
+    let report = outcome.test_report.unwrap();
+    assert!(report.accuracy > 0.2, "test accuracy {}", report.accuracy);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// Raises the stop flag after a number of batches, as Ctrl-C would.
+struct StopAfter {
+    batches: usize,
+    seen: usize,
+    flag: Arc<AtomicBool>,
+}
+
+impl Progress for StopAfter {
+    fn start_epoch(&mut self, _: usize, _: usize, _: usize, _: usize) {}
+    fn batch(&mut self, _: usize, _: f64, _: f64) {
+        self.seen += 1;
+        if self.seen == self.batches {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
+    fn finish_epoch(&mut self, _: &str) {}
+    fn message(&mut self, _: &str) {}
+}
+
+fn weights(path: &Path) -> Vec<(String, Vec<u64>)> {
+    let mut all: Vec<(String, Vec<u64>)> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            // f32 weights and the optimiser's i64 step counter are both exact in f64.
+            let values: Vec<f64> = t
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (n, values.into_iter().map(f64::to_bits).collect())
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_uninterrupted_run() {
+    let root = write_dataset(&temp_root("resume"), 64);
+    let straight = config(&root, "straight");
+    train(&straight, false, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+
+    let resumed = config(&root, "resumed");
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut stopper = StopAfter {
+        batches: 11, // mid-way through the second epoch (8 batches per epoch)
+        seen: 0,
+        flag: flag.clone(),
+    };
+    let err = train(&resumed, false, &Device::Cpu, &mut stopper, flag).unwrap_err();
+    assert!(matches!(err, whvi::Error::Interrupted(_)), "{err}");
+    assert!(err.to_string().contains("--resume"), "{err}");
+    train(&resumed, true, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+
+    let a = weights(&straight.out.join("last.safetensors"));
+    let b = weights(&resumed.out.join("last.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "tensor {na} differs after resume");
+    }
+    let log = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("seconds");
+                v.as_object_mut().unwrap().remove("images_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(log(&straight.out), log(&resumed.out));
+
+    // Resuming with other settings is refused.
+    let mut other = config(&root, "resumed");
+    other.batch_size = 16;
+    let err = train(&other, true, &Device::Cpu, &mut QuietProgress, never()).unwrap_err();
+    assert!(err.to_string().contains("another configuration"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+}
