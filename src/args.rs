@@ -253,8 +253,10 @@ pub struct TrainArgs {
     /// Batch size.
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Optimiser.
-    #[arg(long, value_enum, default_value_t = OptimizerArg::Nesterov)]
+    /// Optimiser. AdamW is the default: with the KL term's stiff pull on the WHVI means
+    /// (1 / (lambda · N_train) is large for small training sets), SGD at CIFAR learning rates
+    /// can diverge, while Adam's per-parameter scaling stays stable.
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
     pub optimizer: OptimizerArg,
     /// Base learning rate (default 0.05 for SGD, 1e-3 for AdamW).
     #[arg(long)]

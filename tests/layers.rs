@@ -550,11 +550,11 @@ fn whvi_mlp_fits_blobs_and_is_less_certain_far_from_data() {
     let params = Params::new(10);
     let vb = params.var_builder(DType::F32, &CPU);
     let model = Sequential::new()
-        .add(WhviLinear::new(2, 32, Prior::HeLike, vb.pp("l0")).unwrap())
-        .add(Activation::Relu)
-        .add(WhviLinear::new(32, 32, Prior::HeLike, vb.pp("l1")).unwrap())
-        .add(Activation::Relu)
-        .add(WhviLinear::new(32, 2, Prior::HeLike, vb.pp("l2")).unwrap());
+        .with(WhviLinear::new(2, 32, Prior::HeLike, vb.pp("l0")).unwrap())
+        .with(Activation::Relu)
+        .with(WhviLinear::new(32, 32, Prior::HeLike, vb.pp("l1")).unwrap())
+        .with(Activation::Relu)
+        .with(WhviLinear::new(32, 2, Prior::HeLike, vb.pp("l2")).unwrap());
     let (x, y) = blobs(256, 1);
     let (first, last) = train(&model, &params, &x, &y, 300, 1e-2);
     assert!(last < first / 4.0, "NLL {first} -> {last}");
@@ -590,7 +590,7 @@ fn whvi_convnet_fits_bar_orientation() {
     let params = Params::new(11);
     let vb = params.var_builder(DType::F32, &CPU);
     let model = Sequential::new()
-        .add(
+        .with(
             WhviConv2d::new(
                 1,
                 8,
@@ -603,10 +603,10 @@ fn whvi_convnet_fits_bar_orientation() {
             )
             .unwrap(),
         )
-        .add(Activation::Relu)
-        .add(MaxPool2d::new(2))
-        .add(Flatten)
-        .add(WhviLinear::new(8 * 16, 2, Prior::HeLike, vb.pp("fc")).unwrap());
+        .with(Activation::Relu)
+        .with(MaxPool2d::new(2))
+        .with(Flatten)
+        .with(WhviLinear::new(8 * 16, 2, Prior::HeLike, vb.pp("fc")).unwrap());
     let (first, last) = train(&model, &params, &x, &y, 150, 1e-2);
     assert!(last < first / 4.0, "NLL {first} -> {last}");
 }

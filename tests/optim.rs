@@ -493,7 +493,10 @@ fn state_names_entries_by_variable() -> TestResult {
 }
 
 /// One SGD step's state, for the mismatch tests.
-fn sgd_state_after_one_step() -> TestResult<(Vec<Var>, Vec<(String, Tensor)>)> {
+/// Parameters and the optimiser state saved after one step.
+type VarsAndState = (Vec<Var>, Vec<(String, Tensor)>);
+
+fn sgd_state_after_one_step() -> TestResult<VarsAndState> {
     let vars = make_vars(&initial_values()?)?;
     let mut opt = Sgd::from_named(named(&vars), SgdConfig::default())?;
     opt.backward_step(&varying_loss(0, &vars)?)?;

@@ -184,7 +184,7 @@ fn policies_and_overrides_choose_layer_posteriors() {
     let head = methods(&BuildOptions::default());
     assert!(head
         .iter()
-        .all(|(n, m)| (*m == Method::Whvi) == !n.starts_with("conv")));
+        .all(|(n, m)| (*m == Method::Whvi) != n.starts_with("conv")));
     let last = methods(&BuildOptions {
         policy: BayesPolicy::Last,
         ..BuildOptions::default()

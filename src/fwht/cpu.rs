@@ -175,7 +175,7 @@ fn log2_row(len: usize, d: usize) -> u32 {
         "fwht: row length {d} is not a power of two"
     );
     assert!(
-        len % d == 0,
+        len.is_multiple_of(d),
         "fwht: buffer length {len} is not a whole number of rows of length {d}"
     );
     d.trailing_zeros()

@@ -108,7 +108,7 @@ impl Sequential {
     }
 
     /// Appends a layer (builder style).
-    pub fn add(mut self, layer: impl BayesianModule + 'static) -> Self {
+    pub fn with(mut self, layer: impl BayesianModule + 'static) -> Self {
         self.push(layer);
         self
     }

@@ -66,9 +66,9 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
-    /// Defaults that make sense for CIFAR-10: VGG-16 with a WHVI head, SGD with Nesterov
-    /// momentum 0.9, lr 0.05 with cosine decay and one warm-up epoch's worth of steps,
-    /// weight decay 5e-4, batch 128, 30 epochs, random crops and flips.
+    /// Defaults that make sense for CIFAR-10: VGG-16 with a WHVI head, AdamW at lr 1e-3 with
+    /// cosine decay and a short warm-up, weight decay 5e-4, batch 128, 30 epochs, random crops
+    /// and flips.
     fn default() -> Self {
         TrainConfig {
             dataset: DatasetKind::Cifar10,
@@ -77,10 +77,10 @@ impl Default for TrainConfig {
             build: BuildOptions::default(),
             epochs: 30,
             batch_size: 128,
-            optimizer: OptimizerKind::Nesterov,
+            optimizer: OptimizerKind::AdamW,
             momentum: 0.9,
             weight_decay: 5e-4,
-            schedule: LrSchedule::cosine(0.05, 0.0).with_warmup(350),
+            schedule: LrSchedule::cosine(1e-3, 0.0).with_warmup(350),
             kl_warmup: KlWarmup::default(),
             mc_samples: 1,
             clip_grad: None,
