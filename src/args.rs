@@ -75,6 +75,24 @@ pub enum Bench {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Training images/s of zoo networks (deterministic and WHVI head) on 32x32x3 input.
+    Train {
+        /// Networks to time.
+        #[arg(long = "model", num_args = 1.., default_values_t = ["vgg11".to_string(), "vgg16".to_string()])]
+        models: Vec<String>,
+        /// Width multiplier.
+        #[arg(long, default_value_t = 1.0)]
+        width: f64,
+        /// Images per step.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed steps per configuration (median reported).
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        /// Threads for the compute pool.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 /// Which network and which posterior.

@@ -30,6 +30,29 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// Keeps freed memory in the process instead of returning it to the kernel at once.
+///
+/// Candle allocates a fresh buffer for every tensor. With glibc's defaults, buffers of more
+/// than a few MiB are mmapped and unmapped each time, so every training step pays page faults
+/// and page clearing for all of its activations (a quarter of the CPU time of a WHVI layer's
+/// forward+backward at D = 4096, measured). Raising the mmap and trim thresholds lets those
+/// buffers be reused. Call it once at the start of a program, before spawning threads; it
+/// does nothing on other C libraries and platforms.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // 32 MiB is the largest mmap threshold glibc accepts on 64-bit targets.
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        const TRIM_THRESHOLD: libc::c_int = 1 << 30;
+        // SAFETY: mallopt only changes allocator tuning parameters; it is safe to call at any
+        // time, and both parameters accept these values.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

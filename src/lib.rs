@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod conv;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -11,6 +11,7 @@ use clap::Parser;
 use args::{Bench, Cli, Command};
 
 fn main() -> ExitCode {
+    whvi::device::tune_allocator();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,6 +157,30 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 config.sizes = sizes;
             }
             whvi::bench::layers::bench_layers(&config, |line| {
+                println!(
+                    "{}",
+                    serde_json::to_string(line).expect("a line serialises")
+                )
+            })?;
+            Ok(())
+        }
+        Command::Bench(Bench::Train {
+            models,
+            width,
+            batch,
+            steps,
+            threads,
+        }) => {
+            if let Some(n) = threads {
+                args::set_threads(n)?;
+            }
+            let config = whvi::bench::train::TrainBenchConfig {
+                models,
+                width,
+                batch,
+                steps,
+            };
+            whvi::bench::train::bench_train(&config, |line| {
                 println!(
                     "{}",
                     serde_json::to_string(line).expect("a line serialises")

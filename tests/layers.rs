@@ -135,6 +135,75 @@ fn fwht_path_equals_explicit_matrix_forward_and_gradients() {
 }
 
 #[test]
+fn fused_noise_path_equals_composed_ops_forward_and_gradients() {
+    for dtype in [DType::F32, DType::F64] {
+        for (d_in, d_out) in SHAPES {
+            let params = Params::new(4);
+            let vb = params.var_builder(dtype, &CPU);
+            let blocks = WhviBlocks::new(d_in, d_out, Prior::HeLike, vb).unwrap();
+            var(&params, "log_sigma")
+                .set(&(blocks.parameters().3.ones_like().unwrap() * -1.0).unwrap())
+                .unwrap();
+            let (nb, d) = (blocks.num_blocks(), blocks.block_size());
+            let rows = 5;
+            // Per-row noise (training) and one shared row (the mean pass uses zeros).
+            for eps_rows in [rows, 1] {
+                let eps = random_tensor(&[eps_rows, nb, d], 21)
+                    .to_dtype(dtype)
+                    .unwrap();
+                let (_, _, mu, log_sigma) = blocks.parameters();
+                let g = eps
+                    .broadcast_mul(&log_sigma.exp().unwrap())
+                    .unwrap()
+                    .broadcast_add(mu)
+                    .unwrap();
+                let x = Var::from_tensor(&random_tensor(&[rows, d_in], 7).to_dtype(dtype).unwrap())
+                    .unwrap();
+                let readout = random_tensor(&[rows, d_out], 8).to_dtype(dtype).unwrap();
+                let y_fused = blocks.apply_with_noise(x.as_tensor(), &eps).unwrap();
+                let y_ops = blocks.apply(x.as_tensor(), &g).unwrap();
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                let label = format!("{dtype:?} {d_in}x{d_out} eps rows {eps_rows}");
+                let (a, b) = (to_rows(&y_fused), to_rows(&y_ops));
+                let scale = b.iter().flatten().map(|v| v.abs()).fold(1.0, f64::max);
+                assert!(max_abs_diff(&a, &b) < tol * scale, "{label}: forward");
+
+                let loss = |y: Tensor| (y * &readout).unwrap().sum_all().unwrap();
+                let g_fused = loss(y_fused).backward().unwrap();
+                let g_ops = loss(y_ops).backward().unwrap();
+                let mut vars: Vec<(&str, Var)> = ["s1", "s2", "mu", "log_sigma"]
+                    .into_iter()
+                    .map(|n| (n, var(&params, n)))
+                    .collect();
+                vars.push(("x", x.clone()));
+                for (name, v) in &vars {
+                    let a = to_rows(
+                        &g_fused
+                            .get(v.as_tensor())
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap(),
+                    );
+                    let b = to_rows(
+                        &g_ops
+                            .get(v.as_tensor())
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap(),
+                    );
+                    let scale = b.iter().flatten().map(|v| v.abs()).fold(1.0, f64::max);
+                    assert!(max_abs_diff(&a, &b) < tol * scale, "{label}: grad {name}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn linear_output_mean_and_covariance_match_closed_form() {
     let (d_in, d_out, samples) = (6, 5, 40_000);
     let params = Params::new(9);

@@ -3,3 +3,4 @@
 
 pub mod fwht;
 pub mod layers;
+pub mod train;

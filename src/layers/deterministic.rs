@@ -4,6 +4,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNormConfig, Conv2dConfig, VarBuilder};
 
 use super::{BayesianModule, Pass};
+use crate::conv::{self, ConvGeometry};
 
 /// A deterministic dense layer (candle-nn's `Linear`, Kaiming-uniform initialised).
 #[derive(Debug, Clone)]
@@ -77,7 +78,16 @@ impl Conv2d {
 
 impl BayesianModule for Conv2d {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
-        self.inner.forward(x)
+        let config = self.inner.config();
+        let geo = ConvGeometry {
+            stride: config.stride,
+            padding: config.padding,
+        };
+        let y = conv::conv2d(x, self.inner.weight(), geo)?;
+        match self.inner.bias() {
+            Some(b) => y.broadcast_add(&b.reshape((1, self.out_channels, 1, 1))?),
+            None => Ok(y),
+        }
     }
 
     fn kl(&self) -> Result<Option<Tensor>> {

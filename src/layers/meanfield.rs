@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::noise::standard_normal;
 use super::prior::{gaussian_kl, Prior};
 use super::{BayesianModule, Pass};
+use crate::conv::{self, ConvGeometry};
 
 /// Initial posterior standard deviation as a fraction of the He scale of the mean.
 const INITIAL_SIGMA_FRACTION: f64 = 1e-2;
@@ -171,7 +172,11 @@ impl MeanFieldConv2d {
     }
 
     fn conv(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        x.conv2d(w, self.padding, self.stride, 1, 1)
+        let geo = ConvGeometry {
+            stride: self.stride,
+            padding: self.padding,
+        };
+        conv::conv2d(x, w, geo)
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {

@@ -13,6 +13,7 @@ mod noise;
 mod prior;
 mod sequential;
 mod whvi;
+mod whvi_kernel;
 
 pub use deterministic::{BatchNorm2d, Conv2d, Linear};
 pub use dropout::McDropout;

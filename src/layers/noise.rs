@@ -1,8 +1,12 @@
 use candle_core::{DType, Device, Result, Shape, Tensor};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use rayon::prelude::*;
 
 use crate::rng::WhviRng;
+
+/// Draws of at least this many values are generated in parallel chunks of this size.
+const NOISE_CHUNK: usize = 1 << 14;
 
 /// Standard normal noise of the given shape, drawn from `rng`.
 ///
@@ -17,9 +21,27 @@ pub fn standard_normal(
 ) -> Result<Tensor> {
     let shape = shape.into();
     if device.is_cpu() {
-        let values: Vec<f32> = (0..shape.elem_count())
-            .map(|_| rng.sample(StandardNormal))
-            .collect();
+        let n = shape.elem_count();
+        let values: Vec<f32> = if n <= NOISE_CHUNK {
+            (0..n).map(|_| rng.sample(StandardNormal)).collect()
+        } else {
+            // Large draws (a WHVI layer draws batch x D values per step) run in parallel:
+            // chunk i comes from stream i of a generator seeded from `rng`, so the values do
+            // not depend on the number of threads.
+            let seed: u64 = rng.random();
+            let mut values = vec![0f32; n];
+            values
+                .par_chunks_mut(NOISE_CHUNK)
+                .enumerate()
+                .for_each(|(i, chunk)| {
+                    let mut stream = WhviRng::seed_from_u64(seed);
+                    stream.set_stream(i as u64);
+                    for v in chunk {
+                        *v = stream.sample(StandardNormal);
+                    }
+                });
+            values
+        };
         Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
     } else {
         device.set_seed(rng.random())?;

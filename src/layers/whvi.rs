@@ -1,12 +1,14 @@
 //! WHVI layers: `W = S1 · H · diag(g) · H · S2` per block, `g ~ N(mu, diag(sigma^2))`.
 
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::noise::standard_normal;
 use super::prior::{gaussian_kl, Prior};
+use super::whvi_kernel::WhviProduct;
 use super::{BayesianModule, Pass};
+use crate::conv::{self, ConvGeometry};
 use crate::fwht::{fwht, Normalization};
 
 /// Initial posterior standard deviation, as a fraction of the scale of the initial mean.
@@ -137,6 +139,41 @@ impl WhviBlocks {
         }
     }
 
+    /// The standard-normal noise of a pass: `[samples, blocks, D]` draws when sampling (the
+    /// same draws [`WhviBlocks::sample_g`] makes), else zeros `[1, blocks, D]` (g = mu).
+    fn noise_for(&self, samples: usize, pass: &mut Pass) -> Result<Tensor> {
+        let (dtype, device) = (self.mu.dtype(), self.mu.device());
+        match pass.rng() {
+            Some(rng) => standard_normal((samples, self.blocks, self.d), dtype, device, rng),
+            None => Tensor::zeros((1, self.blocks, self.d), dtype, device),
+        }
+    }
+
+    /// `W x` for each row of `x` (`[B, d_in]` -> `[B, d_out]`) with `g = mu + sigma ⊙ eps`,
+    /// `eps` `[B or 1, blocks, D]`: the same result as [`WhviBlocks::apply`], through one fused
+    /// op on the CPU (f32 / f64) that keeps each row in cache for all its steps.
+    pub fn apply_with_noise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        let fused = x.device().is_cpu()
+            && matches!(self.mu.dtype(), DType::F32 | DType::F64)
+            && x.dtype() == self.mu.dtype();
+        if !fused {
+            let g = eps
+                .broadcast_mul(&self.log_sigma.exp()?)?
+                .broadcast_add(&self.mu)?;
+            return self.apply(x, &g);
+        }
+        let batch = x.dim(0)?;
+        let x = if self.d > self.d_in {
+            x.pad_with_zeros(D::Minus1, 0, self.d - self.d_in)?
+        } else {
+            x.contiguous()?
+        };
+        let params = Tensor::stack(&[&self.s1, &self.s2, &self.mu, &self.log_sigma], 0)?;
+        x.apply_op3(&eps.contiguous()?, &params, WhviProduct)?
+            .reshape((batch, self.blocks * self.d))?
+            .narrow(1, 0, self.d_out)
+    }
+
     /// `W x` for each row of `x` (`[B, d_in]` -> `[B, d_out]`) with `g` `[B or 1, blocks, D]`,
     /// as `S1 · H · ((H · S2 x) ⊙ g)`: two FWHTs per example, `W` never formed.
     pub fn apply(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
@@ -244,7 +281,7 @@ impl WhviLinear {
         self.bias.as_ref()
     }
 
-    fn forward_with_g(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    fn forward_with_noise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (lead, d_in) = match x.dims() {
             [] => candle_core::bail!("WhviLinear: the input is a scalar; expected [.., d_in]"),
             dims => (&dims[..dims.len() - 1], dims[dims.len() - 1]),
@@ -257,7 +294,9 @@ impl WhviLinear {
             );
         }
         let rows: usize = lead.iter().product();
-        let y = self.blocks.apply(&x.reshape((rows, d_in))?, g)?;
+        let y = self
+            .blocks
+            .apply_with_noise(&x.reshape((rows, d_in))?, eps)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -271,8 +310,8 @@ impl WhviLinear {
 impl BayesianModule for WhviLinear {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        let g = self.blocks.g_for(rows, pass)?;
-        self.forward_with_g(x, &g)
+        let eps = self.blocks.noise_for(rows, pass)?;
+        self.forward_with_noise(x, &eps)
     }
 
     fn kl(&self) -> Result<Option<Tensor>> {
@@ -294,7 +333,8 @@ impl BayesianModule for WhviLinear {
 impl Module for WhviLinear {
     /// The posterior-mean forward pass, so the layer drops into plain candle code.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with_g(x, &self.blocks.mu.unsqueeze(0)?)
+        let eps = self.blocks.noise_for(1, &mut Pass::mean())?;
+        self.forward_with_noise(x, &eps)
     }
 }
 
@@ -401,8 +441,11 @@ impl WhviConv2d {
         }
     }
 
-    fn conv(&self, x: &Tensor, filters: &Tensor, groups: usize) -> Result<Tensor> {
-        x.conv2d(filters, self.padding, self.stride, 1, groups)
+    fn geometry(&self) -> ConvGeometry {
+        ConvGeometry {
+            stride: self.stride,
+            padding: self.padding,
+        }
     }
 }
 
@@ -414,19 +457,9 @@ impl BayesianModule for WhviConv2d {
         let g = self.blocks.g_for(samples, pass)?;
         let filters = self.filters(&g)?;
         let y = if per_example {
-            let (_, _, h, w) = x.dims4()?;
-            let x = x.reshape((1, batch * self.in_channels, h, w))?;
-            let filters = filters.reshape((
-                batch * self.out_channels,
-                self.in_channels,
-                self.kernel,
-                self.kernel,
-            ))?;
-            let y = self.conv(&x, &filters, batch)?;
-            let (_, _, ho, wo) = y.dims4()?;
-            y.reshape((batch, self.out_channels, ho, wo))?
+            conv::conv2d_per_example(x, &filters, self.geometry())?
         } else {
-            self.conv(x, &filters.squeeze(0)?, 1)?
+            conv::conv2d(x, &filters.squeeze(0)?, self.geometry())?
         };
         self.add_bias(y)
     }
@@ -459,6 +492,6 @@ impl Module for WhviConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
         let filters = self.filters(&self.blocks.mu.unsqueeze(0)?)?;
-        self.add_bias(self.conv(x, &filters.squeeze(0)?, 1)?)
+        self.add_bias(conv::conv2d(x, &filters.squeeze(0)?, self.geometry())?)
     }
 }

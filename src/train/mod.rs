@@ -9,9 +9,11 @@
 
 mod config;
 mod progress;
+mod step;
 
 pub use config::{OptimizerKind, TrainConfig};
 pub use progress::{BarProgress, Progress, QuietProgress};
+pub use step::{train_step, StepOutcome, StepSettings};
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -27,10 +29,8 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::{self, shuffled_order, Augment, Batches, ImageDataset};
 use crate::eval::{predict, PredictOptions};
-use crate::layers::Pass;
-use crate::loss::elbo_loss;
 use crate::metrics::{self, Predictions};
-use crate::optim::{clip_grad_norm, AnyOptimizer, NamedOptimizer};
+use crate::optim::{AnyOptimizer, NamedOptimizer};
 use crate::params::Params;
 use crate::rng::{seeded, RngState};
 use crate::zoo::{ModelSpec, Network};
@@ -186,13 +186,7 @@ pub fn train(
         (Params::new(config.seed), state, Default::default())
     };
     let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
-    // Running BatchNorm statistics are buffers, not trained.
-    let trainable: Vec<(String, candle_core::Var)> = params
-        .named_vars()
-        .into_iter()
-        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
-        .collect();
-    let mut optimizer = AnyOptimizer::from_named(trainable, config.optimizer_config())?;
+    let mut optimizer = AnyOptimizer::from_named(trainable(&params), config.optimizer_config())?;
     if resume {
         optimizer.load_state(optimizer_state)?;
     }
@@ -253,55 +247,35 @@ pub fn train(
                 state.epoch as f64 + state.batch_in_epoch as f64 / batches_per_epoch as f64;
             let beta = config.kl_warmup.beta(epoch_progress);
 
-            let mut loss_sum = None;
-            let mut nll_value = 0.0;
-            let mut correct = 0u64;
-            for _ in 0..config.mc_samples {
-                let logits = network.forward_pass(&images, &mut Pass::train(&mut noise_rng))?;
-                let kl = network.kl()?;
-                let loss = elbo_loss(&logits, &labels, &kl, n_train, beta)?;
-                nll_value +=
-                    candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()? as f64;
-                correct += logits
-                    .argmax(1)?
-                    .eq(&labels)?
-                    .to_dtype(DType::F32)?
-                    .sum_all()?
-                    .to_scalar::<f32>()? as u64;
-                loss_sum = Some(match loss_sum {
-                    Some(s) => (s + loss)?,
-                    None => loss,
-                });
-            }
-            let loss = (loss_sum.expect("mc_samples >= 1") / config.mc_samples as f64)?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
-            if !loss_value.is_finite() {
-                return Err(Error::Diverged(format!(
-                    "the training loss became {loss_value} at epoch {}, step {step}; the last \
-                     good checkpoint is {}. Lower the learning rate (--lr) or add gradient \
-                     clipping (--clip-grad 1.0)",
-                    state.epoch + 1,
-                    last_path.display()
-                )));
-            }
-            let mut grads = loss.backward()?;
-            if let Some(max_norm) = config.clip_grad {
-                let norm = clip_grad_norm(&mut grads, optimizer.vars(), max_norm)?;
-                if !norm.is_finite() {
+            let settings = StepSettings {
+                n_train,
+                beta,
+                mc_samples: config.mc_samples,
+                clip_grad: config.clip_grad,
+            };
+            let outcome = match train_step(
+                &network,
+                &mut optimizer,
+                &images,
+                &labels,
+                settings,
+                &mut noise_rng,
+            ) {
+                Err(Error::Diverged(what)) => {
                     return Err(Error::Diverged(format!(
-                        "the gradient norm became {norm} at step {step}; the last good \
-                         checkpoint is {}",
+                        "{what} at epoch {}, step {step}; the last good checkpoint is {}. Lower \
+                         the learning rate (--lr) or add gradient clipping (--clip-grad 1.0)",
+                        state.epoch + 1,
                         last_path.display()
-                    )));
+                    )))
                 }
-            }
-            optimizer.step(&grads)?;
+                other => other?,
+            };
 
             let b = labels.dim(0)? as u64;
-            let samples = config.mc_samples as f64;
-            state.sums.loss += loss_value * b as f64;
-            state.sums.nll += nll_value / samples * b as f64;
-            state.sums.correct += (correct as f64 / samples).round() as u64;
+            state.sums.loss += outcome.loss * b as f64;
+            state.sums.nll += outcome.nll * b as f64;
+            state.sums.correct += outcome.correct.round() as u64;
             state.sums.seen += b;
             state.batch_in_epoch += 1;
             progress.batch(
@@ -435,6 +409,15 @@ pub fn train(
         best_checkpoint: best_path,
         test_report,
     })
+}
+
+/// The parameters an optimiser updates: all but the running BatchNorm statistics (buffers).
+pub fn trainable(params: &Params) -> Vec<(String, candle_core::Var)> {
+    params
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
+        .collect()
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

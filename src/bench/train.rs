@@ -1,0 +1,138 @@
+//! `whvi bench train`: training images/s of zoo networks on 32x32x3 input.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::layers::standard_normal;
+use crate::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
+use crate::params::Params;
+use crate::rng::seeded;
+use crate::train::{train_step, trainable, StepSettings};
+use crate::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
+use crate::Result;
+
+/// Which layers of the network are WHVI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Head {
+    /// Every layer deterministic.
+    Deterministic,
+    /// The dense classifier layers WHVI, the convolutions deterministic.
+    Whvi,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainTiming {
+    /// Zoo name.
+    pub model: String,
+    /// Deterministic or WHVI dense head.
+    pub head: Head,
+    /// Width multiplier.
+    pub width: f64,
+    /// Images per step.
+    pub batch: usize,
+    /// Median training images per second (forward, backward, AdamW step).
+    pub images_per_s: f64,
+    /// Median seconds per step.
+    pub step_s: f64,
+    /// Threads of the compute pool.
+    pub threads: usize,
+}
+
+/// Settings of the training benchmark.
+#[derive(Debug, Clone)]
+pub struct TrainBenchConfig {
+    /// Zoo networks to time.
+    pub models: Vec<String>,
+    /// Width multiplier of the networks.
+    pub width: f64,
+    /// Images per step.
+    pub batch: usize,
+    /// Timed steps per configuration (after two warm-up steps); the median is reported.
+    pub steps: usize,
+}
+
+impl Default for TrainBenchConfig {
+    fn default() -> Self {
+        TrainBenchConfig {
+            models: vec!["vgg11".into(), "vgg16".into()],
+            width: 1.0,
+            batch: 64,
+            steps: 6,
+        }
+    }
+}
+
+/// Times training steps of every model x head on random 32x32x3 images and 10 classes; calls
+/// `report` with each line as it is measured.
+pub fn bench_train(
+    config: &TrainBenchConfig,
+    mut report: impl FnMut(&TrainTiming),
+) -> Result<Vec<TrainTiming>> {
+    let device = Device::Cpu;
+    let mut rng = seeded(0);
+    let images = standard_normal((config.batch, 3, 32, 32), DType::F32, &device, &mut rng)?;
+    let labels: Vec<u32> = (0..config.batch as u32).map(|i| i % 10).collect();
+    let labels = Tensor::new(labels.as_slice(), &device)?;
+    let mut out = Vec::new();
+    for model in &config.models {
+        let spec = ModelSpec::lookup(model)?;
+        for head in [Head::Deterministic, Head::Whvi] {
+            let options = BuildOptions {
+                method: Method::Whvi,
+                policy: match head {
+                    Head::Deterministic => BayesPolicy::None,
+                    Head::Whvi => BayesPolicy::Head,
+                },
+                width: config.width,
+                classes: Some(10),
+                input: Some([3, 32, 32]),
+                ..BuildOptions::default()
+            };
+            let params = Params::new(0);
+            let network = Network::build(&spec, &options, params.var_builder(DType::F32, &device))?;
+            let mut optimizer = AnyOptimizer::from_named(
+                trainable(&params),
+                OptimizerConfig::AdamW(AdamWConfig::default()),
+            )?;
+            let settings = StepSettings {
+                n_train: 50_000,
+                beta: 1.0,
+                mc_samples: 1,
+                clip_grad: None,
+            };
+            let mut times = Vec::with_capacity(config.steps);
+            for step in 0..config.steps + 2 {
+                let start = Instant::now();
+                train_step(
+                    &network,
+                    &mut optimizer,
+                    &images,
+                    &labels,
+                    settings,
+                    &mut rng,
+                )?;
+                if step >= 2 {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(|a, b| a.total_cmp(b));
+            let step_s = times[times.len() / 2];
+            let timing = TrainTiming {
+                model: spec.name.clone(),
+                head,
+                width: config.width,
+                batch: config.batch,
+                images_per_s: config.batch as f64 / step_s,
+                step_s,
+                threads: rayon::current_num_threads(),
+            };
+            report(&timing);
+            out.push(timing);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,88 @@
+//! One optimisation step on the negative ELBO, shared by the training loop and `whvi bench train`.
+
+use candle_core::{DType, Tensor};
+use candle_nn::Optimizer;
+
+use crate::layers::Pass;
+use crate::loss::elbo_loss;
+use crate::optim::{clip_grad_norm, AnyOptimizer, NamedOptimizer};
+use crate::rng::WhviRng;
+use crate::zoo::Network;
+use crate::{Error, Result};
+
+/// The settings of a step that do not change from batch to batch (besides `beta`).
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    /// Training-set size N: the KL term is divided by it.
+    pub n_train: usize,
+    /// KL weight (KL warm-up).
+    pub beta: f64,
+    /// Posterior samples averaged in the loss.
+    pub mc_samples: usize,
+    /// Clip the global gradient norm to this.
+    pub clip_grad: Option<f64>,
+}
+
+/// What a step measured on its batch, averaged over the MC samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Negative ELBO per example.
+    pub loss: f64,
+    /// Mean negative log-likelihood.
+    pub nll: f64,
+    /// Correct predictions (averaged over samples, so possibly fractional).
+    pub correct: f64,
+}
+
+/// Samples the posterior `settings.mc_samples` times, back-propagates the mean negative ELBO and
+/// applies the optimiser. A non-finite loss or gradient norm is [`Error::Diverged`] and leaves
+/// the parameters untouched.
+pub fn train_step(
+    network: &Network,
+    optimizer: &mut AnyOptimizer,
+    images: &Tensor,
+    labels: &Tensor,
+    settings: StepSettings,
+    rng: &mut WhviRng,
+) -> Result<StepOutcome> {
+    let samples = settings.mc_samples.max(1);
+    let mut loss_sum: Option<Tensor> = None;
+    let mut nll = 0.0;
+    let mut correct = 0.0;
+    for _ in 0..samples {
+        let logits = network.forward_pass(images, &mut Pass::train(rng))?;
+        let kl = network.kl()?;
+        let loss = elbo_loss(&logits, labels, &kl, settings.n_train, settings.beta)?;
+        nll += candle_nn::loss::cross_entropy(&logits, labels)?.to_scalar::<f32>()? as f64;
+        correct += logits
+            .argmax(1)?
+            .eq(labels)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+        loss_sum = Some(match loss_sum {
+            Some(s) => (s + loss)?,
+            None => loss,
+        });
+    }
+    let loss = (loss_sum.expect("at least one sample") / samples as f64)?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    if !loss_value.is_finite() {
+        return Err(Error::Diverged(format!(
+            "the training loss became {loss_value}"
+        )));
+    }
+    let mut grads = loss.backward()?;
+    if let Some(max_norm) = settings.clip_grad {
+        let norm = clip_grad_norm(&mut grads, optimizer.vars(), max_norm)?;
+        if !norm.is_finite() {
+            return Err(Error::Diverged(format!("the gradient norm became {norm}")));
+        }
+    }
+    optimizer.step(&grads)?;
+    Ok(StepOutcome {
+        loss: loss_value,
+        nll: nll / samples as f64,
+        correct: correct / samples as f64,
+    })
+}

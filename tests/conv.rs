@@ -1,0 +1,200 @@
+//! The im2col + gemm convolution against candle's conv2d and a naive loop: forward, input and
+//! weight gradients.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use whvi::conv::{conv2d, conv2d_per_example, ConvGeometry};
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0.0, f32::max)
+}
+
+/// Direct definition: y[b, o, i, j] = sum_{c, ky, kx} w[o, c, ky, kx] x[b, c, i·s + ky - p, j·s + kx - p].
+fn naive(x: &Tensor, w: &Tensor, geo: ConvGeometry) -> Tensor {
+    let (b, c, h, wd) = x.dims4().unwrap();
+    let (o, _, kh, kw) = w.dims4().unwrap();
+    let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (s, p) = (geo.stride as isize, geo.padding as isize);
+    let ho = (h + 2 * geo.padding - kh) / geo.stride + 1;
+    let wo = (wd + 2 * geo.padding - kw) / geo.stride + 1;
+    let mut y = vec![0f32; b * o * ho * wo];
+    for bi in 0..b {
+        for oi in 0..o {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let mut acc = 0f32;
+                    for ci in 0..c {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = i as isize * s + ky as isize - p;
+                                let ix = j as isize * s + kx as isize - p;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xi = ((bi * c + ci) * h + iy as usize) * wd + ix as usize;
+                                let wi = ((oi * c + ci) * kh + ky) * kw + kx;
+                                acc += xv[xi] * wv[wi];
+                            }
+                        }
+                    }
+                    y[((bi * o + oi) * ho + i) * wo + j] = acc;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(y, (b, o, ho, wo), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn forward_and_gradients_match_candle_and_a_naive_loop() {
+    let mut case = 0u64;
+    for &kernel in &[1usize, 3, 5] {
+        for &stride in &[1usize, 2] {
+            for padding in 0..=2usize {
+                // Odd, non-square images and channel counts.
+                let (b, c, h, w, o) = (3, 5, 9, 7, 4);
+                case += 1;
+                let geo = ConvGeometry { stride, padding };
+                let x = Var::from_tensor(&random(&[b, c, h, w], case)).unwrap();
+                let wt = Var::from_tensor(&random(&[o, c, kernel, kernel], 100 + case)).unwrap();
+                let upstream = {
+                    let ho = (h + 2 * padding - kernel) / stride + 1;
+                    let wo = (w + 2 * padding - kernel) / stride + 1;
+                    random(&[b, o, ho, wo], 200 + case)
+                };
+
+                let ours = conv2d(x.as_tensor(), wt.as_tensor(), geo).unwrap();
+                let theirs = x.conv2d(wt.as_tensor(), padding, stride, 1, 1).unwrap();
+                let label = format!("k={kernel} s={stride} p={padding}");
+                assert!(
+                    max_rel_err(&ours, &theirs) < 1e-4,
+                    "forward vs candle, {label}"
+                );
+                let reference = naive(x.as_tensor(), wt.as_tensor(), geo);
+                assert!(
+                    max_rel_err(&ours, &reference) < 1e-4,
+                    "forward vs naive, {label}"
+                );
+
+                let g_ours = (ours * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g_theirs = (theirs * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, v) in [("input", &x), ("weight", &wt)] {
+                    let a = g_ours.get(v).unwrap();
+                    let t = g_theirs.get(v).unwrap();
+                    assert!(max_rel_err(a, t) < 1e-4, "{name} gradient, {label}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn per_example_filters_equal_one_convolution_per_example() {
+    let geo = ConvGeometry {
+        stride: 2,
+        padding: 1,
+    };
+    let x = Var::from_tensor(&random(&[3, 2, 8, 6], 1)).unwrap();
+    let w = Var::from_tensor(&random(&[3, 4, 2, 3, 3], 2)).unwrap();
+    let y = conv2d_per_example(x.as_tensor(), w.as_tensor(), geo).unwrap();
+    let upstream = random(y.dims(), 3);
+    let grads = (&y * &upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for i in 0..3 {
+        let xi = x.narrow(0, i, 1).unwrap();
+        let wi = w.get(i).unwrap();
+        let expected = xi.conv2d(&wi, 1, 2, 1, 1).unwrap();
+        let got = y.narrow(0, i, 1).unwrap();
+        assert!(max_rel_err(&got, &expected) < 1e-4, "example {i}");
+        // The weight gradient of example i only sees example i.
+        let gi = (expected * upstream.narrow(0, i, 1).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ours = grads.get(&w).unwrap().get(i).unwrap();
+        let theirs = gi.get(&w).unwrap().get(i).unwrap();
+        assert!(max_rel_err(&ours, &theirs) < 1e-4, "weight gradient {i}");
+    }
+}
+
+#[test]
+fn f64_input_is_computed_in_f64() {
+    let x = random(&[2, 3, 5, 5], 7).to_dtype(DType::F64).unwrap();
+    let w = random(&[2, 3, 3, 3], 8).to_dtype(DType::F64).unwrap();
+    let geo = ConvGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    let ours = conv2d(&x, &w, geo).unwrap();
+    assert_eq!(ours.dtype(), DType::F64);
+    let theirs = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+    let diff = (ours - theirs)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(diff < 1e-12, "f64 difference {diff}");
+}
+
+#[test]
+fn bad_shapes_are_errors_that_say_what_is_wrong() {
+    let geo = ConvGeometry::default();
+    let x = random(&[1, 3, 4, 4], 1);
+    let err = conv2d(&x, &random(&[2, 4, 3, 3], 2), geo)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected input [batch, 4"), "{err}");
+    let err = conv2d(&x, &random(&[2, 3, 5, 5], 2), geo)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not fit"), "{err}");
+    let err = conv2d(
+        &x,
+        &random(&[2, 3, 3, 3], 2),
+        ConvGeometry {
+            stride: 0,
+            padding: 0,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stride"), "{err}");
+    let err = conv2d_per_example(&x, &random(&[2, 2, 3, 3, 3], 2), geo)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 filter banks for a batch of 1"), "{err}");
+}
