@@ -470,6 +470,10 @@ pub struct EvalArgs {
     /// Write reliability, shift and OOD plots (PNG and SVG) into this directory.
     #[arg(long)]
     pub plots: Option<PathBuf>,
+    /// Skip temperature scaling (by default a temperature is fitted on the validation images
+    /// the training run held out, and the scaled test metrics are reported too).
+    #[arg(long)]
+    pub no_temperature: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -497,6 +501,7 @@ impl EvalArgs {
             corruption_images: self.corruption_images,
             ood: self.ood.as_deref().map(OodSource::parse).transpose()?,
             plots: self.plots.clone(),
+            temperature_scaling: !self.no_temperature,
         })
     }
 }

@@ -116,7 +116,9 @@ fn augmentation_is_reproducible_and_varies() {
         seen[usize::from(out == mirrored)] = true;
     }
     assert_eq!(seen, [true, true]);
-    assert!(!Augment::for_kind(DatasetKind::Mnist).horizontal_flip);
+    assert!(!Augment::for_kind(DatasetKind::Mnist).is_active());
+    assert!(!Augment::for_kind(DatasetKind::FashionMnist).is_active());
+    assert!(Augment::for_kind(DatasetKind::Cifar10).horizontal_flip);
     assert!(!Augment::NONE.is_active());
 }
 

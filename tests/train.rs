@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use rand::Rng;
 use whvi::data::DatasetKind;
+use whvi::eval::{comparison_table, evaluate, Corruption, EvalConfig, OodSource};
 use whvi::optim::LrSchedule;
 use whvi::rng::seeded;
 use whvi::train::{train, OptimizerKind, Progress, QuietProgress, TrainConfig};
@@ -105,7 +106,98 @@ fn two_epochs_improve_accuracy_and_write_checkpoints() {
     assert_eq!(log.lines().count(), 2);
     let report = outcome.test_report.unwrap();
     assert!(report.accuracy > 0.2, "test accuracy {}", report.accuracy);
+    evaluation_of_the_checkpoint(&root, &outcome.best_checkpoint);
     std::fs::remove_dir_all(root).unwrap();
+}
+
+fn eval_config(checkpoint: &Path) -> EvalConfig {
+    EvalConfig {
+        checkpoints: vec![checkpoint.to_path_buf()],
+        dataset: None,
+        data: None,
+        samples: 3,
+        batch_size: 50,
+        seed: 0,
+        limit: None,
+        corruptions: vec![Corruption::GaussianNoise],
+        corruption_images: 20,
+        ood: Some(OodSource::Noise),
+        plots: None,
+        temperature_scaling: true,
+    }
+}
+
+/// Writes an MNIST-format set of `n` blank 28x28 images per split.
+fn write_idx(root: &Path, n: u32) -> PathBuf {
+    let dir = root.join("mnist");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (prefix, count) in [("train", n), ("t10k", n)] {
+        let mut images = vec![0, 0, 8, 3];
+        for v in [count, 28, 28] {
+            images.extend(v.to_be_bytes());
+        }
+        images.resize(images.len() + (count * 28 * 28) as usize, 0);
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend(count.to_be_bytes());
+        labels.extend((0..count).map(|i| (i % 10) as u8));
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+    }
+    dir
+}
+
+/// `whvi eval` on a trained checkpoint: the report (temperature scaling on the run's own
+/// validation split, shift, OOD), and each bad input as a clear error.
+fn evaluation_of_the_checkpoint(root: &Path, checkpoint: &Path) {
+    let reports = evaluate(&eval_config(checkpoint), &Device::Cpu, &mut |_| {}).unwrap();
+    let report = &reports[0];
+    assert_eq!(report.metrics.n, 100, "the whole generated test set");
+    let ts = report
+        .temperature_scaling
+        .as_ref()
+        .expect("temperature scaling");
+    assert_eq!(ts.validation_images, 64, "the run's held-out images");
+    assert!(ts.temperature > 0.0 && ts.validation_nll[1] <= ts.validation_nll[0] + 1e-12);
+    assert_eq!(
+        report.corruptions.len(),
+        5,
+        "one corruption at five severities"
+    );
+    assert!(report.metrics.ood_auroc_entropy.is_some());
+    assert!(comparison_table(&reports).contains("ECE(T)"));
+
+    let error = |config: EvalConfig| {
+        evaluate(&config, &Device::Cpu, &mut |_| {})
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let err = error(EvalConfig {
+        samples: 0,
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("--samples must be at least 1"), "{err}");
+    let err = error(EvalConfig {
+        limit: Some(0),
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("holds no images"), "{err}");
+    // A 3x32x32 network against 1x28x28 images.
+    let err = error(EvalConfig {
+        dataset: Some(DatasetKind::Mnist),
+        data: Some(write_idx(root, 10)),
+        ..eval_config(checkpoint)
+    });
+    assert!(
+        err.contains("expects 3x32x32 images") && err.contains("1x28x28"),
+        "{err}"
+    );
+    // An OOD set that is not there.
+    let err = error(EvalConfig {
+        ood: Some(OodSource::parse(&format!("mnist:{}", root.join("nowhere").display())).unwrap()),
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("nowhere"), "{err}");
 }
 
 /// Raises the stop flag after a number of batches, as Ctrl-C would.

@@ -223,3 +223,50 @@ fn policies_and_overrides_choose_layer_posteriors() {
         assert_eq!(names[i - 1], format!("dropout.{layer}"));
     }
 }
+
+#[test]
+fn cached_features_give_the_same_samples_as_a_full_pass() {
+    for (method, policy) in [
+        (Method::Whvi, BayesPolicy::Head),
+        (Method::McDropout, BayesPolicy::Head),
+        (Method::MeanField, BayesPolicy::All),
+        (Method::Whvi, BayesPolicy::None),
+    ] {
+        let options = BuildOptions {
+            method,
+            policy,
+            ..BuildOptions::default()
+        };
+        let (network, _) = build("lenet5", &options);
+        let rows = network.plan();
+        let prefix = network.deterministic_prefix();
+        let expected = match policy {
+            // The first dense layer (fc1), or its dropout, starts the stochastic part.
+            BayesPolicy::Head => rows
+                .iter()
+                .position(|r| r.name.ends_with("fc1"))
+                .expect("lenet5 has fc1"),
+            BayesPolicy::All => 0,
+            _ => rows.len(),
+        };
+        assert_eq!(prefix, expected, "{method:?} {policy:?}");
+
+        let x = Tensor::rand(0f32, 1f32, (3, 1, 28, 28), &CPU).unwrap();
+        let full = network
+            .forward_pass(&x, &mut Pass::sample(&mut seeded(5)))
+            .unwrap();
+        let features = network.prediction_features(&x).unwrap();
+        let cached = network
+            .forward_from_features(&features, &mut Pass::sample(&mut seeded(5)))
+            .unwrap();
+        let diff = (full - cached)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{method:?} {policy:?}");
+    }
+}

@@ -165,12 +165,17 @@ impl Augment {
         horizontal_flip: false,
     };
 
-    /// The standard augmentation for a data set kind: 4-pixel padded random crops for all,
-    /// horizontal flips for CIFAR-10 and Fashion-MNIST but not for digits (MNIST).
+    /// The default augmentation for a data set kind: 4-pixel padded random crops and horizontal
+    /// flips for CIFAR-10 (the standard recipe); none for the 28x28 sets (MNIST,
+    /// Fashion-MNIST), where padded crops cost more accuracy than they give over a few epochs
+    /// (lenet5, one epoch of Fashion-MNIST: 77.9% validation accuracy with them, 86.0% without).
     pub fn for_kind(kind: DatasetKind) -> Self {
-        Augment {
-            crop_padding: 4,
-            horizontal_flip: kind != DatasetKind::Mnist,
+        match kind {
+            DatasetKind::Cifar10 => Augment {
+                crop_padding: 4,
+                horizontal_flip: true,
+            },
+            DatasetKind::Mnist | DatasetKind::FashionMnist => Augment::NONE,
         }
     }
 

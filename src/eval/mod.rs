@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, CheckpointMeta, LoadedModel};
 use crate::data::{self, DatasetKind, ImageDataset, Normalization, Resize};
 use crate::metrics::{
-    self, compute_report, plot_corruption, plot_ood_histogram, plot_reliability, CorruptionPoint,
-    MetricsReport, OodScore, ReliabilityDiagram,
+    self, apply_temperature, compute_report, fit_temperature_from_probs, plot_corruption,
+    plot_ood_histogram, plot_reliability, CorruptionPoint, Logits, MetricsReport, OodScore,
+    Predictions, ReliabilityDiagram,
 };
 use crate::rng::{seeded, WhviRng};
 use crate::{Error, Result};
@@ -92,6 +93,27 @@ pub struct EvalConfig {
     pub ood: Option<OodSource>,
     /// Directory for the plots (PNG and SVG).
     pub plots: Option<PathBuf>,
+    /// Fit a temperature on the training run's validation split and report the test metrics
+    /// after scaling as well.
+    pub temperature_scaling: bool,
+}
+
+/// Temperature scaling of the mean predictive distribution: `softmax(ln p / T)`, `T` fitted
+/// by minimising the NLL on the validation images the training run held out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemperatureReport {
+    /// The fitted temperature (above 1: the model was over-confident).
+    pub temperature: f64,
+    /// Validation images it was fitted on.
+    pub validation_images: usize,
+    /// Validation NLL before and after scaling.
+    pub validation_nll: [f64; 2],
+    /// Test NLL after scaling.
+    pub nll: f64,
+    /// Test ECE-15 after scaling.
+    pub ece15: f64,
+    /// Test Brier score after scaling.
+    pub brier: f64,
 }
 
 /// One corrupted test set's results.
@@ -138,6 +160,8 @@ pub struct EvalReport {
     pub corruption_mean: Option<CorruptionSummary>,
     /// The OOD set used.
     pub ood: Option<OodSource>,
+    /// Temperature scaling, when the checkpoint records its validation split.
+    pub temperature_scaling: Option<TemperatureReport>,
     /// The checkpoint's metadata.
     pub meta: CheckpointMeta,
     /// Seconds spent.
@@ -205,6 +229,41 @@ fn label(path: &Path, meta: &CheckpointMeta) -> String {
     )
 }
 
+/// The validation images a training run held out, from the run's recorded configuration
+/// (`None` when it used none or does not record it).
+fn held_out_validation(
+    training: &serde_json::Value,
+    train: &ImageDataset,
+) -> Result<Option<ImageDataset>> {
+    let field = |name: &str| training.get(name).and_then(|v| v.as_u64());
+    match (field("validation"), field("seed")) {
+        (Some(n), Some(seed)) if n > 0 => {
+            let (_, val) = crate::train::validation_split(train, n as usize, seed)?;
+            Ok((!val.is_empty()).then_some(val))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Fits the temperature on validation predictions and applies it to the test predictions.
+fn temperature_report(
+    validation: &Predictions,
+    validation_labels: &[usize],
+    test: &Predictions,
+    test_labels: &[usize],
+) -> Result<TemperatureReport> {
+    let fit = fit_temperature_from_probs(validation.mean(), validation_labels)?;
+    let scaled = apply_temperature(&Logits::from_probs(test.mean()), fit.temperature)?;
+    Ok(TemperatureReport {
+        temperature: fit.temperature,
+        validation_images: validation_labels.len(),
+        validation_nll: [fit.nll_before, fit.nll_after],
+        nll: metrics::nll(&scaled, test_labels)?,
+        ece15: metrics::ece(&scaled, test_labels, metrics::DEFAULT_BINS)?,
+        brier: metrics::brier(&scaled, test_labels)?,
+    })
+}
+
 /// Evaluates every checkpoint of `config` on `device`; `progress` receives a line per stage.
 pub fn evaluate(
     config: &EvalConfig,
@@ -227,16 +286,18 @@ pub fn evaluate(
                 let data = serde_json::from_value(t.get("data")?.clone()).ok()?;
                 Some((kind, data))
             });
+        let training_kind = training.as_ref().map(|t| t.0);
         let kind = config
             .dataset
-            .or(training.as_ref().map(|t| t.0))
+            .or(training_kind)
             .unwrap_or(DatasetKind::Cifar10);
         let data_path = config
             .data
             .clone()
             .or_else(|| training.as_ref().and_then(|t| t.1.clone()));
-        progress(&format!("{}: loading {kind} test data", path.display()));
-        let test = first(&data::load(kind, data_path.as_deref())?.test, config.limit)?;
+        progress(&format!("{}: loading {kind} data", path.display()));
+        let sets = data::load(kind, data_path.as_deref())?;
+        let test = first(&sets.test, config.limit)?;
         if test.is_empty() {
             return Err(Error::invalid("the test set holds no images"));
         }
@@ -278,6 +339,30 @@ pub fn evaluate(
             None => None,
         };
         let report = compute_report(&preds, &labels, ood_preds.as_ref())?;
+        let temperature_scaling = match (config.temperature_scaling, &meta.training) {
+            (true, Some(training)) if training_kind == Some(kind) => {
+                let validation = held_out_validation(training, &sets.train)?;
+                match validation {
+                    Some(val) => {
+                        progress(&format!(
+                            "{}: fitting a temperature on {} validation images",
+                            path.display(),
+                            val.len()
+                        ));
+                        let val_preds =
+                            predict(&network, &val, &normalization, options, &mut rng, |_| {})?;
+                        Some(temperature_report(
+                            &val_preds,
+                            &labels_of(&val),
+                            &preds,
+                            &labels,
+                        )?)
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
 
         let mut corruptions = Vec::new();
         let corrupted_base = first(&test, Some(config.corruption_images))?;
@@ -372,6 +457,7 @@ pub fn evaluate(
             corruptions,
             corruption_mean,
             ood: config.ood.clone(),
+            temperature_scaling,
             meta,
             seconds: started.elapsed().as_secs_f64(),
         });
@@ -386,19 +472,22 @@ pub fn comparison_table(reports: &[EvalReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>12} {:>10}",
-        "model", "acc", "NLL", "Brier", "ECE-15", "shift ECE", "OOD AUROC"
+        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>12} {:>10}",
+        "model", "acc", "NLL", "Brier", "ECE-15", "T", "ECE(T)", "shift ECE", "OOD AUROC"
     );
     for r in reports {
         let m = &r.metrics;
+        let ts = r.temperature_scaling.as_ref();
         let _ = writeln!(
             s,
-            "{:<40} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>12} {:>10}",
+            "{:<40} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>6} {:>8} {:>12} {:>10}",
             label(&r.checkpoint, &r.meta),
             m.accuracy,
             m.nll,
             m.brier,
             m.ece15,
+            ts.map_or("-".into(), |t| format!("{:.3}", t.temperature)),
+            ts.map_or("-".into(), |t| format!("{:.4}", t.ece15)),
             r.corruption_mean
                 .as_ref()
                 .map_or("-".into(), |c| format!("{:.4}", c.ece15)),

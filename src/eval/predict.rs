@@ -84,13 +84,15 @@ pub fn predict(
     for batch in batches {
         let (images, _) = batch?;
         let b = images.dim(0)?;
+        // The layers before the first stochastic one give the same output for every sample.
+        let features = network.prediction_features(&images)?;
         for t in 0..samples {
             let mut pass = if network.is_bayesian() {
                 Pass::sample(rng)
             } else {
                 Pass::mean()
             };
-            let logits = network.forward_pass(&images, &mut pass)?;
+            let logits = network.forward_from_features(&features, &mut pass)?;
             let probs: Vec<f32> = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?
                 .flatten_all()?
                 .to_vec1()?;

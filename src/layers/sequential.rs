@@ -118,6 +118,20 @@ impl Sequential {
         self.layers.iter().map(|l| l.as_ref())
     }
 
+    /// Runs the layers `range` (indices into [`Sequential::layers`]) on `x`.
+    pub fn forward_range(
+        &self,
+        x: &Tensor,
+        range: std::ops::Range<usize>,
+        pass: &mut Pass,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for layer in &self.layers[range] {
+            x = layer.forward_pass(&x, pass)?;
+        }
+        Ok(x)
+    }
+
     /// The number of layers.
     pub fn len(&self) -> usize {
         self.layers.len()
@@ -131,11 +145,7 @@ impl Sequential {
 
 impl BayesianModule for Sequential {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let mut x = x.clone();
-        for layer in &self.layers {
-            x = layer.forward_pass(&x, pass)?;
-        }
-        Ok(x)
+        self.forward_range(x, 0..self.layers.len(), pass)
     }
 
     fn kl(&self) -> Result<Option<Tensor>> {

@@ -137,9 +137,7 @@ pub fn train(
 
     let data = data::load(config.dataset, config.data.as_deref())?;
     let normalization = data::Normalization::for_kind(config.dataset);
-    let (train_set, val_set) = data
-        .train
-        .split_validation(config.validation, &mut seeded(config.seed ^ 0x5eed_0001))?;
+    let (train_set, val_set) = validation_split(&data.train, config.validation, config.seed)?;
     let spec = ModelSpec::lookup(&config.model)?;
     let mut options = config.build.clone();
     let (c, h, w) = train_set.shape();
@@ -409,6 +407,16 @@ pub fn train(
         best_checkpoint: best_path,
         test_report,
     })
+}
+
+/// The training / validation split of a run with this seed: the same images every time, so
+/// evaluation can fit a temperature on the validation images the run held out.
+pub fn validation_split(
+    train: &ImageDataset,
+    validation: usize,
+    seed: u64,
+) -> Result<(ImageDataset, ImageDataset)> {
+    train.split_validation(validation, &mut seeded(seed ^ 0x5eed_0001))
 }
 
 /// The parameters an optimiser updates: all but the running BatchNorm statistics (buffers).

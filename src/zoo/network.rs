@@ -514,17 +514,53 @@ impl Network {
 
     /// Logits `[B, classes]` for images `[B, C, H, W]`.
     pub fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        self.check_input(x)?;
+        Ok(self.body.forward_pass(x, pass)?)
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
         let [c, h, w] = self.input_shape();
         match x.dims() {
-            &[_, xc, xh, xw] if (xc, xh, xw) == (c, h, w) => {}
-            dims => {
-                return Err(Error::invalid(format!(
-                    "{} expects images [batch, {c}, {h}, {w}], got {dims:?}",
-                    self.spec.name
-                )))
-            }
+            &[_, xc, xh, xw] if (xc, xh, xw) == (c, h, w) => Ok(()),
+            dims => Err(Error::invalid(format!(
+                "{} expects images [batch, {c}, {h}, {w}], got {dims:?}",
+                self.spec.name
+            ))),
         }
-        Ok(self.body.forward_pass(x, pass)?)
+    }
+
+    /// The number of leading layers whose output does not depend on the posterior sample: the
+    /// layers before the first WHVI / mean-field layer or dropout.
+    pub fn deterministic_prefix(&self) -> usize {
+        self.plan
+            .iter()
+            .position(|row| match row.kind {
+                LayerKind::Dropout(_) => true,
+                LayerKind::Conv { .. } | LayerKind::Dense { .. } => {
+                    matches!(row.method, Method::Whvi | Method::MeanField)
+                }
+                _ => false,
+            })
+            .unwrap_or(self.plan.len())
+    }
+
+    /// The output of the [`Network::deterministic_prefix`] layers in prediction mode
+    /// (BatchNorm on running statistics): compute it once per batch, then draw posterior
+    /// samples of the rest with [`Network::forward_from_features`]. For a network with a
+    /// Bayesian head only, that makes T-sample prediction cost about one forward pass.
+    pub fn prediction_features(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let prefix = self.deterministic_prefix();
+        Ok(self.body.forward_range(x, 0..prefix, &mut Pass::mean())?)
+    }
+
+    /// Logits from [`Network::prediction_features`], running the remaining layers under `pass`
+    /// (a prediction pass: [`Pass::sample`] or [`Pass::mean`]).
+    pub fn forward_from_features(&self, features: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let prefix = self.deterministic_prefix();
+        Ok(self
+            .body
+            .forward_range(features, prefix..self.body.len(), pass)?)
     }
 
     /// The summed KL of every Bayesian layer (an f32 scalar; 0 for a deterministic network).
