@@ -1056,3 +1056,34 @@ fn clipping_reports_non_finite_norms() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn optimiser_state_holds_no_backprop_graph() -> TestResult {
+    // d(w · exp(w))/dw multiplies by exp(w), a tracked tensor, so w's gradient carries the
+    // forward graph: a moment built from it without detaching would keep every step's graph
+    // (and its activations) alive.
+    let configs = [
+        OptimizerConfig::AdamW(AdamWConfig::default()),
+        OptimizerConfig::Sgd(SgdConfig {
+            momentum: 0.9,
+            ..SgdConfig::default()
+        }),
+    ];
+    for config in configs {
+        let w = Var::new(&[0.1f32, -0.2, 0.3], &Device::Cpu)?;
+        let mut opt = AnyOptimizer::from_named(vec![("w".into(), w.clone())], config)?;
+        for _ in 0..3 {
+            let loss = (w.as_tensor() * w.exp()?)?.sum_all()?;
+            let grads = loss.backward()?;
+            assert!(
+                grads.get(&w).expect("a gradient").track_op(),
+                "the premise holds"
+            );
+            opt.step(&grads)?;
+        }
+        for (name, tensor) in opt.state() {
+            assert!(!tensor.track_op(), "{name} keeps a backprop graph");
+        }
+    }
+    Ok(())
+}

@@ -26,6 +26,7 @@ use crate::metrics::{
     Predictions, ReliabilityDiagram,
 };
 use crate::rng::{seeded, WhviRng};
+use crate::zoo::{BayesPolicy, Method};
 use crate::{Error, Result};
 
 /// Where out-of-distribution images come from.
@@ -222,11 +223,13 @@ fn label(path: &Path, meta: &CheckpointMeta) -> String {
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    format!(
-        "{} {} ({parent})",
-        meta.spec.name,
-        meta.options.method.name()
-    )
+    let options = &meta.options;
+    let method = if options.policy == BayesPolicy::None && options.overrides.is_empty() {
+        Method::Deterministic.name()
+    } else {
+        options.method.name()
+    };
+    format!("{} {method} ({parent})", meta.spec.name)
 }
 
 /// The validation images a training run held out, from the run's recorded configuration

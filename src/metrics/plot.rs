@@ -193,8 +193,12 @@ impl Figure for Reliability<'_> {
             d.bins.len(),
             d.n
         );
+        // Long run names would run off the figure: shrink the caption to fit its width
+        // (DejaVu Sans averages about 0.55 em per character).
+        let width = upper.dim_in_pixel().0 as f64 - 40.0;
+        let size = (width / (0.55 * caption.chars().count() as f64)).clamp(12.0, 24.0) as u32;
         let mut chart = ChartBuilder::on(&upper)
-            .caption(caption, font(24))
+            .caption(caption, font(size))
             .margin(15)
             .x_label_area_size(50)
             .y_label_area_size(70)

@@ -160,7 +160,10 @@ impl Optimizer for AdamW {
             };
             let mut param = var.as_detached_tensor();
             let decay = self.params.decay(i, c.weight_decay);
-            let mut grad = grad.clone();
+            // Gradients of variables keep candle's backprop graph (only inner nodes are
+            // detached); a moment built from one would hold every activation of the step
+            // alive, and the next step's moment this one: memory grows without bound.
+            let mut grad = grad.detach();
             if decay != 0.0 {
                 if c.decoupled_weight_decay {
                     param = (param * (1.0 - c.lr * decay))?;

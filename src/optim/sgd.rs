@@ -125,6 +125,9 @@ impl Optimizer for Sgd {
             let Some(grad) = grads.get(var) else {
                 continue;
             };
+            // Detached so the momentum buffer cannot keep the step's backprop graph alive
+            // (see the note in AdamW::step).
+            let grad = &grad.detach();
             let param = var.as_detached_tensor();
             let decay = self.params.decay(i, c.weight_decay);
             let mut d = if decay != 0.0 {

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Training throughput of whvi's VGG-11/16 (deterministic and WHVI head) against PyTorch's
+# (shared/anchors/torch_vgg_throughput.py): batch 64, 32x32x3, 2 threads, one after the other.
+#
+# Prints images/s of both and whvi / PyTorch per configuration (issue target: >= 1.0).
+# Environment: TORCH_VENV (default ~/.cache/torch-venv), TORCH_VGG (the anchor; default:
+# shared/anchors/torch_vgg_throughput.py next to the checkout), STEPS (default 6),
+# CARGO_TARGET_DIR (as for cargo).
+set -euo pipefail
+
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${TORCH_VENV:-$HOME/.cache/torch-venv}"
+
+anchor="${TORCH_VGG:-}"
+if [[ -z "$anchor" ]]; then
+    for dir in "$repo/.." "$repo/../.." "$repo/../../.."; do
+        if [[ -f "$dir/shared/anchors/torch_vgg_throughput.py" ]]; then
+            anchor="$(cd "$dir/shared/anchors" && pwd)/torch_vgg_throughput.py"
+            break
+        fi
+    done
+fi
+[[ -n "$anchor" && -f "$anchor" ]] || { echo "torch_vgg_throughput.py not found; set TORCH_VGG" >&2; exit 1; }
+
+(cd "$repo" && cargo build --release --quiet --bin whvi)
+bin="${CARGO_TARGET_DIR:-$repo/target}/release/whvi"
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+"$bin" bench train --threads 2 --batch 64 --steps "${STEPS:-6}" --model vgg11 vgg16 | sed 's/^/whvi /' >>"$log"
+"$venv/bin/python" "$anchor" | sed 's/^/torch /' >>"$log"
+
+"$venv/bin/python" - "$log" <<'PY'
+import json, sys
+ours, theirs = {}, {}
+for line in open(sys.argv[1]):
+    who, rec = line.split(" ", 1)
+    r = json.loads(rec)
+    if who == "whvi":
+        ours[(r["model"], r["head"] == "whvi")] = r["images_per_s"]
+    else:
+        theirs[(r["model"], r["whvi_dense"])] = r["train_img_per_s"]
+print(f"{'model':>6} {'head':>13} | {'whvi img/s':>10} {'torch img/s':>11} | {'whvi/torch':>10}")
+for key in sorted(theirs):
+    model, whvi = key
+    print(f"{model:>6} {'whvi' if whvi else 'deterministic':>13} | {ours[key]:>10.1f} {theirs[key]:>11.1f} |"
+          f" {ours[key] / theirs[key]:>10.2f}")
+PY
