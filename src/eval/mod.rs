@@ -475,7 +475,7 @@ pub fn comparison_table(reports: &[EvalReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>12} {:>10}",
+        "{:<46} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>12} {:>10}",
         "model", "acc", "NLL", "Brier", "ECE-15", "T", "ECE(T)", "shift ECE", "OOD AUROC"
     );
     for r in reports {
@@ -483,7 +483,7 @@ pub fn comparison_table(reports: &[EvalReport]) -> String {
         let ts = r.temperature_scaling.as_ref();
         let _ = writeln!(
             s,
-            "{:<40} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>6} {:>8} {:>12} {:>10}",
+            "{:<46} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>6} {:>8} {:>12} {:>10}",
             label(&r.checkpoint, &r.meta),
             m.accuracy,
             m.nll,
