@@ -260,14 +260,14 @@ fn jpeg_quantise(image: &mut [f32], (c, h, w): (usize, usize, usize), quality: f
                     }
                 }
                 // Separable 2-D DCT-II: rows then columns.
-                transform(&block, &mut tmp, &basis, false);
-                transform(&tmp, &mut block, &basis, true);
+                dct_1d(&block, &mut tmp, &basis, false, Direction::Forward);
+                dct_1d(&tmp, &mut block, &basis, true, Direction::Forward);
                 for (v, q) in block.iter_mut().zip(&table) {
                     *v = (*v / q).round() * q;
                 }
                 // Inverse: the transpose of the orthonormal basis.
-                inverse(&block, &mut tmp, &basis, true);
-                inverse(&tmp, &mut block, &basis, false);
+                dct_1d(&block, &mut tmp, &basis, true, Direction::Inverse);
+                dct_1d(&tmp, &mut block, &basis, false, Direction::Inverse);
                 for y in 0..8 {
                     for x in 0..8 {
                         if by + y < h && bx + x < w {
@@ -280,45 +280,28 @@ fn jpeg_quantise(image: &mut [f32], (c, h, w): (usize, usize, usize), quality: f
     }
 }
 
-/// Applies the 1-D DCT along rows (`columns == false`) or columns of an 8x8 block.
-fn transform(src: &[f32; 64], dst: &mut [f32; 64], basis: &[f32], columns: bool) {
-    for a in 0..8 {
-        for u in 0..8 {
-            let mut s = 0.0;
-            for x in 0..8 {
-                let v = if columns {
-                    src[x * 8 + a]
-                } else {
-                    src[a * 8 + x]
-                };
-                s += basis[u * 8 + x] * v;
-            }
-            if columns {
-                dst[u * 8 + a] = s;
-            } else {
-                dst[a * 8 + u] = s;
-            }
-        }
-    }
+/// Which way [`dct_1d`] goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    Forward,
+    Inverse,
 }
 
-fn inverse(src: &[f32; 64], dst: &mut [f32; 64], basis: &[f32], columns: bool) {
-    for a in 0..8 {
-        for x in 0..8 {
+/// Applies the 1-D DCT (or its inverse, with the transposed orthonormal basis) along the rows
+/// (`columns == false`) or the columns of an 8x8 block.
+fn dct_1d(src: &[f32; 64], dst: &mut [f32; 64], basis: &[f32], columns: bool, dir: Direction) {
+    let at = |line: usize, k: usize| if columns { k * 8 + line } else { line * 8 + k };
+    for line in 0..8 {
+        for out in 0..8 {
             let mut s = 0.0;
-            for u in 0..8 {
-                let v = if columns {
-                    src[u * 8 + a]
-                } else {
-                    src[a * 8 + u]
+            for k in 0..8 {
+                let coefficient = match dir {
+                    Direction::Forward => basis[out * 8 + k],
+                    Direction::Inverse => basis[k * 8 + out],
                 };
-                s += basis[u * 8 + x] * v;
+                s += coefficient * src[at(line, k)];
             }
-            if columns {
-                dst[x * 8 + a] = s;
-            } else {
-                dst[a * 8 + x] = s;
-            }
+            dst[at(line, out)] = s;
         }
     }
 }
