@@ -12,20 +12,11 @@
 # ROUNDS (default 3), CARGO_TARGET_DIR (as for cargo).
 set -euo pipefail
 
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/lib.sh"
 venv="${FFHT_VENV:-$HOME/.cache/ffht-venv}"
 rounds="${ROUNDS:-3}"
 
-anchor="${FFHT_BENCH:-}"
-if [[ -z "$anchor" ]]; then
-    for dir in "$repo/.." "$repo/../.." "$repo/../../.."; do
-        if [[ -f "$dir/shared/anchors/ffht_bench.py" ]]; then
-            anchor="$(cd "$dir/shared/anchors" && pwd)/ffht_bench.py"
-            break
-        fi
-    done
-fi
-[[ -n "$anchor" && -f "$anchor" ]] || { echo "ffht_bench.py not found; set FFHT_BENCH" >&2; exit 1; }
+anchor="$(anchor_path ffht_bench.py "${FFHT_BENCH:-}")"
 
 if ! "$venv/bin/python" -c 'import ffht' 2>/dev/null; then
     echo "creating the FFHT venv in $venv" >&2
@@ -34,8 +25,7 @@ if ! "$venv/bin/python" -c 'import ffht' 2>/dev/null; then
     "$venv/bin/pip" install -q --no-build-isolation ffht-unofficial
 fi
 
-(cd "$repo" && cargo build --release --quiet --bin whvi)
-bin="${CARGO_TARGET_DIR:-$repo/target}/release/whvi"
+bin="$(whvi_binary)"
 
 sizes=(262144)
 [[ "${DRAM:-0}" == 1 ]] && sizes+=(134217728)

@@ -11,26 +11,16 @@
 # ROUNDS (default 3), THREADS (default 2), CARGO_TARGET_DIR (as for cargo).
 set -euo pipefail
 
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/lib.sh"
 venv="${TORCH_VENV:-$HOME/.cache/torch-venv}"
 rounds="${ROUNDS:-3}"
 threads="${THREADS:-2}"
 
-anchor="${TORCH_WHVI:-}"
-if [[ -z "$anchor" ]]; then
-    for dir in "$repo/.." "$repo/../.." "$repo/../../.."; do
-        if [[ -f "$dir/shared/anchors/torch_whvi.py" ]]; then
-            anchor="$(cd "$dir/shared/anchors" && pwd)/torch_whvi.py"
-            break
-        fi
-    done
-fi
-[[ -n "$anchor" && -f "$anchor" ]] || { echo "torch_whvi.py not found; set TORCH_WHVI" >&2; exit 1; }
+anchor="$(anchor_path torch_whvi.py "${TORCH_WHVI:-}")"
 "$venv/bin/python" -c 'import torch' 2>/dev/null ||
     { echo "no torch in $venv: python3 -m venv $venv && $venv/bin/pip install torch==2.15.0 numpy" >&2; exit 1; }
 
-(cd "$repo" && cargo build --release --quiet --bin whvi)
-bin="${CARGO_TARGET_DIR:-$repo/target}/release/whvi"
+bin="$(whvi_binary)"
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -8,22 +8,12 @@
 # CARGO_TARGET_DIR (as for cargo).
 set -euo pipefail
 
-repo="$(cd "$(dirname "$0")/.." && pwd)"
+source "$(dirname "$0")/lib.sh"
 venv="${TORCH_VENV:-$HOME/.cache/torch-venv}"
 
-anchor="${TORCH_VGG:-}"
-if [[ -z "$anchor" ]]; then
-    for dir in "$repo/.." "$repo/../.." "$repo/../../.."; do
-        if [[ -f "$dir/shared/anchors/torch_vgg_throughput.py" ]]; then
-            anchor="$(cd "$dir/shared/anchors" && pwd)/torch_vgg_throughput.py"
-            break
-        fi
-    done
-fi
-[[ -n "$anchor" && -f "$anchor" ]] || { echo "torch_vgg_throughput.py not found; set TORCH_VGG" >&2; exit 1; }
+anchor="$(anchor_path torch_vgg_throughput.py "${TORCH_VGG:-}")"
 
-(cd "$repo" && cargo build --release --quiet --bin whvi)
-bin="${CARGO_TARGET_DIR:-$repo/target}/release/whvi"
+bin="$(whvi_binary)"
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
