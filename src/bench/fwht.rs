@@ -19,6 +19,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::median;
 use crate::fwht::cpu::{auto_kernel, fwht_rows_f32, fwht_rows_f32_into};
 use crate::fwht::{fwht, Normalization};
 use crate::{Error, Result};
@@ -310,11 +311,6 @@ fn interleaved(reps: usize, calls: usize, mut a: impl FnMut(), mut b: impl FnMut
         tb.push(time(&mut b));
     }
     (median(&mut ta), median(&mut tb))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Four significant digits are more than the noise allows; fewer digits keep lines readable.

@@ -5,6 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
+use super::median;
 use crate::layers::{
     standard_normal, BayesianModule, Linear, MeanFieldLinear, Pass, Prior, WhviLinear,
 };
@@ -50,11 +51,6 @@ impl Default for LayerBenchConfig {
             reps: 9,
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Runs the benchmark; calls `report` with each line as soon as it is measured.
@@ -107,7 +103,7 @@ pub fn bench_layers(
                 }
             }
         }
-        let medians: Vec<f64> = times.into_iter().map(median).collect();
+        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
         for (i, (name, layer)) in layers.iter().enumerate() {
             let line = LayerTiming {
                 layer: name,

@@ -4,3 +4,12 @@
 pub mod fwht;
 pub mod layers;
 pub mod train;
+
+/// The median of timed repetitions (the upper one of the two middle values for an even count).
+///
+/// # Panics
+/// On an empty slice: every benchmark times at least one repetition.
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -5,6 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
+use super::median;
 use crate::layers::standard_normal;
 use crate::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
 use crate::params::Params;
@@ -119,8 +120,7 @@ pub fn bench_train(
                     times.push(start.elapsed().as_secs_f64());
                 }
             }
-            times.sort_by(|a, b| a.total_cmp(b));
-            let step_s = times[times.len() / 2];
+            let step_s = median(&mut times);
             let timing = TrainTiming {
                 model: spec.name.clone(),
                 head,

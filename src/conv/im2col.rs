@@ -45,22 +45,36 @@ struct Geometry {
     wo: usize,
 }
 
+impl Im2Col {
+    /// Output height and width for an `h x w` image, or an error naming the sizes when the
+    /// stride is 0 or the kernel does not fit.
+    pub fn output_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let (kh, kw) = (self.kernel_h, self.kernel_w);
+        if self.stride == 0 {
+            bail!("conv2d: stride must be at least 1");
+        }
+        let (hp, wp) = (h + 2 * self.padding, w + 2 * self.padding);
+        if kh == 0 || kw == 0 || kh > hp || kw > wp {
+            bail!(
+                "conv2d: a {kh}x{kw} kernel does not fit an input of {h}x{w} with padding {}; \
+                 use a larger input or more padding",
+                self.padding
+            );
+        }
+        Ok(((hp - kh) / self.stride + 1, (wp - kw) / self.stride + 1))
+    }
+}
+
 impl Geometry {
     fn new(op: Im2Col, c: usize, h: usize, w: usize) -> Result<Self> {
-        let (hp, wp) = (h + 2 * op.padding, w + 2 * op.padding);
-        if op.stride == 0 || op.kernel_h == 0 || op.kernel_w == 0 {
-            bail!("im2col: kernel sizes and stride must be at least 1, got {op:?}");
-        }
-        if op.kernel_h > hp || op.kernel_w > wp {
-            bail!("im2col: kernel {op:?} does not fit a {h}x{w} image");
-        }
+        let (ho, wo) = op.output_size(h, w)?;
         Ok(Geometry {
             op,
             c,
             h,
             w,
-            ho: (hp - op.kernel_h) / op.stride + 1,
-            wo: (wp - op.kernel_w) / op.stride + 1,
+            ho,
+            wo,
         })
     }
 

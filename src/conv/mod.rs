@@ -38,29 +38,6 @@ impl Default for ConvGeometry {
     }
 }
 
-/// Output height and width of a `kh x kw` convolution of an `h x w` image, or an error naming
-/// the sizes when the kernel does not fit.
-fn output_size(
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    geo: ConvGeometry,
-) -> Result<(usize, usize)> {
-    if geo.stride == 0 {
-        bail!("conv2d: stride must be at least 1");
-    }
-    let (hp, wp) = (h + 2 * geo.padding, w + 2 * geo.padding);
-    if kh == 0 || kw == 0 || kh > hp || kw > wp {
-        bail!(
-            "conv2d: a {kh}x{kw} kernel does not fit an input of {h}x{w} with padding {}; \
-             use a larger input or more padding",
-            geo.padding
-        );
-    }
-    Ok(((hp - kh) / geo.stride + 1, (wp - kw) / geo.stride + 1))
-}
-
 /// Checks `x` is `[B, C, H, W]` and returns its dimensions.
 fn input_dims(x: &Tensor, in_channels: usize) -> Result<(usize, usize, usize, usize)> {
     match *x.dims() {
@@ -75,13 +52,13 @@ fn input_dims(x: &Tensor, in_channels: usize) -> Result<(usize, usize, usize, us
 /// backprop (its gradient is [`Col2Im`]).
 fn columns(x: &Tensor, kh: usize, kw: usize, geo: ConvGeometry) -> Result<(Tensor, usize, usize)> {
     let (_, _, h, w) = x.dims4()?;
-    let (ho, wo) = output_size(h, w, kh, kw, geo)?;
     let op = Im2Col {
         kernel_h: kh,
         kernel_w: kw,
         stride: geo.stride,
         padding: geo.padding,
     };
+    let (ho, wo) = op.output_size(h, w)?;
     Ok((x.contiguous()?.apply_op1(op)?, ho, wo))
 }
 

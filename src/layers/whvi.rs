@@ -121,12 +121,17 @@ impl WhviBlocks {
 
     /// Draws `g = mu + sigma ⊙ eps`: `[samples, blocks, D]`.
     pub fn sample_g(&self, samples: usize, rng: &mut crate::rng::WhviRng) -> Result<Tensor> {
-        let eps = standard_normal(
-            (samples, self.blocks, self.d),
-            self.mu.dtype(),
-            self.mu.device(),
-            rng,
-        )?;
+        self.g_from_noise(&self.standard_noise(samples, rng)?)
+    }
+
+    /// `eps ~ N(0, I)` of shape `[samples, blocks, D]`.
+    fn standard_noise(&self, samples: usize, rng: &mut crate::rng::WhviRng) -> Result<Tensor> {
+        let (dtype, device) = (self.mu.dtype(), self.mu.device());
+        standard_normal((samples, self.blocks, self.d), dtype, device, rng)
+    }
+
+    /// `g = mu + sigma ⊙ eps` for noise `eps` `[samples, blocks, D]`.
+    fn g_from_noise(&self, eps: &Tensor) -> Result<Tensor> {
         eps.broadcast_mul(&self.log_sigma.exp()?)?
             .broadcast_add(&self.mu)
     }
@@ -142,10 +147,9 @@ impl WhviBlocks {
     /// The standard-normal noise of a pass: `[samples, blocks, D]` draws when sampling (the
     /// same draws [`WhviBlocks::sample_g`] makes), else zeros `[1, blocks, D]` (g = mu).
     fn noise_for(&self, samples: usize, pass: &mut Pass) -> Result<Tensor> {
-        let (dtype, device) = (self.mu.dtype(), self.mu.device());
         match pass.rng() {
-            Some(rng) => standard_normal((samples, self.blocks, self.d), dtype, device, rng),
-            None => Tensor::zeros((1, self.blocks, self.d), dtype, device),
+            Some(rng) => self.standard_noise(samples, rng),
+            None => Tensor::zeros((1, self.blocks, self.d), self.mu.dtype(), self.mu.device()),
         }
     }
 
@@ -157,10 +161,7 @@ impl WhviBlocks {
             && matches!(self.mu.dtype(), DType::F32 | DType::F64)
             && x.dtype() == self.mu.dtype();
         if !fused {
-            let g = eps
-                .broadcast_mul(&self.log_sigma.exp()?)?
-                .broadcast_add(&self.mu)?;
-            return self.apply(x, &g);
+            return self.apply(x, &self.g_from_noise(eps)?);
         }
         let batch = x.dim(0)?;
         let x = if self.d > self.d_in {

@@ -62,7 +62,7 @@ impl Dims {
             ref dims => bail!("whvi product: params must be [4, blocks, {d}], got {dims:?}"),
         };
         let eps_per_row = match *eps {
-            [1, b, ed] if b == blocks && ed == d => rows == 1,
+            [1, b, ed] if b == blocks && ed == d => false,
             [r, b, ed] if r == rows && b == blocks && ed == d => true,
             ref dims => {
                 bail!("whvi product: eps must be [{rows} or 1, {blocks}, {d}], got {dims:?}")
