@@ -43,17 +43,46 @@ pub enum Command {
     Bench(Bench),
 }
 
+/// An element type of `whvi bench fwht --device ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16 (computed in f32).
+    Bf16,
+    /// IEEE half (computed in f32).
+    F16,
+}
+
+impl From<BenchDtype> for candle_core::DType {
+    fn from(dtype: BenchDtype) -> Self {
+        match dtype {
+            BenchDtype::F32 => candle_core::DType::F32,
+            BenchDtype::Bf16 => candle_core::DType::BF16,
+            BenchDtype::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Bench {
-    /// The CPU FWHT kernel and op against a memcpy of the same bytes.
+    /// The FWHT against a copy of the same bytes: on the CPU (kernel and op against memcpy), or
+    /// with --device cuda / metal the op against a device-to-device copy.
     Fwht {
+        /// cpu (default), cuda, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Element types on a GPU (default: f32 and bf16).
+        #[arg(long = "dtype", value_enum, num_args = 1..)]
+        dtypes: Vec<BenchDtype>,
         /// Only this many threads (default: 1 and all available).
         #[arg(long)]
         threads: Option<usize>,
         /// Only rows of length 2^LOG2 (default: 6, 8, 10, 12, 14, 16).
         #[arg(long = "d", value_name = "LOG2")]
         log2_d: Option<u32>,
-        /// Only batches of this many bytes (default: 262144 and 134217728).
+        /// Only batches of this many bytes (default on the CPU: 262144 and 134217728; on a
+        /// GPU: 268435456).
         #[arg(long)]
         bytes: Option<usize>,
         /// Timed repetitions per configuration; the median is reported.
@@ -285,6 +314,10 @@ pub struct TrainArgs {
     /// Weight decay (not applied to biases, BatchNorm or variational parameters).
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
+    /// Learning-rate factor for the WHVI diagonals s1 and s2 (they are O(1) while the means are
+    /// O(1/sqrt(D · d_in)), so they need larger steps).
+    #[arg(long, default_value_t = whvi::train::DEFAULT_DIAGONAL_LR_SCALE)]
+    pub diagonal_lr_scale: f64,
     /// Learning-rate schedule: cosine, step (x gamma every N steps), paper
     /// (lr · (1 + 5e-4 t)^-0.3) or constant.
     #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
@@ -392,6 +425,7 @@ impl TrainArgs {
             momentum: self.momentum,
             weight_decay: self.weight_decay,
             schedule,
+            diagonal_lr_scale: self.diagonal_lr_scale,
             kl_warmup: KlWarmup {
                 epochs: self.kl_warmup,
             },

@@ -120,23 +120,36 @@ fn run(cli: Cli) -> whvi::Result<()> {
             Ok(())
         }
         Command::Bench(Bench::Fwht {
+            device,
+            dtypes,
             threads,
             log2_d,
             bytes,
             reps,
         }) => {
-            let config = whvi::bench::fwht::FwhtBenchConfig {
-                threads,
-                log2_d,
-                bytes,
-                reps,
-            };
-            whvi::bench::fwht::run(&config, &mut |line| {
-                println!(
-                    "{}",
-                    serde_json::to_string(line).expect("a line serialises")
-                )
-            })?;
+            if device == "cpu" {
+                let config = whvi::bench::fwht::FwhtBenchConfig {
+                    threads,
+                    log2_d,
+                    bytes,
+                    reps,
+                };
+                whvi::bench::fwht::run(&config, &mut |line| print_json_line(line))?;
+            } else {
+                let device = whvi::device::parse_device(&device)?;
+                let mut config = whvi::bench::fwht_device::DeviceFwhtBenchConfig {
+                    log2_d,
+                    bytes,
+                    reps,
+                    ..Default::default()
+                };
+                if !dtypes.is_empty() {
+                    config.dtypes = dtypes.into_iter().map(Into::into).collect();
+                }
+                whvi::bench::fwht_device::run_on_device(&device, &config, &mut |line| {
+                    print_json_line(line)
+                })?;
+            }
             Ok(())
         }
         Command::Bench(Bench::Layers {
@@ -156,12 +169,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
             if !sizes.is_empty() {
                 config.sizes = sizes;
             }
-            whvi::bench::layers::bench_layers(&config, |line| {
-                println!(
-                    "{}",
-                    serde_json::to_string(line).expect("a line serialises")
-                )
-            })?;
+            whvi::bench::layers::bench_layers(&config, print_json_line)?;
             Ok(())
         }
         Command::Bench(Bench::Train {
@@ -180,13 +188,16 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 batch,
                 steps,
             };
-            whvi::bench::train::bench_train(&config, |line| {
-                println!(
-                    "{}",
-                    serde_json::to_string(line).expect("a line serialises")
-                )
-            })?;
+            whvi::bench::train::bench_train(&config, print_json_line)?;
             Ok(())
         }
     }
+}
+
+/// Prints one benchmark line as JSON.
+fn print_json_line(line: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string(line).expect("a benchmark line serialises")
+    );
 }

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use whvi::optim::{
-    clip_grad_norm, AdamW, AdamWConfig, AnyOptimizer, KlWarmup, LrDecay, LrSchedule, NameMatch,
-    NamedOptimizer, OptimizerConfig, Sgd, SgdConfig, STEP_KEY,
+    clip_grad_norm, AdamW, AdamWConfig, AnyOptimizer, KlWarmup, LrDecay, LrScale, LrSchedule,
+    NameMatch, NamedOptimizer, OptimizerConfig, Sgd, SgdConfig, STEP_KEY,
 };
 use whvi::Error;
 
@@ -134,6 +134,22 @@ fn bias_no_decay() -> Vec<NameMatch> {
     vec![NameMatch::Suffix(".bias".into())]
 }
 
+/// The bias at `factor` times the learning rate, the weight at 1.
+fn bias_lr_scale(factor: f64) -> Vec<LrScale> {
+    vec![LrScale {
+        rule: NameMatch::Suffix(".bias".into()),
+        factor,
+    }]
+}
+
+/// The learning-rate factor `scales` give `layer.bias` (the references run it as a plain lr).
+fn bias_factor(scales: &[LrScale]) -> f64 {
+    scales
+        .iter()
+        .find(|s| s.rule.matches("layer.bias"))
+        .map_or(1.0, |s| s.factor)
+}
+
 #[test]
 fn sgd_matches_pytorch_reference() -> TestResult {
     let cases = [
@@ -183,10 +199,24 @@ fn sgd_matches_pytorch_reference() -> TestResult {
                 ..SgdConfig::default()
             },
         ),
+        (
+            "momentum and decay, bias at 3x the learning rate",
+            SgdConfig {
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 0.2,
+                lr_scale: bias_lr_scale(3.0),
+                ..SgdConfig::default()
+            },
+        ),
     ];
     for (what, config) in cases {
         let weight = sgd_reference(&config, true);
-        let bias = sgd_reference(&config, config.no_decay.is_empty());
+        let bias_config = SgdConfig {
+            lr: config.lr * bias_factor(&config.lr_scale),
+            ..config.clone()
+        };
+        let bias = sgd_reference(&bias_config, config.no_decay.is_empty());
         let got = run_quadratic::<Sgd>(config)?;
         check_trajectory(&got, &weight, &bias, what);
     }
@@ -223,10 +253,23 @@ fn adamw_matches_pytorch_reference() -> TestResult {
                 ..AdamWConfig::adam()
             },
         ),
+        (
+            "adamw with decay, bias at 10x the learning rate",
+            AdamWConfig {
+                lr: 0.01,
+                weight_decay: 0.5,
+                lr_scale: bias_lr_scale(10.0),
+                ..AdamWConfig::default()
+            },
+        ),
     ];
     for (what, config) in cases {
         let weight = adam_reference(&config, true);
-        let bias = adam_reference(&config, config.no_decay.is_empty());
+        let bias_config = AdamWConfig {
+            lr: config.lr * bias_factor(&config.lr_scale),
+            ..config.clone()
+        };
+        let bias = adam_reference(&bias_config, config.no_decay.is_empty());
         let got = run_quadratic::<AdamW>(config)?;
         check_trajectory(&got, &weight, &bias, what);
     }
@@ -1086,4 +1129,22 @@ fn optimiser_state_holds_no_backprop_graph() -> TestResult {
         }
     }
     Ok(())
+}
+
+#[test]
+fn learning_rate_factors_must_be_positive() {
+    for factor in [0.0, -1.0, f64::NAN] {
+        let config = AdamWConfig {
+            lr_scale: bias_lr_scale(factor),
+            ..AdamWConfig::default()
+        };
+        let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let err = AdamW::from_named(vec![("layer.bias".into(), w)], config).unwrap_err();
+        assert!(err.to_string().contains("learning-rate factor"), "{err}");
+        let config = SgdConfig {
+            lr_scale: bias_lr_scale(factor),
+            ..SgdConfig::default()
+        };
+        assert!(config.validate().is_err(), "factor {factor}");
+    }
 }

@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::median;
+use super::{median, round_significant as round};
 use crate::fwht::cpu::{auto_kernel, fwht_rows_f32, fwht_rows_f32_into};
 use crate::fwht::{fwht, Normalization};
 use crate::{Error, Result};
@@ -311,14 +311,4 @@ fn interleaved(reps: usize, calls: usize, mut a: impl FnMut(), mut b: impl FnMut
         tb.push(time(&mut b));
     }
     (median(&mut ta), median(&mut tb))
-}
-
-/// Four significant digits are more than the noise allows; fewer digits keep lines readable.
-fn round(x: f64) -> f64 {
-    if x == 0.0 || !x.is_finite() {
-        return x;
-    }
-    let digits = 4 - x.abs().log10().ceil() as i32;
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
 }

@@ -2,6 +2,7 @@
 //! figure that matters given as a ratio to a baseline timed in the same run.
 
 pub mod fwht;
+pub mod fwht_device;
 pub mod layers;
 pub mod train;
 
@@ -12,4 +13,15 @@ pub mod train;
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// Rounds to four significant digits: more than the noise of a timing allows, and lines stay
+/// readable.
+pub(crate) fn round_significant(x: f64) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        return x;
+    }
+    let digits = 4 - x.abs().log10().ceil() as i32;
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
 }

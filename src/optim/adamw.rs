@@ -5,7 +5,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
-use super::params::{NameMatch, Params};
+use super::params::{validate_lr_scales, LrScale, NameMatch, Params};
 use super::state::{count_tensor, StateReader};
 use super::{to_candle, NamedOptimizer, STEP_KEY};
 use crate::{Error, Result};
@@ -36,6 +36,8 @@ pub struct AdamWConfig {
     pub decoupled_weight_decay: bool,
     /// Variables whose names match any of these rules are never decayed (default: none).
     pub no_decay: Vec<NameMatch>,
+    /// Learning-rate factors for groups of variables (default: none, every factor 1).
+    pub lr_scale: Vec<LrScale>,
 }
 
 impl Default for AdamWConfig {
@@ -48,6 +50,7 @@ impl Default for AdamWConfig {
             weight_decay: 1e-2,
             decoupled_weight_decay: true,
             no_decay: Vec::new(),
+            lr_scale: Vec::new(),
         }
     }
 }
@@ -82,7 +85,7 @@ impl AdamWConfig {
                 )));
             }
         }
-        Ok(())
+        validate_lr_scales("AdamW", &self.lr_scale)
     }
 }
 
@@ -103,6 +106,7 @@ struct Moments {
 /// gradient are left alone; like PyTorch, each variable counts its own steps `t`):
 ///
 /// ```text
+/// lr ← lr · factor                      (the first `lr_scale` rule matching p, if any)
 /// p ← p · (1 − lr · weight_decay)       (AdamW, if p is decayed)
 /// g ← g + weight_decay · p              (Adam, if p is decayed)
 /// t ← t + 1
@@ -147,7 +151,8 @@ impl Optimizer for AdamW {
 
     fn new(vars: Vec<Var>, config: AdamWConfig) -> candle_core::Result<Self> {
         config.validate().map_err(to_candle)?;
-        let params = Params::positional(vars, &config.no_decay).map_err(to_candle)?;
+        let params =
+            Params::positional(vars, &config.no_decay, &config.lr_scale).map_err(to_candle)?;
         Ok(Self::with_params(params, config))
     }
 
@@ -160,13 +165,14 @@ impl Optimizer for AdamW {
             };
             let mut param = var.as_detached_tensor();
             let decay = self.params.decay(i, c.weight_decay);
+            let lr = c.lr * self.params.lr_factor[i];
             // Gradients of variables keep candle's backprop graph (only inner nodes are
             // detached); a moment built from one would hold every activation of the step
             // alive, and the next step's moment this one: memory grows without bound.
             let mut grad = grad.detach();
             if decay != 0.0 {
                 if c.decoupled_weight_decay {
-                    param = (param * (1.0 - c.lr * decay))?;
+                    param = (param * (1.0 - lr * decay))?;
                 } else {
                     grad = (grad + (&param * decay)?)?;
                 }
@@ -186,7 +192,7 @@ impl Optimizer for AdamW {
             // f64 exponents: exact for every step count a run can reach.
             let bias_correction1 = 1.0 - c.beta1.powf(step as f64);
             let bias_correction2 = 1.0 - c.beta2.powf(step as f64);
-            let step_size = c.lr / bias_correction1;
+            let step_size = lr / bias_correction1;
             let denom = v.sqrt()?.affine(1.0 / bias_correction2.sqrt(), c.eps)?;
             var.set(&(param - (m.div(&denom)? * step_size)?)?)?;
             self.moments[i] = Some(Moments { m, v, step });
@@ -207,7 +213,7 @@ impl Optimizer for AdamW {
 impl NamedOptimizer for AdamW {
     fn from_named(vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         config.validate()?;
-        let params = Params::new(vars, &config.no_decay)?;
+        let params = Params::new(vars, &config.no_decay, &config.lr_scale)?;
         Ok(Self::with_params(params, config))
     }
 

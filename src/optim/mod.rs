@@ -69,7 +69,7 @@ mod state;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use clip::clip_grad_norm;
-pub use params::NameMatch;
+pub use params::{LrScale, NameMatch};
 pub use schedule::{KlWarmup, LrDecay, LrSchedule};
 pub use sgd::{Sgd, SgdConfig};
 

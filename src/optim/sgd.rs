@@ -5,7 +5,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
-use super::params::{NameMatch, Params};
+use super::params::{validate_lr_scales, LrScale, NameMatch, Params};
 use super::state::{count_tensor, StateReader};
 use super::{to_candle, NamedOptimizer, STEP_KEY};
 use crate::{Error, Result};
@@ -30,6 +30,8 @@ pub struct SgdConfig {
     pub weight_decay: f64,
     /// Variables whose names match any of these rules are never decayed (default: none).
     pub no_decay: Vec<NameMatch>,
+    /// Learning-rate factors for groups of variables (default: none, every factor 1).
+    pub lr_scale: Vec<LrScale>,
 }
 
 impl Default for SgdConfig {
@@ -41,6 +43,7 @@ impl Default for SgdConfig {
             nesterov: false,
             weight_decay: 0.0,
             no_decay: Vec::new(),
+            lr_scale: Vec::new(),
         }
     }
 }
@@ -69,7 +72,7 @@ impl SgdConfig {
                 self.momentum, self.dampening
             )));
         }
-        Ok(())
+        validate_lr_scales("SGD", &self.lr_scale)
     }
 }
 
@@ -84,7 +87,7 @@ impl SgdConfig {
 ///     b ← g                                      (first step of p)
 ///     b ← momentum · b + (1 − dampening) · g     (later steps)
 ///     g ← g + momentum · b   if nesterov,   else   g ← b
-/// p ← p − lr · g
+/// p ← p − lr · factor · g                       (factor: the first matching `lr_scale` rule, else 1)
 /// ```
 ///
 /// Build it with [`NamedOptimizer::from_named`]. [`Optimizer::new`] takes unnamed variables and
@@ -114,7 +117,8 @@ impl Optimizer for Sgd {
 
     fn new(vars: Vec<Var>, config: SgdConfig) -> candle_core::Result<Self> {
         config.validate().map_err(to_candle)?;
-        let params = Params::positional(vars, &config.no_decay).map_err(to_candle)?;
+        let params =
+            Params::positional(vars, &config.no_decay, &config.lr_scale).map_err(to_candle)?;
         Ok(Self::with_params(params, config))
     }
 
@@ -147,7 +151,7 @@ impl Optimizer for Sgd {
                 };
                 self.momentum[i] = Some(buf);
             }
-            var.set(&(param - (d * c.lr)?)?)?;
+            var.set(&(param - (d * (c.lr * self.params.lr_factor[i]))?)?)?;
         }
         self.step += 1;
         Ok(())
@@ -177,7 +181,7 @@ impl Sgd {
 impl NamedOptimizer for Sgd {
     fn from_named(vars: Vec<(String, Var)>, config: SgdConfig) -> Result<Self> {
         config.validate()?;
-        let params = Params::new(vars, &config.no_decay)?;
+        let params = Params::new(vars, &config.no_decay, &config.lr_scale)?;
         Ok(Self::with_params(params, config))
     }
 

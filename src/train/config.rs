@@ -3,7 +3,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::data::DatasetKind;
-use crate::optim::{AdamWConfig, KlWarmup, LrSchedule, NameMatch, OptimizerConfig, SgdConfig};
+use crate::optim::{
+    AdamWConfig, KlWarmup, LrScale, LrSchedule, NameMatch, OptimizerConfig, SgdConfig,
+};
 use crate::zoo::BuildOptions;
 use crate::{Error, Result};
 
@@ -43,6 +45,12 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Learning-rate schedule (its `base_lr` is the learning rate).
     pub schedule: LrSchedule,
+    /// Learning-rate factor of the WHVI diagonals `s1`, `s2`. They sit near 1 while the
+    /// means `g` sit near `sqrt(2 / (D · d_in))`, so at one learning rate Adam moves the
+    /// diagonals by a far smaller fraction of their size than the means; a factor of 10 lets
+    /// them learn in a few epochs.
+    #[serde(default = "default_diagonal_lr_scale")]
+    pub diagonal_lr_scale: f64,
     /// KL warm-up.
     pub kl_warmup: KlWarmup,
     /// Posterior samples per training step (the loss is averaged over them).
@@ -81,6 +89,7 @@ impl Default for TrainConfig {
             momentum: 0.9,
             weight_decay: 5e-4,
             schedule: LrSchedule::cosine(1e-3, 0.0).with_warmup(350),
+            diagonal_lr_scale: default_diagonal_lr_scale(),
             kl_warmup: KlWarmup::default(),
             mc_samples: 1,
             clip_grad: None,
@@ -93,6 +102,13 @@ impl Default for TrainConfig {
             out: PathBuf::from("runs/whvi"),
         }
     }
+}
+
+/// The default of [`TrainConfig::diagonal_lr_scale`].
+pub const DEFAULT_DIAGONAL_LR_SCALE: f64 = 10.0;
+
+fn default_diagonal_lr_scale() -> f64 {
+    DEFAULT_DIAGONAL_LR_SCALE
 }
 
 impl TrainConfig {
@@ -128,6 +144,12 @@ impl TrainConfig {
                 self.weight_decay
             )));
         }
+        if !(self.diagonal_lr_scale > 0.0 && self.diagonal_lr_scale.is_finite()) {
+            return Err(Error::invalid(format!(
+                "--diagonal-lr-scale must be a positive number, got {}",
+                self.diagonal_lr_scale
+            )));
+        }
         self.schedule.validate()?;
         Ok(())
     }
@@ -142,6 +164,13 @@ impl TrainConfig {
             NameMatch::Suffix(".log_sigma".into()),
         ];
         let lr = self.schedule.base_lr;
+        let lr_scale: Vec<LrScale> = [".s1", ".s2"]
+            .into_iter()
+            .map(|suffix| LrScale {
+                rule: NameMatch::Suffix(suffix.into()),
+                factor: self.diagonal_lr_scale,
+            })
+            .collect();
         match self.optimizer {
             OptimizerKind::Sgd | OptimizerKind::Nesterov => OptimizerConfig::Sgd(SgdConfig {
                 lr,
@@ -149,12 +178,14 @@ impl TrainConfig {
                 nesterov: self.optimizer == OptimizerKind::Nesterov,
                 weight_decay: self.weight_decay,
                 no_decay,
+                lr_scale,
                 ..SgdConfig::default()
             }),
             OptimizerKind::AdamW => OptimizerConfig::AdamW(AdamWConfig {
                 lr,
                 weight_decay: self.weight_decay,
                 no_decay,
+                lr_scale,
                 ..AdamWConfig::default()
             }),
         }

@@ -11,7 +11,7 @@ mod config;
 mod progress;
 mod step;
 
-pub use config::{OptimizerKind, TrainConfig};
+pub use config::{OptimizerKind, TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
 pub use progress::{BarProgress, Progress, QuietProgress};
 pub use step::{train_step, StepOutcome, StepSettings};
 
