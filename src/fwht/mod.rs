@@ -11,7 +11,11 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod kernel;
+#[cfg(feature = "metal")]
+mod metal;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -58,7 +62,13 @@ pub struct Fwht {
 /// inputs are accepted. The result supports [`Tensor::backward`].
 pub fn fwht(x: &Tensor, normalization: Normalization) -> candle_core::Result<Tensor> {
     check_input(x.dims(), x.dtype())?;
-    x.apply_op1(Fwht { normalization })
+    let op = Fwht { normalization };
+    if x.device().is_cpu() {
+        x.apply_op1(op)
+    } else {
+        // The GPU kernels read rows in place, so they need a contiguous input.
+        x.contiguous()?.apply_op1(op)
+    }
 }
 
 /// Zero-pads the last dimension of `x` to the next power of two, then applies [`fwht`].
@@ -189,6 +199,26 @@ impl CustomOp1 for Fwht {
         Ok((out, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        check_input(layout.shape().dims(), storage.dtype())?;
+        cuda::fwht(storage, layout, self.normalization)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        storage: &candle_core::MetalStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        check_input(layout.shape().dims(), storage.dtype())?;
+        metal::fwht(storage, layout, self.normalization)
+    }
+
     fn bwd(
         &self,
         _arg: &Tensor,
@@ -196,6 +226,6 @@ impl CustomOp1 for Fwht {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         // H is symmetric, so d(scale·H·x)/dx applied to g is scale·H·g.
-        Ok(Some(grad_res.apply_op1(*self)?))
+        Ok(Some(fwht(grad_res, self.normalization)?))
     }
 }

@@ -1,0 +1,246 @@
+//! The FWHT on Apple GPUs: the kernels of `kernels/fwht.metal`, compiled at run time on
+//! candle's Metal device (as candle-nn's own Metal ops are) and encoded on its command queue.
+//!
+//! Written against candle-core 0.11.1's Metal backend; it cannot be built on the Linux machines
+//! this project is developed on, and has not yet run on Apple hardware (see the README). CI
+//! checks the kernel source with `clang++ -fsyntax-only` and a shim of Metal's headers.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::metal_backend::DeviceId;
+use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Result, Shape};
+use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline};
+use objc2_metal::MTLSize;
+
+use super::Normalization;
+
+const SOURCE: &str = include_str!("kernels/fwht.metal");
+
+/// The longest row (log2) of one dispatch: 2^13 f32 fill the 32 KiB of threadgroup memory.
+const MAX_ROW_LOG2: u32 = 13;
+/// Threads per threadgroup of the row kernel when a row needs fewer.
+const ROW_GROUP_THREADS: usize = 256;
+/// Threads per threadgroup of the strided passes.
+const PASS_GROUP_THREADS: usize = 256;
+/// Bits transformed by one strided pass.
+const PASS_MAX_BITS: u32 = 5;
+
+/// The compute pipeline of kernel `name` on `device`, compiled once per device and name.
+fn pipeline(device: &MetalDevice, name: &str) -> Result<ComputePipeline> {
+    type Cache = HashMap<(DeviceId, String), ComputePipeline>;
+    static PIPELINES: OnceLock<Mutex<Cache>> = OnceLock::new();
+    static LIBRARIES: OnceLock<Mutex<HashMap<DeviceId, candle_metal_kernels::metal::Library>>> =
+        OnceLock::new();
+    let poisoned = |_| candle_core::Error::Msg("fwht: the Metal pipeline cache is poisoned".into());
+    let key = (device.id(), name.to_string());
+    if let Some(pipeline) = PIPELINES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(poisoned)?
+        .get(&key)
+    {
+        return Ok(pipeline.clone());
+    }
+    let library = {
+        let mut libraries = LIBRARIES
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(poisoned)?;
+        match libraries.get(&device.id()) {
+            Some(library) => library.clone(),
+            None => {
+                let library = device
+                    .metal_device()
+                    .new_library_with_source(SOURCE, None)
+                    .map_err(MetalError::from)?;
+                libraries.insert(device.id(), library.clone());
+                library
+            }
+        }
+    };
+    let function = library.get_function(name, None).map_err(MetalError::from)?;
+    let pipeline = device
+        .metal_device()
+        .new_compute_pipeline_state_with_function(&function)
+        .map_err(MetalError::from)?;
+    PIPELINES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(poisoned)?
+        .insert(key, pipeline.clone());
+    Ok(pipeline)
+}
+
+fn type_name(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!(
+            "fwht on Metal: unsupported dtype {other:?} (use f32, f16 or bf16; Metal has no f64)"
+        ),
+    })
+}
+
+/// The FWHT of the contiguous rows of `storage` (the forward of [`super::Fwht`] on Metal).
+pub(super) fn fwht(
+    storage: &MetalStorage,
+    layout: &Layout,
+    normalization: Normalization,
+) -> Result<(MetalStorage, Shape)> {
+    let shape = layout.shape().clone();
+    let dtype = storage.dtype();
+    let name = type_name(dtype)?;
+    let d = *shape.dims().last().unwrap_or(&1);
+    let rows = shape.elem_count() / d.max(1);
+    if layout.contiguous_offsets().is_none() {
+        candle_core::bail!(
+            "fwht on Metal: the input is not contiguous; call .contiguous() first \
+             (whvi::fwht::fwht does this for you)"
+        );
+    }
+    let device = storage.device().clone();
+    let output = device.new_buffer(shape.elem_count(), dtype, "whvi-fwht")?;
+    if rows == 0 {
+        return Ok((MetalStorage::new(output, device, 0, dtype), shape));
+    }
+    let input = Operand {
+        buffer: storage.buffer(),
+        offset: layout.start_offset() * dtype.size_in_bytes(),
+        name,
+    };
+    let scale = normalization.scale(d) as f32;
+    let log_d = d.trailing_zeros();
+    {
+        let encoder = device.command_encoder()?;
+        let encoder: &ComputeCommandEncoder = encoder.as_ref();
+        let out = Operand {
+            buffer: &output,
+            offset: 0,
+            name,
+        };
+        if log_d <= MAX_ROW_LOG2 {
+            encode_rows(&device, encoder, &input, &out, rows, log_d, scale)?;
+        } else {
+            let blocks = rows << (log_d - MAX_ROW_LOG2);
+            if dtype == DType::F32 {
+                encode_rows(&device, encoder, &input, &out, blocks, MAX_ROW_LOG2, 1.0)?;
+                encode_passes(&device, encoder, &out, &out, rows, log_d, scale)?;
+            } else {
+                // Half precision goes through an f32 workspace, rounded once by the last pass.
+                let workspace =
+                    device.new_buffer(shape.elem_count(), DType::F32, "whvi-fwht-f32")?;
+                let workspace = Operand {
+                    buffer: &workspace,
+                    offset: 0,
+                    name: "f32",
+                };
+                encode_rows(
+                    &device,
+                    encoder,
+                    &input,
+                    &workspace,
+                    blocks,
+                    MAX_ROW_LOG2,
+                    1.0,
+                )?;
+                encode_passes(&device, encoder, &workspace, &out, rows, log_d, scale)?;
+            }
+        }
+    }
+    let count = shape.elem_count();
+    Ok((MetalStorage::new(output, device, count, dtype), shape))
+}
+
+/// A buffer, the byte offset of its first element, and its element type's kernel name.
+struct Operand<'a> {
+    buffer: &'a Buffer,
+    offset: usize,
+    name: &'static str,
+}
+
+fn encode_rows(
+    device: &MetalDevice,
+    encoder: &ComputeCommandEncoder,
+    x: &Operand,
+    y: &Operand,
+    rows: usize,
+    log_d: u32,
+    scale: f32,
+) -> Result<()> {
+    let (log_e, log_w) = if log_d <= 10 {
+        (log_d.saturating_sub(5), 0)
+    } else {
+        (5, log_d - 10)
+    };
+    let threads_per_row = 1usize << (log_d - log_e);
+    let rows_per_group = (ROW_GROUP_THREADS / threads_per_row).max(1);
+    let name = format!("whvi_fwht_rows_{}_{}_e{log_e}_w{log_w}", x.name, y.name);
+    let pipeline = pipeline(device, &name)?;
+    encoder.set_compute_pipeline_state(&pipeline);
+    encoder.set_input_buffer(0, Some(x.buffer), x.offset);
+    encoder.set_output_buffer(1, Some(y.buffer), y.offset);
+    encoder.set_bytes(2, &(rows as u64));
+    encoder.set_bytes(3, &log_d);
+    encoder.set_bytes(4, &(rows_per_group as u32));
+    encoder.set_bytes(5, &scale);
+    let groups = MTLSize {
+        width: rows.div_ceil(rows_per_group),
+        height: 1,
+        depth: 1,
+    };
+    let threads = MTLSize {
+        width: rows_per_group * threads_per_row,
+        height: 1,
+        depth: 1,
+    };
+    encoder.dispatch_thread_groups(groups, threads);
+    Ok(())
+}
+
+/// Strided passes over bits `[MAX_ROW_LOG2, log_d)`: in place in `x` but for the last, which
+/// writes `y` with the scale.
+fn encode_passes(
+    device: &MetalDevice,
+    encoder: &ComputeCommandEncoder,
+    x: &Operand,
+    y: &Operand,
+    rows: usize,
+    log_d: u32,
+    scale: f32,
+) -> Result<()> {
+    let mut low_bit = MAX_ROW_LOG2;
+    while low_bit < log_d {
+        let bits = PASS_MAX_BITS.min(log_d - low_bit);
+        let last = low_bit + bits == log_d;
+        let columns = rows << (log_d - bits);
+        if columns > u32::MAX as usize {
+            candle_core::bail!("fwht on Metal: {columns} columns are more than one pass can take");
+        }
+        let out = if last { y } else { x };
+        let name = format!("whvi_fwht_pass_{}_{}_r{bits}", x.name, out.name);
+        let pipeline = pipeline(device, &name)?;
+        encoder.set_compute_pipeline_state(&pipeline);
+        encoder.set_input_buffer(0, Some(x.buffer), x.offset);
+        encoder.set_output_buffer(1, Some(out.buffer), out.offset);
+        encoder.set_bytes(2, &(rows as u64));
+        encoder.set_bytes(3, &log_d);
+        encoder.set_bytes(4, &low_bit);
+        encoder.set_bytes(5, &(if last { scale } else { 1.0f32 }));
+        let groups = MTLSize {
+            width: columns.div_ceil(PASS_GROUP_THREADS),
+            height: 1,
+            depth: 1,
+        };
+        let threads = MTLSize {
+            width: PASS_GROUP_THREADS,
+            height: 1,
+            depth: 1,
+        };
+        encoder.dispatch_thread_groups(groups, threads);
+        low_bit += bits;
+    }
+    Ok(())
+}
