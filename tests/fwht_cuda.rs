@@ -122,7 +122,7 @@ fn strided_inputs_and_gradients() {
 #[test]
 fn a_whvi_layer_gives_the_same_outputs_and_input_gradients() {
     let gpu = gpu();
-    let (d_in, d_out, batch) = (300, 700, 8);
+    let (d_in, d_out, batch): (usize, usize, usize) = (300, 700, 8);
     let mut params = HashMap::new();
     let blocks = d_out.div_ceil(d_in.next_power_of_two());
     let d = d_in.next_power_of_two();

@@ -162,6 +162,8 @@ impl TrainConfig {
             NameMatch::Prefix("bn".into()),
             NameMatch::Suffix(".mu".into()),
             NameMatch::Suffix(".log_sigma".into()),
+            NameMatch::Suffix(".s1".into()),
+            NameMatch::Suffix(".s2".into()),
         ];
         let lr = self.schedule.base_lr;
         let lr_scale: Vec<LrScale> = [".s1", ".s2"]
