@@ -27,13 +27,16 @@ const PASS_GROUP_THREADS: usize = 256;
 /// Bits transformed by one strided pass.
 const PASS_MAX_BITS: u32 = 5;
 
+fn poisoned<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("fwht: the Metal pipeline cache is poisoned".into())
+}
+
 /// The compute pipeline of kernel `name` on `device`, compiled once per device and name.
 fn pipeline(device: &MetalDevice, name: &str) -> Result<ComputePipeline> {
     type Cache = HashMap<(DeviceId, String), ComputePipeline>;
     static PIPELINES: OnceLock<Mutex<Cache>> = OnceLock::new();
     static LIBRARIES: OnceLock<Mutex<HashMap<DeviceId, candle_metal_kernels::metal::Library>>> =
         OnceLock::new();
-    let poisoned = |_| candle_core::Error::Msg("fwht: the Metal pipeline cache is poisoned".into());
     let key = (device.id(), name.to_string());
     if let Some(pipeline) = PIPELINES
         .get_or_init(Default::default)
