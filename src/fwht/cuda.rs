@@ -14,18 +14,15 @@ use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 use half::{bf16, f16};
 
+use super::gpu_plan::{strided_passes, RowPlan};
 use super::Normalization;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fwht.ptx"));
 
-/// Threads per block of the row kernel when a row needs fewer (several rows share a block).
-const ROW_BLOCK_THREADS: usize = 256;
-/// Threads per block of the strided passes.
+/// Threads per block of the strided passes (the kernels' launch bound).
 const PASS_BLOCK_THREADS: usize = 256;
 /// Blocks of a strided pass; each thread loops over further columns.
 const PASS_MAX_BLOCKS: usize = 1 << 16;
-/// Bits transformed by one strided pass (radix 32: one thread holds 32 values).
-const PASS_MAX_BITS: u32 = 5;
 /// Dynamic shared memory a kernel may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
 
@@ -176,7 +173,7 @@ fn transform<T: KernelElement>(
         T::MAX_ROW_LOG2,
         Scale::new::<T>(1.0),
     )?;
-    strided_passes::<T, T>(dev, &y, &y, rows, log_d, T::MAX_ROW_LOG2, scale)?;
+    launch_passes::<T, T>(dev, &y, &y, rows, log_d, T::MAX_ROW_LOG2, scale)?;
     Ok(y)
 }
 
@@ -205,7 +202,7 @@ fn transform_half<T: KernelElement>(
         T::MAX_ROW_LOG2,
         Scale::F32(1.0),
     )?;
-    strided_passes::<f32, T>(dev, &workspace, &y, rows, log_d, T::MAX_ROW_LOG2, scale)?;
+    launch_passes::<f32, T>(dev, &workspace, &y, rows, log_d, T::MAX_ROW_LOG2, scale)?;
     Ok(y)
 }
 
@@ -218,34 +215,22 @@ fn launch_rows<TI: KernelElement, TO: KernelElement>(
     log_d: u32,
     scale: Scale,
 ) -> Result<()> {
-    // Rows up to 2^10 fit one warp (up to 32 values per thread); longer rows span 2^log_w
-    // warps of 32 threads holding 32 values each.
-    let (log_e, log_w) = if log_d <= 10 {
-        (log_d.saturating_sub(5), 0)
-    } else {
-        (5, log_d - 10)
-    };
-    let threads_per_row = 1usize << (log_d - log_e);
-    let rows_per_block = (ROW_BLOCK_THREADS / threads_per_row).max(1);
-    let grid = rows.div_ceil(rows_per_block);
+    let plan = RowPlan::new(log_d);
+    let grid = plan.blocks(rows);
     if grid > i32::MAX as usize {
         candle_core::bail!("fwht on CUDA: {rows} rows are more than one launch can take");
     }
-    let shared_bytes = if log_w > 0 {
-        rows_per_block * (1usize << log_d) * TI::ACC_BYTES
-    } else {
-        0
-    };
-    let name = format!("whvi_fwht_rows_{}_{}_e{log_e}_w{log_w}", TI::NAME, TO::NAME);
+    let shared_bytes = plan.shared_values() * TI::ACC_BYTES;
+    let name = plan.kernel_name(TI::NAME, TO::NAME);
     let function = function(dev, &name, shared_bytes)?;
     let config = LaunchConfig {
         grid_dim: (grid as u32, 1, 1),
-        block_dim: ((rows_per_block * threads_per_row) as u32, 1, 1),
+        block_dim: (plan.block_threads() as u32, 1, 1),
         shared_mem_bytes: shared_bytes as u32,
     };
     let stream = dev.cuda_stream();
     let mut launch = stream.launch_builder(&function);
-    let (rows, log_d, rows_per_block) = (rows as u64, log_d as i32, rows_per_block as i32);
+    let (rows, log_d, rows_per_block) = (rows as u64, log_d as i32, plan.rows_per_block as i32);
     launch
         .arg(x)
         .arg(y)
@@ -266,7 +251,7 @@ fn launch_rows<TI: KernelElement, TO: KernelElement>(
 /// `y` (the same buffer for an in-place pass: each thread reads all of its elements before it
 /// writes them, and no two threads share one). Intermediate passes stay in `x`'s type; the
 /// last applies `scale` and writes `y`.
-fn strided_passes<TI: KernelElement, TO: KernelElement>(
+fn launch_passes<TI: KernelElement, TO: KernelElement>(
     dev: &CudaDevice,
     x: &CudaSlice<TI>,
     y: &CudaSlice<TO>,
@@ -275,21 +260,20 @@ fn strided_passes<TI: KernelElement, TO: KernelElement>(
     first_bit: u32,
     scale: f64,
 ) -> Result<()> {
-    let mut low_bit = first_bit;
-    while low_bit < log_d {
-        let bits = PASS_MAX_BITS.min(log_d - low_bit);
-        let last = low_bit + bits == log_d;
-        let columns = rows << (log_d - bits);
-        let grid = columns.div_ceil(PASS_BLOCK_THREADS).min(PASS_MAX_BLOCKS);
+    for pass in strided_passes(first_bit, log_d) {
+        let grid = pass
+            .columns(rows, log_d)
+            .div_ceil(PASS_BLOCK_THREADS)
+            .min(PASS_MAX_BLOCKS);
         let config = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (PASS_BLOCK_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows_arg, log_d_arg, low_bit_arg) = (rows as u64, log_d as i32, low_bit as i32);
+        let last = pass.last;
+        let (rows_arg, log_d_arg, low_bit_arg) = (rows as u64, log_d as i32, pass.low_bit as i32);
         let pass_scale = Scale::new::<TI>(if last { scale } else { 1.0 });
-        let out_name = if last { TO::NAME } else { TI::NAME };
-        let name = format!("whvi_fwht_pass_{}_{out_name}_r{bits}", TI::NAME);
+        let name = pass.kernel_name(TI::NAME, if last { TO::NAME } else { TI::NAME });
         let function = function(dev, &name, 0)?;
         let stream = dev.cuda_stream();
         let mut launch = stream.launch_builder(&function);
@@ -307,7 +291,6 @@ fn strided_passes<TI: KernelElement, TO: KernelElement>(
         // SAFETY: the argument list matches the pass kernel in fwht.cu; the grid-stride loop
         // stays within the rows << log_d elements of x and y.
         unsafe { launch.launch(config) }.w()?;
-        low_bit += bits;
     }
     Ok(())
 }

@@ -14,18 +14,15 @@ use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Result, 
 use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline};
 use objc2_metal::MTLSize;
 
+use super::gpu_plan::{strided_passes, RowPlan};
 use super::Normalization;
 
 const SOURCE: &str = include_str!("kernels/fwht.metal");
 
 /// The longest row (log2) of one dispatch: 2^13 f32 fill the 32 KiB of threadgroup memory.
 const MAX_ROW_LOG2: u32 = 13;
-/// Threads per threadgroup of the row kernel when a row needs fewer.
-const ROW_GROUP_THREADS: usize = 256;
 /// Threads per threadgroup of the strided passes.
 const PASS_GROUP_THREADS: usize = 256;
-/// Bits transformed by one strided pass.
-const PASS_MAX_BITS: u32 = 5;
 
 fn poisoned<T>(_: T) -> candle_core::Error {
     candle_core::Error::Msg("fwht: the Metal pipeline cache is poisoned".into())
@@ -173,29 +170,23 @@ fn encode_rows(
     log_d: u32,
     scale: f32,
 ) -> Result<()> {
-    let (log_e, log_w) = if log_d <= 10 {
-        (log_d.saturating_sub(5), 0)
-    } else {
-        (5, log_d - 10)
-    };
-    let threads_per_row = 1usize << (log_d - log_e);
-    let rows_per_group = (ROW_GROUP_THREADS / threads_per_row).max(1);
-    let name = format!("whvi_fwht_rows_{}_{}_e{log_e}_w{log_w}", x.name, y.name);
+    let plan = RowPlan::new(log_d);
+    let name = plan.kernel_name(x.name, y.name);
     let pipeline = pipeline(device, &name)?;
     encoder.set_compute_pipeline_state(&pipeline);
     encoder.set_input_buffer(0, Some(x.buffer), x.offset);
     encoder.set_output_buffer(1, Some(y.buffer), y.offset);
     encoder.set_bytes(2, &(rows as u64));
     encoder.set_bytes(3, &log_d);
-    encoder.set_bytes(4, &(rows_per_group as u32));
+    encoder.set_bytes(4, &(plan.rows_per_block as u32));
     encoder.set_bytes(5, &scale);
     let groups = MTLSize {
-        width: rows.div_ceil(rows_per_group),
+        width: plan.blocks(rows),
         height: 1,
         depth: 1,
     };
     let threads = MTLSize {
-        width: rows_per_group * threads_per_row,
+        width: plan.block_threads(),
         height: 1,
         depth: 1,
     };
@@ -214,23 +205,21 @@ fn encode_passes(
     log_d: u32,
     scale: f32,
 ) -> Result<()> {
-    let mut low_bit = MAX_ROW_LOG2;
-    while low_bit < log_d {
-        let bits = PASS_MAX_BITS.min(log_d - low_bit);
-        let last = low_bit + bits == log_d;
-        let columns = rows << (log_d - bits);
+    for pass in strided_passes(MAX_ROW_LOG2, log_d) {
+        let columns = pass.columns(rows, log_d);
         if columns > u32::MAX as usize {
             candle_core::bail!("fwht on Metal: {columns} columns are more than one pass can take");
         }
+        let last = pass.last;
         let out = if last { y } else { x };
-        let name = format!("whvi_fwht_pass_{}_{}_r{bits}", x.name, out.name);
+        let name = pass.kernel_name(x.name, out.name);
         let pipeline = pipeline(device, &name)?;
         encoder.set_compute_pipeline_state(&pipeline);
         encoder.set_input_buffer(0, Some(x.buffer), x.offset);
         encoder.set_output_buffer(1, Some(out.buffer), out.offset);
         encoder.set_bytes(2, &(rows as u64));
         encoder.set_bytes(3, &log_d);
-        encoder.set_bytes(4, &low_bit);
+        encoder.set_bytes(4, &pass.low_bit);
         encoder.set_bytes(5, &(if last { scale } else { 1.0f32 }));
         let groups = MTLSize {
             width: columns.div_ceil(PASS_GROUP_THREADS),
@@ -243,7 +232,6 @@ fn encode_passes(
             depth: 1,
         };
         encoder.dispatch_thread_groups(groups, threads);
-        low_bit += bits;
     }
     Ok(())
 }

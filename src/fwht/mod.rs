@@ -13,6 +13,8 @@ mod avx2;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(any(feature = "cuda", feature = "metal", test))]
+mod gpu_plan;
 mod kernel;
 #[cfg(feature = "metal")]
 mod metal;

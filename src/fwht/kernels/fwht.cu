@@ -169,8 +169,13 @@ static __device__ __forceinline__ void fwht_strided_pass(const TI *x, TO *y, uin
 
 // Exported names: whvi_fwht_rows_<in>_<out>_e<LOG_E>_w<LOG_W> and
 // whvi_fwht_pass_<in>_<out>_r<LOG_R>; the launcher in src/fwht/cuda.rs builds them.
+// A block holds 256 threads, or one row of 32 << LW threads when that is more; the bound lets
+// ptxas fit 1024-thread blocks in the 64K registers of an SM.
+#define ROWS_BLOCK_THREADS(LW) ((LW) <= 3 ? 256 : (32 << (LW)))
+
 #define ROWS_KERNEL(TI, TO, NI, NO, LE, LW)                                                    \
-  extern "C" __global__ void whvi_fwht_rows_##NI##_##NO##_e##LE##_w##LW(                       \
+  extern "C" __global__ void __launch_bounds__(ROWS_BLOCK_THREADS(LW))                         \
+      whvi_fwht_rows_##NI##_##NO##_e##LE##_w##LW(                                              \
       const TI *x, TO *y, uint64_t rows, int log_d, int rows_per_block,                        \
       typename Io<TI>::Acc scale) {                                                            \
     fwht_rows<TI, TO, LE, LW>(x, y, rows, log_d, rows_per_block, scale);                       \
@@ -190,7 +195,7 @@ static __device__ __forceinline__ void fwht_strided_pass(const TI *x, TO *y, uin
   ROWS_KERNEL(TI, TO, NI, NO, 5, 5)
 
 #define PASS_KERNEL(TI, TO, NI, NO, LR)                                                        \
-  extern "C" __global__ void whvi_fwht_pass_##NI##_##NO##_r##LR(                               \
+  extern "C" __global__ void __launch_bounds__(256) whvi_fwht_pass_##NI##_##NO##_r##LR(      \
       const TI *x, TO *y, uint64_t rows, int log_d, int low_bit, typename Io<TI>::Acc scale) { \
     fwht_strided_pass<TI, TO, LR>(x, y, rows, log_d, low_bit, scale);                         \
   }
