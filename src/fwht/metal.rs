@@ -161,6 +161,40 @@ struct Operand<'a> {
     name: &'static str,
 }
 
+/// One dispatch of a kernel with the argument list both kernels share: `x`, `y`, the number of
+/// rows, `log_d`, a fourth integer (rows per threadgroup, or a pass's lowest bit) and the scale.
+struct Dispatch<'a> {
+    name: String,
+    x: &'a Operand<'a>,
+    y: &'a Operand<'a>,
+    rows: usize,
+    log_d: u32,
+    fourth: u32,
+    scale: f32,
+    groups: usize,
+    threads_per_group: usize,
+}
+
+impl Dispatch<'_> {
+    fn encode(&self, device: &MetalDevice, encoder: &ComputeCommandEncoder) -> Result<()> {
+        let pipeline = pipeline(device, &self.name)?;
+        encoder.set_compute_pipeline_state(&pipeline);
+        encoder.set_input_buffer(0, Some(self.x.buffer), self.x.offset);
+        encoder.set_output_buffer(1, Some(self.y.buffer), self.y.offset);
+        encoder.set_bytes(2, &(self.rows as u64));
+        encoder.set_bytes(3, &self.log_d);
+        encoder.set_bytes(4, &self.fourth);
+        encoder.set_bytes(5, &self.scale);
+        let size = |width| MTLSize {
+            width,
+            height: 1,
+            depth: 1,
+        };
+        encoder.dispatch_thread_groups(size(self.groups), size(self.threads_per_group));
+        Ok(())
+    }
+}
+
 fn encode_rows(
     device: &MetalDevice,
     encoder: &ComputeCommandEncoder,
@@ -171,27 +205,18 @@ fn encode_rows(
     scale: f32,
 ) -> Result<()> {
     let plan = RowPlan::new(log_d);
-    let name = plan.kernel_name(x.name, y.name);
-    let pipeline = pipeline(device, &name)?;
-    encoder.set_compute_pipeline_state(&pipeline);
-    encoder.set_input_buffer(0, Some(x.buffer), x.offset);
-    encoder.set_output_buffer(1, Some(y.buffer), y.offset);
-    encoder.set_bytes(2, &(rows as u64));
-    encoder.set_bytes(3, &log_d);
-    encoder.set_bytes(4, &(plan.rows_per_block as u32));
-    encoder.set_bytes(5, &scale);
-    let groups = MTLSize {
-        width: plan.blocks(rows),
-        height: 1,
-        depth: 1,
-    };
-    let threads = MTLSize {
-        width: plan.block_threads(),
-        height: 1,
-        depth: 1,
-    };
-    encoder.dispatch_thread_groups(groups, threads);
-    Ok(())
+    Dispatch {
+        name: plan.kernel_name(x.name, y.name),
+        x,
+        y,
+        rows,
+        log_d,
+        fourth: plan.rows_per_block as u32,
+        scale,
+        groups: plan.blocks(rows),
+        threads_per_group: plan.block_threads(),
+    }
+    .encode(device, encoder)
 }
 
 /// Strided passes over bits `[MAX_ROW_LOG2, log_d)`: in place in `x` but for the last, which
@@ -210,28 +235,19 @@ fn encode_passes(
         if columns > u32::MAX as usize {
             candle_core::bail!("fwht on Metal: {columns} columns are more than one pass can take");
         }
-        let last = pass.last;
-        let out = if last { y } else { x };
-        let name = pass.kernel_name(x.name, out.name);
-        let pipeline = pipeline(device, &name)?;
-        encoder.set_compute_pipeline_state(&pipeline);
-        encoder.set_input_buffer(0, Some(x.buffer), x.offset);
-        encoder.set_output_buffer(1, Some(out.buffer), out.offset);
-        encoder.set_bytes(2, &(rows as u64));
-        encoder.set_bytes(3, &log_d);
-        encoder.set_bytes(4, &pass.low_bit);
-        encoder.set_bytes(5, &(if last { scale } else { 1.0f32 }));
-        let groups = MTLSize {
-            width: columns.div_ceil(PASS_GROUP_THREADS),
-            height: 1,
-            depth: 1,
-        };
-        let threads = MTLSize {
-            width: PASS_GROUP_THREADS,
-            height: 1,
-            depth: 1,
-        };
-        encoder.dispatch_thread_groups(groups, threads);
+        let out = if pass.last { y } else { x };
+        Dispatch {
+            name: pass.kernel_name(x.name, out.name),
+            x,
+            y: out,
+            rows,
+            log_d,
+            fourth: pass.low_bit,
+            scale: if pass.last { scale } else { 1.0 },
+            groups: columns.div_ceil(PASS_GROUP_THREADS),
+            threads_per_group: PASS_GROUP_THREADS,
+        }
+        .encode(device, encoder)?;
     }
     Ok(())
 }
