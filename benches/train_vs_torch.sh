@@ -22,11 +22,13 @@ trap 'rm -f "$log"' EXIT
 
 "$venv/bin/python" - "$log" <<'PY'
 import json, sys
-ours, theirs = {}, {}
+ours, theirs, convs = {}, {}, []
 for line in open(sys.argv[1]):
     who, rec = line.split(" ", 1)
     r = json.loads(rec)
-    if who == "whvi":
+    if r.get("bench") == "conv":
+        convs.append(r)
+    elif who == "whvi":
         ours[(r["model"], r["head"] == "whvi")] = r["images_per_s"]
     else:
         theirs[(r["model"], r["whvi_dense"])] = r["train_img_per_s"]
@@ -35,4 +37,11 @@ for key in sorted(theirs):
     model, whvi = key
     print(f"{model:>6} {'whvi' if whvi else 'deterministic':>13} | {ours[key]:>10.1f} {theirs[key]:>11.1f} |"
           f" {ours[key] / theirs[key]:>10.2f}")
+print()
+print("vgg16 convolutions, batch 64, ms (whvi::conv against candle's conv2d):")
+print(f"{'layers':>22} {'c_in>c_out @hw':>16} | {'fwd whvi':>8} {'candle':>8} | {'bwd whvi':>8} {'candle':>8}")
+for c in convs:
+    shape = f"{c['c_in']}>{c['c_out']} @{c['hw'][0]}"
+    print(f"{','.join(c['layers']):>22} {shape:>16} | {c['whvi_forward_ms']:>8.1f} {c['candle_forward_ms']:>8.1f} |"
+          f" {c['whvi_backward_ms']:>8.1f} {c['candle_backward_ms']:>8.1f}")
 PY

@@ -118,6 +118,10 @@ pub enum Bench {
         /// Timed steps per configuration (median reported).
         #[arg(long, default_value_t = 6)]
         steps: usize,
+        /// Then time each convolution shape of this network against candle's conv2d
+        /// (forward and backward, same width and batch); `none` to skip.
+        #[arg(long, default_value = "vgg16")]
+        conv_shapes: String,
         /// Threads for the compute pool.
         #[arg(long)]
         threads: Option<usize>,

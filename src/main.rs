@@ -177,6 +177,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
             width,
             batch,
             steps,
+            conv_shapes,
             threads,
         }) => {
             if let Some(n) = threads {
@@ -189,6 +190,15 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 steps,
             };
             whvi::bench::train::bench_train(&config, print_json_line)?;
+            if conv_shapes != "none" {
+                whvi::bench::conv::bench_conv_shapes(
+                    &conv_shapes,
+                    width,
+                    batch,
+                    steps,
+                    print_json_line,
+                )?;
+            }
             Ok(())
         }
     }

@@ -1,6 +1,7 @@
 //! Benchmarks behind `whvi bench ...`: each prints one JSON line per configuration, with the
 //! figure that matters given as a ratio to a baseline timed in the same run.
 
+pub mod conv;
 pub mod fwht;
 pub mod fwht_device;
 pub mod layers;
