@@ -1148,3 +1148,51 @@ fn learning_rate_factors_must_be_positive() {
         assert!(config.validate().is_err(), "factor {factor}");
     }
 }
+
+#[test]
+fn training_config_gives_whvi_diagonals_no_decay_and_their_own_learning_rate() -> TestResult {
+    use whvi::train::{TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
+    let config = TrainConfig::default();
+    let dev = Device::Cpu;
+    let names = ["fc1.s1", "fc1.s2", "fc1.mu", "conv1.weight"];
+    let vars: Vec<Var> = names
+        .iter()
+        .map(|_| Var::new(&[1.0f32], &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let mut opt = AnyOptimizer::from_named(
+        names
+            .iter()
+            .map(|n| n.to_string())
+            .zip(vars.clone())
+            .collect(),
+        config.optimizer_config(),
+    )?;
+    assert_eq!(opt.weight_decay_of("fc1.s1"), Some(0.0));
+    assert_eq!(opt.weight_decay_of("fc1.s2"), Some(0.0));
+    assert_eq!(opt.weight_decay_of("fc1.mu"), Some(0.0));
+    assert_eq!(
+        opt.weight_decay_of("conv1.weight"),
+        Some(config.weight_decay)
+    );
+    // Same gradient for all: Adam's first step moves each by its learning rate (times the sign).
+    let loss = vars
+        .iter()
+        .map(|v| v.as_tensor().sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let loss = Tensor::stack(&loss, 0)?.sum_all()?;
+    opt.backward_step(&loss)?;
+    let moved: Vec<f32> = vars
+        .iter()
+        .map(|v| 1.0 - v.as_tensor().to_vec1::<f32>().unwrap()[0])
+        .collect();
+    let base = moved[2];
+    assert!(base > 0.0);
+    for (name, m) in names.iter().zip(&moved).take(2) {
+        let ratio = f64::from(m / base);
+        assert!(
+            (ratio - DEFAULT_DIAGONAL_LR_SCALE).abs() < 1e-3 * DEFAULT_DIAGONAL_LR_SCALE,
+            "{name}: moved {ratio}x the mean's step"
+        );
+    }
+    Ok(())
+}

@@ -53,27 +53,43 @@ impl KernelElement for bf16 {
     const ACC_BYTES: usize = 4;
 }
 
-/// The kernels' module on `dev`, loaded once per device.
-fn module(dev: &CudaDevice) -> Result<Arc<CudaModule>> {
+/// Kernel `name` on `dev`: the module is loaded once per device and each function looked up
+/// once, with its dynamic shared-memory limit raised when `shared_bytes` needs it (launches
+/// run every training step, so none of this is repeated per launch).
+fn function(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<CudaFunction> {
+    type Functions = HashMap<(DeviceId, String), CudaFunction>;
     static MODULES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
-    let mut modules = MODULES
+    static FUNCTIONS: OnceLock<Mutex<Functions>> = OnceLock::new();
+    let poisoned = || candle_core::Error::Msg("fwht: the CUDA kernel cache is poisoned".into());
+    let key = (dev.id(), name.to_string());
+    let mut functions = FUNCTIONS
         .get_or_init(Default::default)
         .lock()
-        .map_err(|_| candle_core::Error::Msg("fwht: the CUDA module cache is poisoned".into()))?;
-    if let Some(module) = modules.get(&dev.id()) {
-        return Ok(module.clone());
+        .map_err(|_| poisoned())?;
+    if let Some(function) = functions.get(&key) {
+        return Ok(function.clone());
     }
-    let module = dev
-        .cuda_stream()
-        .context()
-        .load_module(Ptx::from_src(PTX))
-        .w()?;
-    modules.insert(dev.id(), module.clone());
-    Ok(module)
-}
-
-fn function(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<CudaFunction> {
-    let function = module(dev)?.load_function(name).w()?;
+    let module = {
+        let mut modules = MODULES
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| poisoned())?;
+        match modules.get(&dev.id()) {
+            Some(module) => module.clone(),
+            None => {
+                let module = dev
+                    .cuda_stream()
+                    .context()
+                    .load_module(Ptx::from_src(PTX))
+                    .w()?;
+                modules.insert(dev.id(), module.clone());
+                module
+            }
+        }
+    };
+    let function = module.load_function(name).w()?;
+    // A kernel's shared memory depends only on its name (its row length), so setting the limit
+    // once per function is enough.
     if shared_bytes > DEFAULT_SHARED_BYTES {
         function
             .set_attribute(
@@ -82,6 +98,7 @@ fn function(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<CudaFun
             )
             .w()?;
     }
+    functions.insert(key, function.clone());
     Ok(function)
 }
 

@@ -104,6 +104,9 @@ impl Default for TrainConfig {
     }
 }
 
+/// Name suffixes of the WHVI diagonals `s1`, `s2`: no weight decay, their own learning rate.
+const WHVI_DIAGONALS: [&str; 2] = [".s1", ".s2"];
+
 /// The default of [`TrainConfig::diagonal_lr_scale`].
 pub const DEFAULT_DIAGONAL_LR_SCALE: f64 = 10.0;
 
@@ -157,16 +160,15 @@ impl TrainConfig {
     /// The optimiser configuration, with weight decay kept off biases, BatchNorm parameters
     /// and variational parameters (their regulariser is the KL term).
     pub fn optimizer_config(&self) -> OptimizerConfig {
-        let no_decay = vec![
+        let mut no_decay = vec![
             NameMatch::Suffix(".bias".into()),
             NameMatch::Prefix("bn".into()),
             NameMatch::Suffix(".mu".into()),
             NameMatch::Suffix(".log_sigma".into()),
-            NameMatch::Suffix(".s1".into()),
-            NameMatch::Suffix(".s2".into()),
         ];
+        no_decay.extend(WHVI_DIAGONALS.map(|s| NameMatch::Suffix(s.into())));
         let lr = self.schedule.base_lr;
-        let lr_scale: Vec<LrScale> = [".s1", ".s2"]
+        let lr_scale: Vec<LrScale> = WHVI_DIAGONALS
             .into_iter()
             .map(|suffix| LrScale {
                 rule: NameMatch::Suffix(suffix.into()),
