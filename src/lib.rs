@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod conv;
+mod cpu;
 pub mod data;
 pub mod device;
 pub mod error;

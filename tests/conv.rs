@@ -78,7 +78,7 @@ fn forward_and_gradients_match_candle_and_a_naive_loop() {
                     random(&[b, o, ho, wo], 200 + case)
                 };
 
-                let ours = conv2d(x.as_tensor(), wt.as_tensor(), geo).unwrap();
+                let ours = conv2d(x.as_tensor(), wt.as_tensor(), None, geo).unwrap();
                 let theirs = x.conv2d(wt.as_tensor(), padding, stride, 1, 1).unwrap();
                 let label = format!("k={kernel} s={stride} p={padding}");
                 assert!(
@@ -121,7 +121,7 @@ fn per_example_filters_equal_one_convolution_per_example() {
     };
     let x = Var::from_tensor(&random(&[3, 2, 8, 6], 1)).unwrap();
     let w = Var::from_tensor(&random(&[3, 4, 2, 3, 3], 2)).unwrap();
-    let y = conv2d_per_example(x.as_tensor(), w.as_tensor(), geo).unwrap();
+    let y = conv2d_per_example(x.as_tensor(), w.as_tensor(), None, geo).unwrap();
     let upstream = random(y.dims(), 3);
     let grads = (&y * &upstream)
         .unwrap()
@@ -156,7 +156,7 @@ fn f64_input_is_computed_in_f64() {
         stride: 1,
         padding: 1,
     };
-    let ours = conv2d(&x, &w, geo).unwrap();
+    let ours = conv2d(&x, &w, None, geo).unwrap();
     assert_eq!(ours.dtype(), DType::F64);
     let theirs = x.conv2d(&w, 1, 1, 1, 1).unwrap();
     let diff = (ours - theirs)
@@ -174,17 +174,18 @@ fn f64_input_is_computed_in_f64() {
 fn bad_shapes_are_errors_that_say_what_is_wrong() {
     let geo = ConvGeometry::default();
     let x = random(&[1, 3, 4, 4], 1);
-    let err = conv2d(&x, &random(&[2, 4, 3, 3], 2), geo)
+    let err = conv2d(&x, &random(&[2, 4, 3, 3], 2), None, geo)
         .unwrap_err()
         .to_string();
     assert!(err.contains("expected input [batch, 4"), "{err}");
-    let err = conv2d(&x, &random(&[2, 3, 5, 5], 2), geo)
+    let err = conv2d(&x, &random(&[2, 3, 5, 5], 2), None, geo)
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not fit"), "{err}");
     let err = conv2d(
         &x,
         &random(&[2, 3, 3, 3], 2),
+        None,
         ConvGeometry {
             stride: 0,
             padding: 0,
@@ -193,8 +194,71 @@ fn bad_shapes_are_errors_that_say_what_is_wrong() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("stride"), "{err}");
-    let err = conv2d_per_example(&x, &random(&[2, 2, 3, 3, 3], 2), geo)
+    let err = conv2d_per_example(&x, &random(&[2, 2, 3, 3, 3], 2), None, geo)
         .unwrap_err()
         .to_string();
     assert!(err.contains("2 filter banks for a batch of 1"), "{err}");
+}
+
+#[test]
+fn bias_and_gradients_match_candle_for_one_image_and_for_grouped_images() {
+    // 12x12 outputs (144 pixels) are one product per image; 5x5 outputs are grouped.
+    for (hw, stride) in [(12usize, 1usize), (10, 2)] {
+        let geo = ConvGeometry { stride, padding: 1 };
+        let x = Var::from_tensor(&random(&[5, 3, hw, hw], 11)).unwrap();
+        let w = Var::from_tensor(&random(&[6, 3, 3, 3], 12)).unwrap();
+        let bias = Var::from_tensor(&random(&[6], 13)).unwrap();
+        let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()), geo).unwrap();
+        let theirs = x
+            .conv2d(w.as_tensor(), 1, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, 6, 1, 1)).unwrap())
+            .unwrap();
+        assert!(max_rel_err(&ours, &theirs) < 1e-4, "forward, {hw}x{hw}");
+        let upstream = random(ours.dims(), 14);
+        let backward = |y: Tensor| {
+            (y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g_ours, g_theirs) = (backward(ours), backward(theirs));
+        for (name, v) in [("input", &x), ("weight", &w), ("bias", &bias)] {
+            let err = max_rel_err(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
+            assert!(err < 1e-4, "{name} gradient, {hw}x{hw}: {err}");
+        }
+    }
+}
+
+#[test]
+fn per_example_bias_is_shared_by_all_examples() {
+    let geo = ConvGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    let x = random(&[2, 2, 12, 12], 21);
+    let w = random(&[2, 3, 2, 3, 3], 22);
+    let bias = Var::from_tensor(&random(&[3], 23)).unwrap();
+    let y = conv2d_per_example(&x, &w, Some(bias.as_tensor()), geo).unwrap();
+    for i in 0..2 {
+        let expected = conv2d(
+            &x.narrow(0, i, 1).unwrap(),
+            &w.get(i).unwrap(),
+            Some(bias.as_tensor()),
+            geo,
+        )
+        .unwrap();
+        assert!(
+            max_rel_err(&y.narrow(0, i, 1).unwrap(), &expected) < 1e-5,
+            "example {i}"
+        );
+    }
+    // d(sum y)/d bias = number of output pixels of the batch, per channel.
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let db = grads.get(&bias).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(db, vec![2.0 * 144.0; 3]);
+    // The inputs are data: no gradient is formed for them.
+    assert!(grads.get(&x).is_none());
 }

@@ -137,7 +137,7 @@ pub fn bench_conv_shapes(
                 * 0.05)?,
         )?;
         let geo = ConvGeometry { stride, padding };
-        let ours = || conv2d(x.as_tensor(), weight.as_tensor(), geo);
+        let ours = || conv2d(x.as_tensor(), weight.as_tensor(), None, geo);
         let theirs = || {
             x.as_tensor()
                 .conv2d(weight.as_tensor(), padding, stride, 1, 1)

@@ -1,24 +1,28 @@
-//! 2-D convolution as im2col + gemm, forward and both gradients.
+//! 2-D convolution with gemm-based forward and gradients on the CPU.
 //!
 //! candle 0.11.1's CPU `conv2d` computes the input gradient with a direct `conv_transpose2d`
 //! loop that does not use gemm, so a training step spends most of its time there (about 4x the
-//! forward). Here the convolution is three matrix products around one data-layout op:
+//! forward). Here, per image, with `cols = im2col(x)` the `[K, L]` columns (`K = C_in·k_h·k_w`
+//! kernel taps, `L = H_out·W_out` output pixels) and `W` the `[C_out, K]` filters:
 //!
-//! - forward: `cols = im2col(x)` (`[B·L, K]`, `L = H_out·W_out` output pixels, `K = C_in·k_h·k_w`),
-//!   then `y = cols · Wᵀ` (`[B·L, C_out]`) and a transpose to NCHW;
-//! - weight gradient: `colsᵀ · dy`, one gemm over the whole batch (candle's matmul backward);
-//! - input gradient: `dy · W` (`[B·L, K]`), then [`Col2Im`] scatters the columns back onto the
-//!   image (the backward of [`Im2Col`]). When the input does not need a gradient (the first
-//!   layer, whose input is data) candle never calls it.
+//! - forward: `y = W · cols (+ bias)`, straight into the image's block of the NCHW output;
+//! - weight gradient: `dW = Σ_images dy · colsᵀ`, the columns unfolded again rather than kept
+//!   (a batch's columns are 9x its input);
+//! - input gradient: `dx = col2im(Wᵀ · dy)`, skipped when the input does not take part in
+//!   backprop (the first layer, whose input is data).
 //!
-//! The same path applies one filter bank per example (WHVI's per-example sampling) as a batched
-//! matmul, see [`conv2d_per_example`].
+//! The same op applies one filter bank per image (WHVI's per-example sampling), see
+//! [`conv2d_per_example`]. Other devices and element types than f32 / f64 use candle's own
+//! convolution.
 
-mod im2col;
+mod matmul;
+mod op;
+mod unfold;
 
-pub use im2col::{Col2Im, Im2Col};
+use candle_core::{bail, DType, Result, Tensor};
 
-use candle_core::{bail, Result, Tensor};
+use op::Conv2dOp;
+use unfold::ConvShape;
 
 /// Stride and zero padding of a convolution (dilation 1, groups 1), as in candle's `conv2d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,59 +52,92 @@ fn input_dims(x: &Tensor, in_channels: usize) -> Result<(usize, usize, usize, us
     }
 }
 
-/// The columns of `x` for a `kh x kw` kernel: `[B, H_out·W_out, C·kh·kw]`, taking part in
-/// backprop (its gradient is [`Col2Im`]).
-fn columns(x: &Tensor, kh: usize, kw: usize, geo: ConvGeometry) -> Result<(Tensor, usize, usize)> {
-    let (_, _, h, w) = x.dims4()?;
-    let op = Im2Col {
-        kernel_h: kh,
-        kernel_w: kw,
-        stride: geo.stride,
-        padding: geo.padding,
-    };
-    let (ho, wo) = op.output_size(h, w)?;
-    Ok((x.contiguous()?.apply_op1(op)?, ho, wo))
+/// Checks the bias is `[C_out]`.
+fn check_bias(bias: Option<&Tensor>, out_channels: usize) -> Result<()> {
+    match bias.map(|b| b.dims()) {
+        Some(dims) if dims != [out_channels] => {
+            bail!("conv2d: expected a bias of [{out_channels}] (one per output channel), got {dims:?}")
+        }
+        _ => Ok(()),
+    }
 }
 
-/// Convolves `x` (`[B, C_in, H, W]`) with `weight` (`[C_out, C_in, k_h, k_w]`): the same result
-/// as candle's `x.conv2d(weight, padding, stride, 1, 1)`, with gemm-based gradients.
-pub fn conv2d(x: &Tensor, weight: &Tensor, geo: ConvGeometry) -> Result<Tensor> {
-    let (c_out, c_in, kh, kw) = weight.dims4()?;
-    let (b, _, _, _) = input_dims(x, c_in)?;
-    if !x.device().is_cpu() {
-        // GPU backends have their own gemm-based (or cuDNN) convolutions.
-        return x.conv2d(weight, geo.padding, geo.stride, 1, 1);
+/// Whether the gemm op handles tensors of this device and element type.
+fn gemm_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Adds a `[C_out]` bias to `[B, C_out, H, W]` outputs (the path of other devices).
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(y),
     }
-    let (cols, ho, wo) = columns(x, kh, kw, geo)?;
-    let k = c_in * kh * kw;
-    let y = cols
-        .reshape((b * ho * wo, k))?
-        .matmul(&weight.reshape((c_out, k))?.t()?)?;
-    y.reshape((b, ho * wo, c_out))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, c_out, ho, wo))
+}
+
+/// Runs the op on `x`, the filters and the optional bias.
+fn apply(op: Conv2dOp, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op),
+        None => x.apply_op2(&weight, op),
+    }
+}
+
+/// Convolves `x` (`[B, C_in, H, W]`) with `weight` (`[C_out, C_in, k_h, k_w]`) and adds `bias`
+/// (`[C_out]`) if given: the result of candle's `x.conv2d(weight, padding, stride, 1, 1)` (plus
+/// the bias), with gemm-based gradients.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geo: ConvGeometry,
+) -> Result<Tensor> {
+    let (c_out, c_in, kh, kw) = weight.dims4()?;
+    let (b, _, h, w) = input_dims(x, c_in)?;
+    check_bias(bias, c_out)?;
+    let shape = ConvShape::new([c_in, h, w], [kh, kw], geo)?;
+    if !gemm_path(x) {
+        // GPU backends have their own gemm-based (or cuDNN) convolutions.
+        return add_bias(x.conv2d(weight, geo.padding, geo.stride, 1, 1)?, bias);
+    }
+    let op = Conv2dOp {
+        shape,
+        batch: b,
+        out_channels: c_out,
+        per_example: false,
+    };
+    apply(op, x, weight, bias)
 }
 
 /// Convolves each example with its own filter bank: `x` `[B, C_in, H, W]`, `weights`
-/// `[B, C_out, C_in, k_h, k_w]`; example `i` of the result is `conv2d(x[i], weights[i])`.
-pub fn conv2d_per_example(x: &Tensor, weights: &Tensor, geo: ConvGeometry) -> Result<Tensor> {
+/// `[B, C_out, C_in, k_h, k_w]`, an optional shared `bias` `[C_out]`; example `i` of the result
+/// is `conv2d(x[i], weights[i], bias)`.
+pub fn conv2d_per_example(
+    x: &Tensor,
+    weights: &Tensor,
+    bias: Option<&Tensor>,
+    geo: ConvGeometry,
+) -> Result<Tensor> {
     let (wb, c_out, c_in, kh, kw) = weights.dims5()?;
-    let (b, _, _, _) = input_dims(x, c_in)?;
+    let (b, _, h, w) = input_dims(x, c_in)?;
     if wb != b {
         bail!("conv2d_per_example: {wb} filter banks for a batch of {b}; give one per example");
     }
-    if !x.device().is_cpu() {
+    check_bias(bias, c_out)?;
+    let shape = ConvShape::new([c_in, h, w], [kh, kw], geo)?;
+    if !gemm_path(x) {
         // One group per example: the GPU backends' grouped convolution.
-        let (_, _, h, w) = x.dims4()?;
         let x = x.reshape((1, b * c_in, h, w))?;
         let weights = weights.reshape((b * c_out, c_in, kh, kw))?;
         let y = x.conv2d(&weights, geo.padding, geo.stride, 1, b)?;
-        let (_, _, ho, wo) = y.dims4()?;
-        return y.reshape((b, c_out, ho, wo));
+        return add_bias(y.reshape((b, c_out, shape.out_h, shape.out_w))?, bias);
     }
-    let (cols, ho, wo) = columns(x, kh, kw, geo)?;
-    let k = c_in * kh * kw;
-    let y = cols.matmul(&weights.reshape((b, c_out, k))?.transpose(1, 2)?)?;
-    y.transpose(1, 2)?.contiguous()?.reshape((b, c_out, ho, wo))
+    let op = Conv2dOp {
+        shape,
+        batch: b,
+        out_channels: c_out,
+        per_example: true,
+    };
+    apply(op, x, weights, bias)
 }

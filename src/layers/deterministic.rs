@@ -83,11 +83,7 @@ impl BayesianModule for Conv2d {
             stride: config.stride,
             padding: config.padding,
         };
-        let y = conv::conv2d(x, self.inner.weight(), geo)?;
-        match self.inner.bias() {
-            Some(b) => y.broadcast_add(&b.reshape((1, self.out_channels, 1, 1))?),
-            None => Ok(y),
-        }
+        conv::conv2d(x, self.inner.weight(), self.inner.bias(), geo)
     }
 
     fn kl(&self) -> Result<Option<Tensor>> {

@@ -176,7 +176,7 @@ impl MeanFieldConv2d {
             stride: self.stride,
             padding: self.padding,
         };
-        conv::conv2d(x, w, geo)
+        conv::conv2d(x, w, None, geo)
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {

@@ -425,13 +425,6 @@ impl WhviConv2d {
         ))
     }
 
-    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, self.out_channels, 1, 1))?),
-            None => Ok(y),
-        }
-    }
-
     fn check_input(&self, x: &Tensor) -> Result<usize> {
         match x.dims() {
             &[b, c, _, _] if c == self.in_channels => Ok(b),
@@ -457,12 +450,12 @@ impl BayesianModule for WhviConv2d {
         let samples = if per_example { batch } else { 1 };
         let g = self.blocks.g_for(samples, pass)?;
         let filters = self.filters(&g)?;
-        let y = if per_example {
-            conv::conv2d_per_example(x, &filters, self.geometry())?
+        let bias = self.bias.as_ref();
+        if per_example {
+            conv::conv2d_per_example(x, &filters, bias, self.geometry())
         } else {
-            conv::conv2d(x, &filters.squeeze(0)?, self.geometry())?
-        };
-        self.add_bias(y)
+            conv::conv2d(x, &filters.squeeze(0)?, bias, self.geometry())
+        }
     }
 
     fn kl(&self) -> Result<Option<Tensor>> {
@@ -493,6 +486,6 @@ impl Module for WhviConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
         let filters = self.filters(&self.blocks.mu.unsqueeze(0)?)?;
-        self.add_bias(conv::conv2d(x, &filters.squeeze(0)?, self.geometry())?)
+        conv::conv2d(x, &filters.squeeze(0)?, self.bias.as_ref(), self.geometry())
     }
 }

@@ -16,7 +16,11 @@ use std::ops::{AddAssign, MulAssign};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::slice;
 use crate::fwht::cpu::Elem;
+
+/// The op's name in error messages.
+const OP: &str = "whvi product";
 
 /// Element types of the fused kernel.
 pub(crate) trait Float:
@@ -107,17 +111,6 @@ impl<'a, T: Float> Blocks<'a, T> {
 
     fn sigma(&self, block: usize) -> &[T] {
         &self.sigma[block * self.d..][..self.d]
-    }
-}
-
-fn slice<'a, T: candle_core::WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let data = T::cpu_storage_as_slice(storage)?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("whvi product: inputs must be contiguous"),
     }
 }
 
@@ -235,10 +228,10 @@ fn gradients<T: Float>(
 ) -> Result<(Tensor, Tensor)> {
     let [xs, eps, ps, dy] = inputs;
     let (dx, dparams) = backward::<T>(
-        slice(xs.0, xs.1)?,
-        slice(eps.0, eps.1)?,
-        slice(ps.0, ps.1)?,
-        slice(dy.0, dy.1)?,
+        slice(xs.0, xs.1, OP)?,
+        slice(eps.0, eps.1, OP)?,
+        slice(ps.0, ps.1, OP)?,
+        slice(dy.0, dy.1, OP)?,
         dims,
     );
     Ok((
@@ -264,15 +257,15 @@ impl CustomOp3 for WhviProduct {
         let dims = Dims::new(x_layout.dims(), eps_layout.dims(), params_layout.dims())?;
         let out = match x {
             CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(
-                slice(x, x_layout)?,
-                slice(eps, eps_layout)?,
-                slice(params, params_layout)?,
+                slice(x, x_layout, OP)?,
+                slice(eps, eps_layout, OP)?,
+                slice(params, params_layout, OP)?,
                 dims,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(
-                slice(x, x_layout)?,
-                slice(eps, eps_layout)?,
-                slice(params, params_layout)?,
+                slice(x, x_layout, OP)?,
+                slice(eps, eps_layout, OP)?,
+                slice(params, params_layout, OP)?,
                 dims,
             )),
             _ => bail!("whvi product: f32 or f64 expected"),

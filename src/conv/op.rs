@@ -1,0 +1,473 @@
+//! The CPU convolution op: forward and both gradients as gemms over images' columns.
+//!
+//! The batch is split into one contiguous range of images per thread; each thread unfolds an
+//! image (or a small group of images, for the late layers whose outputs have few pixels) into
+//! a columns buffer that stays in its cache, and runs single-threaded products on it. Nothing
+//! of the size of the whole batch's columns is ever built, and the threads only meet at the
+//! end, where the weight gradient's per-thread parts are summed in a fixed order (so that a
+//! run is reproducible for a given thread count).
+
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+use super::matmul::{matmul, MatRef};
+use super::unfold::ConvShape;
+use crate::cpu::{slice, with_slices};
+
+/// Below this many output pixels per image, images are grouped so that each product has at
+/// least this many columns: a product a few columns wide leaves gemm's microkernel idle.
+const MIN_GEMM_COLUMNS: usize = 128;
+
+/// A convolution of a batch: `y = conv(x, W) (+ bias)`, applied through `apply_op2` (no bias)
+/// or `apply_op3` (bias).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conv2dOp {
+    pub(crate) shape: ConvShape,
+    pub(crate) batch: usize,
+    pub(crate) out_channels: usize,
+    /// One filter bank per image (`W` is `[B, C_out, C_in, k_h, k_w]`).
+    pub(crate) per_example: bool,
+}
+
+/// How the batch is cut into per-thread tasks and per-product groups of images.
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    /// Images unfolded side by side into one product.
+    group: usize,
+    /// Images per task (a multiple of `group`).
+    task_images: usize,
+    /// Threads each product may use: all of them when there is a single task.
+    product_threads: usize,
+}
+
+impl Conv2dOp {
+    fn split(&self) -> Split {
+        let threads = rayon::current_num_threads().max(1);
+        let batch = self.batch.max(1);
+        let group = if self.per_example {
+            1
+        } else {
+            MIN_GEMM_COLUMNS
+                .div_ceil(self.shape.pixels().max(1))
+                .min(batch)
+        };
+        let groups = batch.div_ceil(group);
+        let groups_per_task = groups.div_ceil(threads.min(groups));
+        let tasks = groups.div_ceil(groups_per_task);
+        Split {
+            group,
+            task_images: groups_per_task * group,
+            product_threads: if tasks == 1 { threads } else { 1 },
+        }
+    }
+
+    fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.shape.pixels()
+    }
+
+    fn weight_len(&self) -> usize {
+        self.out_channels * self.shape.taps()
+    }
+
+    /// The filter bank of image `b`, `[C_out, K]`.
+    fn weights_of<'a, T>(&self, w: &'a [T], b: usize) -> MatRef<'a, T> {
+        let n = self.weight_len();
+        let bank = if self.per_example {
+            &w[b * n..][..n]
+        } else {
+            &w[..n]
+        };
+        MatRef::row_major(bank, self.out_channels, self.shape.taps())
+    }
+
+    /// The `[K, images·L]` columns of `images` images of `x` from `first`, written into `cols`.
+    fn columns<'a, T: Copy + Default>(
+        &self,
+        cols: &'a mut [T],
+        x: &[T],
+        first: usize,
+        images: usize,
+    ) -> MatRef<'a, T> {
+        let (image, l, k) = (
+            self.shape.image_len(),
+            self.shape.pixels(),
+            self.shape.taps(),
+        );
+        let ld = images * l;
+        for j in 0..images {
+            let src = &x[(first + j) * image..][..image];
+            self.shape.im2col(src, cols, ld, j * l);
+        }
+        MatRef::row_major(&cols[..k * ld], k, ld)
+    }
+
+    /// `dy` of `images` images from `first` as one `[C_out, images·L]` matrix: the image's own
+    /// block when there is one image, else gathered side by side into `block`.
+    fn output_block<'a, T: Copy>(
+        &self,
+        block: &'a mut [T],
+        dy: &'a [T],
+        first: usize,
+        images: usize,
+    ) -> MatRef<'a, T> {
+        let (co, l) = (self.out_channels, self.shape.pixels());
+        let ld = images * l;
+        if images == 1 {
+            return MatRef::row_major(&dy[first * co * l..][..co * l], co, l);
+        }
+        for j in 0..images {
+            for c in 0..co {
+                block[c * ld + j * l..][..l]
+                    .copy_from_slice(&dy[((first + j) * co + c) * l..][..l]);
+            }
+        }
+        MatRef::row_major(&block[..co * ld], co, ld)
+    }
+
+    fn forward<T: WithDType + Default>(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+        let (co, l) = (self.out_channels, self.shape.pixels());
+        let split = self.split();
+        let mut y = vec![T::default(); self.output_len()];
+        if y.is_empty() {
+            return y;
+        }
+        y.par_chunks_mut(split.task_images * co * l)
+            .enumerate()
+            .for_each(|(task, y_task)| {
+                let mut space = Workspace::new(self, split.group);
+                for (i, y_group) in y_task.chunks_mut(split.group * co * l).enumerate() {
+                    let first = task * split.task_images + i * split.group;
+                    let images = y_group.len() / (co * l);
+                    let cols = self.columns(&mut space.cols, x, first, images);
+                    let filters = self.weights_of(w, first);
+                    if images == 1 {
+                        // The product lands in the image's [C_out, L] block of the output.
+                        if let Some(bias) = bias {
+                            for (plane, &b) in y_group.chunks_exact_mut(l).zip(bias) {
+                                plane.fill(b);
+                            }
+                        }
+                        let threads = split.product_threads;
+                        matmul(y_group, l, filters, cols, bias.is_some(), threads);
+                    } else {
+                        let ld = images * l;
+                        let out = &mut space.block[..co * ld];
+                        matmul(out, ld, filters, cols, false, split.product_threads);
+                        for (j, image) in y_group.chunks_exact_mut(co * l).enumerate() {
+                            for (c, plane) in image.chunks_exact_mut(l).enumerate() {
+                                let src = &out[c * ld + j * l..][..l];
+                                let b = bias.map_or(T::default(), |b| b[c]);
+                                for (d, &s) in plane.iter_mut().zip(src) {
+                                    *d = s + b;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        y
+    }
+
+    /// The weight gradient (`[C_out, K]`, or `[B, C_out, K]` per example) and, when asked, the
+    /// bias gradient (`[C_out]`).
+    fn weight_grad<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        with_bias: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let (co, k, l) = (self.out_channels, self.shape.taps(), self.shape.pixels());
+        let split = self.split();
+        let tasks = self.batch.div_ceil(split.task_images);
+        // One slice of the result per task: its images' banks (per example) or its part of the
+        // sum over the batch (shared weights, summed below), then its part of the bias sums.
+        let part = if self.per_example {
+            split.task_images * co * k
+        } else {
+            co * k
+        };
+        let mut parts = vec![T::default(); tasks * (part + co)];
+        parts
+            .par_chunks_mut(part + co)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (dw, db) = out.split_at_mut(part);
+                let mut space = Workspace::new(self, split.group);
+                let first = task * split.task_images;
+                let last = (first + split.task_images).min(self.batch);
+                for start in (first..last).step_by(split.group) {
+                    let images = split.group.min(last - start);
+                    let ld = images * l;
+                    let cols = self.columns(&mut space.cols, x, start, images);
+                    let grad = self.output_block(&mut space.block, dy, start, images);
+                    if with_bias {
+                        for (c, sum) in db.iter_mut().enumerate() {
+                            for j in 0..ld {
+                                *sum += grad.at(c, j);
+                            }
+                        }
+                    }
+                    let dw = if self.per_example {
+                        &mut dw[(start - first) * co * k..][..co * k]
+                    } else {
+                        &mut dw[..]
+                    };
+                    matmul(dw, k, grad, cols.t(), true, split.product_threads);
+                }
+            });
+        let mut dw = Vec::with_capacity(if self.per_example {
+            self.batch * co * k
+        } else {
+            co * k
+        });
+        let mut db = vec![T::default(); co];
+        for (task, out) in parts.chunks_exact(part + co).enumerate() {
+            let (w_part, b_part) = out.split_at(part);
+            if self.per_example {
+                let images = split.task_images.min(self.batch - task * split.task_images);
+                dw.extend_from_slice(&w_part[..images * co * k]);
+            } else if task == 0 {
+                dw.extend_from_slice(w_part);
+            } else {
+                for (d, &v) in dw.iter_mut().zip(w_part) {
+                    *d += v;
+                }
+            }
+            for (d, &v) in db.iter_mut().zip(b_part) {
+                *d += v;
+            }
+        }
+        (dw, with_bias.then_some(db))
+    }
+
+    /// The input gradient, `[B, C_in, H, W]`.
+    fn input_grad<T: WithDType + Default>(&self, w: &[T], dy: &[T]) -> Vec<T> {
+        let (k, l) = (self.shape.taps(), self.shape.pixels());
+        let image = self.shape.image_len();
+        let split = self.split();
+        let mut dx = vec![T::default(); self.batch * image];
+        if dx.is_empty() {
+            return dx;
+        }
+        dx.par_chunks_mut(split.task_images * image)
+            .enumerate()
+            .for_each(|(task, dx_task)| {
+                let mut space = Workspace::new(self, split.group);
+                for (i, dx_group) in dx_task.chunks_mut(split.group * image).enumerate() {
+                    let first = task * split.task_images + i * split.group;
+                    let images = dx_group.len() / image;
+                    let ld = images * l;
+                    let grad = self.output_block(&mut space.block, dy, first, images);
+                    let filters = self.weights_of(w, first).t();
+                    let cols = &mut space.cols[..k * ld];
+                    matmul(cols, ld, filters, grad, false, split.product_threads);
+                    for (j, dx_image) in dx_group.chunks_exact_mut(image).enumerate() {
+                        self.shape.col2im_add(cols, ld, j * l, dx_image);
+                    }
+                }
+            });
+        dx
+    }
+
+    fn check_dims(&self, x: &Layout, w: &Layout, bias: Option<&Layout>) -> Result<()> {
+        let s = &self.shape;
+        let x_dims = [self.batch, s.channels, s.height, s.width];
+        let mut w_dims = vec![self.out_channels, s.channels, s.kernel_h, s.kernel_w];
+        if self.per_example {
+            w_dims.insert(0, self.batch);
+        }
+        if x.dims() != x_dims || w.dims() != w_dims {
+            bail!(
+                "conv2d op: expected input {x_dims:?} and weight {w_dims:?}, got {:?} and {:?}",
+                x.dims(),
+                w.dims()
+            );
+        }
+        if let Some(b) = bias {
+            if b.dims() != [self.out_channels] {
+                bail!(
+                    "conv2d op: expected bias [{}], got {:?}",
+                    self.out_channels,
+                    b.dims()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn cpu_forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check_dims(x.1, w.1, bias.map(|b| b.1))?;
+        fn run<T: WithDType + Default>(
+            op: &Conv2dOp,
+            x: (&CpuStorage, &Layout),
+            w: (&CpuStorage, &Layout),
+            bias: Option<(&CpuStorage, &Layout)>,
+        ) -> Result<Vec<T>> {
+            let bias = match bias {
+                Some((s, l)) => Some(slice::<T>(s, l, "conv2d")?),
+                None => None,
+            };
+            Ok(op.forward(
+                slice::<T>(x.0, x.1, "conv2d")?,
+                slice::<T>(w.0, w.1, "conv2d")?,
+                bias,
+            ))
+        }
+        let y = match x.0 {
+            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(self, x, w, bias)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(self, x, w, bias)?),
+            other => bail!(
+                "conv2d op: f32 or f64 expected, got {:?}",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        let s = &self.shape;
+        Ok((
+            y,
+            Shape::from((self.batch, self.out_channels, s.out_h, s.out_w)),
+        ))
+    }
+
+    /// Gradients of `x`, `W` and the bias, each only where that input takes part in backprop
+    /// (the first layer's input is data: its gradient is never formed).
+    fn gradients(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let wanted = Wanted {
+            input: x.track_op(),
+            weight: w.track_op(),
+            bias: bias.is_some_and(|b| b.track_op()),
+        };
+        match x.dtype() {
+            DType::F32 => self.typed_gradients::<f32>(x, w, &dy, wanted),
+            DType::F64 => self.typed_gradients::<f64>(x, w, &dy, wanted),
+            other => bail!("conv2d backward: f32 or f64 expected, got {other:?}"),
+        }
+    }
+
+    fn typed_gradients<T: WithDType + Default>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        wanted: Wanted,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = with_slices::<T, _>("conv2d backward", &[x, w, dy], |data| {
+            let [x, w, dy] = [data[0], data[1], data[2]];
+            let dx = wanted.input.then(|| self.input_grad(w, dy));
+            let (dw, db) = if wanted.weight || wanted.bias {
+                let (dw, db) = self.weight_grad(x, dy, wanted.bias);
+                (wanted.weight.then_some(dw), db)
+            } else {
+                (None, None)
+            };
+            (dx, dw, db)
+        })?;
+        let device = x.device();
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, x.shape(), device))
+                .transpose()?,
+            dw.map(|v| Tensor::from_vec(v, w.shape(), device))
+                .transpose()?,
+            db.map(|v| Tensor::from_vec(v, self.out_channels, device))
+                .transpose()?,
+        ))
+    }
+}
+
+/// Which gradients backprop needs.
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    input: bool,
+    weight: bool,
+    bias: bool,
+}
+
+/// Per-thread buffers: the columns of a group of images, and a `[C_out, group·L]` block for
+/// the products whose output is not one image's block of an NCHW tensor.
+struct Workspace<T> {
+    cols: Vec<T>,
+    block: Vec<T>,
+}
+
+impl<T: WithDType + Default> Workspace<T> {
+    fn new(op: &Conv2dOp, group: usize) -> Self {
+        let l = op.shape.pixels();
+        Workspace {
+            cols: vec![T::default(); op.shape.taps() * group * l],
+            block: if group > 1 {
+                vec![T::default(); op.out_channels * group * l]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_forward((x, x_layout), (w, w_layout), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.gradients(x, w, None, grad_res)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-gemm-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_forward((x, x_layout), (w, w_layout), Some((bias, bias_layout)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.gradients(x, w, Some(bias), grad_res)
+    }
+}
