@@ -1,7 +1,7 @@
 //! Point-estimate layers: candle-nn's modules behind the [`BayesianModule`] trait.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{BatchNormConfig, Conv2dConfig, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::{BayesianModule, Pass};
 use crate::conv::{self, ConvGeometry};
@@ -100,42 +100,5 @@ impl BayesianModule for Conv2d {
             "Conv2d({} -> {}, k={}, s={}, p={})",
             self.in_channels, self.out_channels, self.kernel, c.stride, c.padding
         )
-    }
-}
-
-/// Batch normalisation over channels; always deterministic. Running statistics are stored as
-/// parameters (`running_mean`, `running_var`) so that checkpoints carry them.
-#[derive(Debug, Clone)]
-pub struct BatchNorm2d {
-    inner: candle_nn::BatchNorm,
-    channels: usize,
-}
-
-impl BatchNorm2d {
-    /// Batch normalisation of `channels` channels (eps 1e-5, momentum 0.1, affine).
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(BatchNorm2d {
-            inner: candle_nn::batch_norm(channels, BatchNormConfig::default(), vb)?,
-            channels,
-        })
-    }
-}
-
-impl BayesianModule for BatchNorm2d {
-    fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        self.inner.forward_t(x, pass.is_train())
-    }
-
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-
-    fn num_params(&self) -> usize {
-        // weight and bias are trained; the running statistics are buffers.
-        2 * self.channels
-    }
-
-    fn describe(&self) -> String {
-        format!("BatchNorm2d({})", self.channels)
     }
 }

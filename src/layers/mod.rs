@@ -6,21 +6,25 @@
 //! with WHVI, a mean-field Gaussian posterior, MC dropout or point estimates and compared on
 //! equal terms.
 
+mod batch_norm;
 mod deterministic;
 mod dropout;
 mod meanfield;
 mod noise;
+mod pool;
 mod prior;
 mod sequential;
 mod whvi;
 mod whvi_kernel;
 
-pub use deterministic::{BatchNorm2d, Conv2d, Linear};
+pub use batch_norm::BatchNorm2d;
+pub use deterministic::{Conv2d, Linear};
 pub use dropout::McDropout;
 pub use meanfield::{MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear};
 pub use noise::standard_normal;
+pub use pool::MaxPool2d;
 pub use prior::{gaussian_kl, Prior};
-pub use sequential::{Activation, Flatten, MaxPool2d, Sequential};
+pub use sequential::{Activation, Flatten, ReluAppliedBefore, Sequential};
 pub use whvi::{ConvSampling, WhviBlocks, WhviConv2d, WhviLinear};
 
 use candle_core::{Result, Tensor};

@@ -58,23 +58,14 @@ impl BayesianModule for Flatten {
     }
 }
 
-/// Max pooling with a square window whose stride equals its size (candle's backward needs
-/// kernel == stride).
-#[derive(Debug, Clone, Copy)]
-pub struct MaxPool2d {
-    size: usize,
-}
+/// The row of a ReLU that the layer before it applies (a [`super::BatchNorm2d`] built
+/// `with_relu`): the identity, so that a network keeps one module per row of its plan.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReluAppliedBefore;
 
-impl MaxPool2d {
-    /// A `size x size` max pool with stride `size`.
-    pub fn new(size: usize) -> Self {
-        MaxPool2d { size }
-    }
-}
-
-impl BayesianModule for MaxPool2d {
+impl BayesianModule for ReluAppliedBefore {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
-        x.max_pool2d(self.size)
+        Ok(x.clone())
     }
 
     fn kl(&self) -> Result<Option<Tensor>> {
@@ -86,7 +77,7 @@ impl BayesianModule for MaxPool2d {
     }
 
     fn describe(&self) -> String {
-        format!("MaxPool2d({})", self.size)
+        "Relu (applied by the layer before)".to_string()
     }
 }
 

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use super::spec::ModelSpec;
 use crate::layers::{
     Activation, BatchNorm2d, BayesianModule, Conv2d, ConvSampling, Flatten, Linear, MaxPool2d,
-    McDropout, MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear, Pass, Prior, Sequential,
-    WhviConv2d, WhviLinear,
+    McDropout, MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear, Pass, Prior, ReluAppliedBefore,
+    Sequential, WhviConv2d, WhviLinear,
 };
 use crate::{Error, Result};
 
@@ -420,8 +420,13 @@ impl Network {
     pub fn build(spec: &ModelSpec, options: &BuildOptions, vb: VarBuilder) -> Result<Self> {
         let plan = plan(spec, options)?;
         let mut body = Sequential::new();
-        for row in &plan {
+        for (i, row) in plan.iter().enumerate() {
             let vb = vb.pp(&row.name);
+            // A ReLU right after a batch norm runs inside the batch norm's op.
+            let relu_follows = plan
+                .get(i + 1)
+                .is_some_and(|next| next.kind == LayerKind::Relu);
+            let relu_fused = i > 0 && matches!(plan[i - 1].kind, LayerKind::BatchNorm(_));
             match (row.kind, row.method) {
                 (
                     LayerKind::Conv {
@@ -466,7 +471,11 @@ impl Network {
                         body.push(Linear::new(d_in, d_out, vb)?)
                     }
                 },
+                (LayerKind::BatchNorm(c), _) if relu_follows => {
+                    body.push(BatchNorm2d::new(c, vb)?.with_relu())
+                }
                 (LayerKind::BatchNorm(c), _) => body.push(BatchNorm2d::new(c, vb)?),
+                (LayerKind::Relu, _) if relu_fused => body.push(ReluAppliedBefore),
                 (LayerKind::Relu, _) => body.push(Activation::Relu),
                 (LayerKind::MaxPool, _) => body.push(MaxPool2d::new(2)),
                 (LayerKind::Flatten, _) => body.push(Flatten),

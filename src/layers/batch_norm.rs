@@ -1,0 +1,373 @@
+//! Batch normalisation over channels, optionally followed by a ReLU, as one CPU op.
+//!
+//! candle-nn's `BatchNorm` composes about ten tensor ops (a transpose and copy, means,
+//! broadcast arithmetic), and autograd then runs the backward of each and adds every gradient
+//! into a fresh zero tensor: some thirty sweeps over the activation per layer and step. Here
+//! the forward is two sweeps (channel moments, then normalise-scale-shift-clamp) and the
+//! backward two (channel sums, then the input gradient), with the gradient through the batch
+//! statistics in closed form. Other devices and element types use candle-nn's module.
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
+use candle_nn::{BatchNormConfig, ModuleT, VarBuilder};
+use rayon::prelude::*;
+
+use super::{BayesianModule, Pass};
+use crate::cpu::{slice, with_slices};
+
+/// Batch normalisation over the channels of `[B, C, H, W]` (eps 1e-5, momentum 0.1, affine),
+/// with an optional ReLU applied in the same op. Running statistics are stored as parameters
+/// (`running_mean`, `running_var`) so that checkpoints carry them.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    inner: candle_nn::BatchNorm,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    channels: usize,
+    relu: bool,
+}
+
+impl BatchNorm2d {
+    /// Batch normalisation of `channels` channels; parameters `weight`, `bias` and the buffers
+    /// `running_mean`, `running_var`.
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = candle_nn::batch_norm(channels, BatchNormConfig::default(), vb)?;
+        let Some((weight, bias)) = inner.weight_and_bias() else {
+            bail!("batch norm: the default configuration is affine");
+        };
+        let (weight, bias) = (weight.clone(), bias.clone());
+        // The running statistics are the variables candle-nn updates; sharing them keeps the
+        // two paths (and the checkpoint) on one set of buffers.
+        let running_mean = Var::from_tensor(inner.running_mean())?;
+        let running_var = Var::from_tensor(inner.running_var())?;
+        Ok(BatchNorm2d {
+            inner,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            channels,
+            relu: false,
+        })
+    }
+
+    /// The same layer with a ReLU applied to its output (in the op itself on the CPU).
+    pub fn with_relu(mut self) -> Self {
+        self.relu = true;
+        self
+    }
+
+    fn fused_path(&self, x: &Tensor) -> bool {
+        x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4
+    }
+
+    fn forward_fused(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.channels {
+            bail!(
+                "batch norm: expected input [batch, {}, height, width], got {:?}",
+                self.channels,
+                x.dims()
+            );
+        }
+        let x = x.contiguous()?;
+        let (mean, var) = if train {
+            let count = b * h * w;
+            if count < 2 {
+                bail!(
+                    "batch norm: training needs more than one value per channel, got input \
+                     {:?}; use a larger batch",
+                    x.dims()
+                );
+            }
+            let (mean, var) = match x.dtype() {
+                DType::F32 => {
+                    with_slices::<f32, _>("batch norm", &[&x], |d| channel_moments(d[0], c, h * w))?
+                }
+                _ => {
+                    with_slices::<f64, _>("batch norm", &[&x], |d| channel_moments(d[0], c, h * w))?
+                }
+            };
+            self.update_running(&mean, &var, count)?;
+            (mean, var)
+        } else {
+            (
+                to_f64(self.running_mean.as_tensor())?,
+                to_f64(self.running_var.as_tensor())?,
+            )
+        };
+        let eps = BatchNormConfig::default().eps;
+        if x.elem_count() == 0 {
+            return Ok(x);
+        }
+        let op = BatchNormOp {
+            plane: h * w,
+            inv_std: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
+            mean,
+            batch_stats: train,
+            relu: self.relu,
+        };
+        x.apply_op3(&self.weight, &self.bias, op)
+    }
+
+    /// `running = (1 - momentum)·running + momentum·batch`, with the unbiased batch variance
+    /// (PyTorch's convention).
+    fn update_running(&self, mean: &[f64], var: &[f64], count: usize) -> Result<()> {
+        let momentum = BatchNormConfig::default().momentum;
+        let unbiased = count as f64 / (count - 1) as f64;
+        for (stat, batch, factor) in [
+            (&self.running_mean, mean, 1.0),
+            (&self.running_var, var, unbiased),
+        ] {
+            let old = to_f64(stat.as_tensor())?;
+            let new: Vec<f64> = old
+                .iter()
+                .zip(batch)
+                .map(|(o, b)| (1.0 - momentum) * o + momentum * factor * b)
+                .collect();
+            let t = Tensor::from_vec(new, old.len(), stat.device())?.to_dtype(stat.dtype())?;
+            stat.set(&t)?;
+        }
+        Ok(())
+    }
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.to_vec1::<f64>()
+}
+
+impl BayesianModule for BatchNorm2d {
+    fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        if self.fused_path(x) {
+            return self.forward_fused(x, pass.is_train());
+        }
+        let y = self.inner.forward_t(x, pass.is_train())?;
+        if self.relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        // weight and bias are trained; the running statistics are buffers.
+        2 * self.channels
+    }
+
+    fn describe(&self) -> String {
+        let relu = if self.relu { " + ReLU" } else { "" };
+        format!("BatchNorm2d({}){relu}", self.channels)
+    }
+}
+
+/// Per-channel mean and (biased) variance of NCHW data with `plane` pixels per channel, in f64.
+fn channel_moments<T: candle_core::WithDType>(
+    x: &[T],
+    channels: usize,
+    plane: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let sums: Vec<(f64, f64)> = x
+        .par_chunks(plane)
+        .map(|p| {
+            p.iter().fold((0.0, 0.0), |(s, q), &v| {
+                let v = v.to_f64();
+                (s + v, q + v * v)
+            })
+        })
+        .collect();
+    let n = (x.len() / channels) as f64;
+    let mut mean = vec![0.0; channels];
+    let mut var = vec![0.0; channels];
+    for (i, (s, q)) in sums.into_iter().enumerate() {
+        mean[i % channels] += s;
+        var[i % channels] += q;
+    }
+    for (m, v) in mean.iter_mut().zip(&mut var) {
+        *m /= n;
+        *v = (*v / n - *m * *m).max(0.0);
+    }
+    (mean, var)
+}
+
+/// `y = [relu](weight·(x - mean)·inv_std + bias)` per channel, applied through `apply_op3(x,
+/// weight, bias)`. With `batch_stats` the statistics are the batch's own, so the input gradient
+/// includes the path through them.
+#[derive(Debug, Clone)]
+struct BatchNormOp {
+    /// Pixels per channel and image (`H·W`, at least 1).
+    plane: usize,
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+    batch_stats: bool,
+    relu: bool,
+}
+
+impl BatchNormOp {
+    fn forward<T: candle_core::WithDType>(&self, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
+        let (channels, plane) = (self.mean.len(), self.plane);
+        let mut y = x.to_vec();
+        y.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
+            let c = i % channels;
+            let scale = weight[c].to_f64() * self.inv_std[c];
+            let shift = bias[c].to_f64() - self.mean[c] * scale;
+            let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+            let zero = T::from_f64(0.0);
+            for v in p.iter_mut() {
+                let z = *v * scale + shift;
+                *v = if self.relu && z < zero { zero } else { z };
+            }
+        });
+        y
+    }
+
+    /// Gradients of x, weight and bias from the input, the output (whose sign is the ReLU's
+    /// mask) and the output gradient.
+    fn gradients<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        weight: &[T],
+        y: &[T],
+        dy: &[T],
+        want_input: bool,
+    ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+        let (channels, plane) = (self.mean.len(), self.plane);
+        let zero = T::from_f64(0.0);
+        let masked = |yv: T, g: T| if self.relu && yv <= zero { zero } else { g };
+        // Per plane: Σ dy' and Σ dy'·(x - mean), dy' the gradient past the ReLU.
+        let sums: Vec<(f64, f64)> = x
+            .par_chunks(plane)
+            .zip(y.par_chunks(plane))
+            .zip(dy.par_chunks(plane))
+            .enumerate()
+            .map(|(i, ((xp, yp), gp))| {
+                let m = self.mean[i % channels];
+                xp.iter()
+                    .zip(yp)
+                    .zip(gp)
+                    .fold((0.0, 0.0), |(s, sx), ((&xv, &yv), &g)| {
+                        let g = masked(yv, g).to_f64();
+                        (s + g, sx + g * (xv.to_f64() - m))
+                    })
+            })
+            .collect();
+        let mut sum_dy = vec![0.0; channels];
+        let mut sum_dy_xc = vec![0.0; channels];
+        for (i, (s, sx)) in sums.into_iter().enumerate() {
+            sum_dy[i % channels] += s;
+            sum_dy_xc[i % channels] += sx;
+        }
+        let d_weight = (0..channels)
+            .map(|c| T::from_f64(sum_dy_xc[c] * self.inv_std[c]))
+            .collect();
+        let d_bias = sum_dy.iter().map(|&s| T::from_f64(s)).collect();
+        let dx = want_input.then(|| {
+            let n = (x.len() / channels) as f64;
+            let mut dx = vec![zero; x.len()];
+            dx.par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .zip(y.par_chunks(plane).zip(dy.par_chunks(plane)))
+                .enumerate()
+                .for_each(|(i, ((dp, xp), (yp, gp)))| {
+                    let c = i % channels;
+                    let k = weight[c].to_f64() * self.inv_std[c];
+                    // dx = k·(dy' - mean(dy') - (x - mean)·inv_std²·mean(dy'·(x - mean)))
+                    let (shift, slope) = if self.batch_stats {
+                        let s = self.inv_std[c];
+                        (sum_dy[c] / n, sum_dy_xc[c] / n * s * s)
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    let m = self.mean[c];
+                    let (k, shift, slope, m) = (
+                        T::from_f64(k),
+                        T::from_f64(shift),
+                        T::from_f64(slope),
+                        T::from_f64(m),
+                    );
+                    for (((d, &xv), &yv), &g) in dp.iter_mut().zip(xp).zip(yp).zip(gp) {
+                        *d = k * (masked(yv, g) - shift - (xv - m) * slope);
+                    }
+                });
+            dx
+        });
+        (dx, d_weight, d_bias)
+    }
+}
+
+impl CustomOp3 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        w_layout: &Layout,
+        bias: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let channels = self.mean.len();
+        if w_layout.dims() != [channels] || b_layout.dims() != [channels] {
+            bail!("batch norm: weight and bias must be [{channels}]");
+        }
+        let out = match x {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward(
+                slice(x, x_layout, "batch norm")?,
+                slice(weight, w_layout, "batch norm")?,
+                slice(bias, b_layout, "batch norm")?,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward(
+                slice(x, x_layout, "batch norm")?,
+                slice(weight, w_layout, "batch norm")?,
+                slice(bias, b_layout, "batch norm")?,
+            )),
+            _ => bail!("batch norm: f32 or f64 expected"),
+        };
+        Ok((out, x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad_res.contiguous()?;
+        let want_input = x.track_op();
+        let tensors = [x, weight, res, &dy];
+        match x.dtype() {
+            DType::F32 => gradient_tensors::<f32>(self, tensors, bias, want_input),
+            DType::F64 => gradient_tensors::<f64>(self, tensors, bias, want_input),
+            other => bail!("batch norm backward: f32 or f64 expected, got {other:?}"),
+        }
+    }
+}
+
+/// The op's gradients as tensors: `[x, weight, y, dy]` in, `(dx, dweight, dbias)` out.
+fn gradient_tensors<T: candle_core::WithDType>(
+    op: &BatchNormOp,
+    tensors: [&Tensor; 4],
+    bias: &Tensor,
+    want_input: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let [x, weight, ..] = tensors;
+    let (dx, dw, db) = with_slices::<T, _>("batch norm backward", &tensors, |d| {
+        op.gradients(d[0], d[1], d[2], d[3], want_input)
+    })?;
+    let device = x.device();
+    Ok((
+        dx.map(|v| Tensor::from_vec(v, x.shape(), device))
+            .transpose()?,
+        Some(Tensor::from_vec(dw, weight.shape(), device)?),
+        Some(Tensor::from_vec(db, bias.shape(), device)?),
+    ))
+}

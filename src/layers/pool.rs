@@ -1,0 +1,174 @@
+//! Max pooling with a square window whose stride equals its size.
+//!
+//! candle's `max_pool2d` backward upsamples the output, compares it with the input and divides
+//! by the tie count: several full-size tensors per layer. On the CPU the op here routes each
+//! window's gradient to its first maximum in one sweep.
+
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{BayesianModule, Pass};
+use crate::cpu::{slice, with_slices};
+
+/// A `size x size` max pool with stride `size` (trailing rows and columns that do not fill a
+/// window are dropped, as in candle and PyTorch).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool2d {
+    size: usize,
+}
+
+impl MaxPool2d {
+    /// A `size x size` max pool with stride `size`.
+    pub fn new(size: usize) -> Self {
+        MaxPool2d { size }
+    }
+}
+
+impl BayesianModule for MaxPool2d {
+    fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
+        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if !fused {
+            return x.max_pool2d(self.size);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        if self.size == 0 || h < self.size || w < self.size {
+            bail!(
+                "max pool: a {0}x{0} window does not fit a {h}x{w} input; use a larger input or \
+                 fewer pooling stages",
+                self.size
+            );
+        }
+        x.contiguous()?.apply_op1(MaxPoolOp { size: self.size })
+    }
+
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn num_params(&self) -> usize {
+        0
+    }
+
+    fn describe(&self) -> String {
+        format!("MaxPool2d({})", self.size)
+    }
+}
+
+/// The CPU op: `[B, C, H, W]` to `[B, C, H / size, W / size]`.
+#[derive(Debug, Clone, Copy)]
+struct MaxPoolOp {
+    size: usize,
+}
+
+impl MaxPoolOp {
+    /// Input plane `h x w` and output plane sizes.
+    fn planes(&self, dims: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        match *dims {
+            [_, _, h, w] => Ok((h, w, h / self.size, w / self.size)),
+            ref dims => bail!("max pool: expected [batch, channels, height, width], got {dims:?}"),
+        }
+    }
+
+    /// Calls `f(output index in the plane, input index of the window's first maximum)` for every
+    /// window of one `h x w` plane.
+    fn for_each_window<T: PartialOrd + Copy>(
+        &self,
+        plane: &[T],
+        w: usize,
+        (ho, wo): (usize, usize),
+        mut f: impl FnMut(usize, usize),
+    ) {
+        let k = self.size;
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let mut best = oy * k * w + ox * k;
+                for dy in 0..k {
+                    let row = (oy * k + dy) * w + ox * k;
+                    for i in row..row + k {
+                        // A NaN wins (and stays), as in PyTorch.
+                        let nan = |v: T| v.partial_cmp(&v).is_none();
+                        if plane[i] > plane[best] || (nan(plane[i]) && !nan(plane[best])) {
+                            best = i;
+                        }
+                    }
+                }
+                f(oy * wo + ox, best);
+            }
+        }
+    }
+
+    fn forward<T: candle_core::WithDType>(&self, x: &[T], dims: &[usize]) -> Result<Vec<T>> {
+        let (h, w, ho, wo) = self.planes(dims)?;
+        let planes = x.len() / (h * w).max(1);
+        let mut y = vec![T::from_f64(0.0); planes * ho * wo];
+        if y.is_empty() {
+            return Ok(y);
+        }
+        y.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(out, plane)| {
+                self.for_each_window(plane, w, (ho, wo), |o, i| out[o] = plane[i])
+            });
+        Ok(y)
+    }
+
+    fn input_grad<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        dims: &[usize],
+    ) -> Result<Vec<T>> {
+        let (h, w, ho, wo) = self.planes(dims)?;
+        let mut dx = vec![T::from_f64(0.0); x.len()];
+        if dy.is_empty() {
+            return Ok(dx);
+        }
+        dx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(dy.par_chunks(ho * wo)))
+            .for_each(|(d, (plane, g))| {
+                self.for_each_window(plane, w, (ho, wo), |o, i| d[i] = g[o])
+            });
+        Ok(dx)
+    }
+}
+
+impl CustomOp1 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        "max-pool"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.dims();
+        let y = match storage {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.forward(slice(storage, layout, "max pool")?, dims)?)
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.forward(slice(storage, layout, "max pool")?, dims)?)
+            }
+            _ => bail!("max pool: f32 or f64 expected"),
+        };
+        let (_, _, ho, wo) = self.planes(dims)?;
+        Ok((y, Shape::from((dims[0], dims[1], ho, wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dy = grad_res.contiguous()?;
+        let dx = match x.dtype() {
+            DType::F32 => {
+                let dx = with_slices::<f32, _>("max pool backward", &[x, &dy], |d| {
+                    self.input_grad(d[0], d[1], x.dims())
+                })??;
+                Tensor::from_vec(dx, x.shape(), x.device())?
+            }
+            DType::F64 => {
+                let dx = with_slices::<f64, _>("max pool backward", &[x, &dy], |d| {
+                    self.input_grad(d[0], d[1], x.dims())
+                })??;
+                Tensor::from_vec(dx, x.shape(), x.device())?
+            }
+            other => bail!("max pool backward: f32 or f64 expected, got {other:?}"),
+        };
+        Ok(Some(dx))
+    }
+}
