@@ -210,18 +210,21 @@ struct BatchNormOp {
 impl BatchNormOp {
     fn forward<T: candle_core::WithDType>(&self, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
         let (channels, plane) = (self.mean.len(), self.plane);
-        let mut y = x.to_vec();
-        y.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
-            let c = i % channels;
-            let scale = weight[c].to_f64() * self.inv_std[c];
-            let shift = bias[c].to_f64() - self.mean[c] * scale;
-            let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
-            let zero = T::from_f64(0.0);
-            for v in p.iter_mut() {
-                let z = *v * scale + shift;
-                *v = if self.relu && z < zero { zero } else { z };
-            }
-        });
+        let mut y = vec![T::from_f64(0.0); x.len()];
+        y.par_chunks_mut(plane)
+            .zip(x.par_chunks(plane))
+            .enumerate()
+            .for_each(|(i, (p, xp))| {
+                let c = i % channels;
+                let scale = weight[c].to_f64() * self.inv_std[c];
+                let shift = bias[c].to_f64() - self.mean[c] * scale;
+                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+                let zero = T::from_f64(0.0);
+                for (v, &xv) in p.iter_mut().zip(xp) {
+                    let z = xv * scale + shift;
+                    *v = if self.relu && z < zero { zero } else { z };
+                }
+            });
         y
     }
 

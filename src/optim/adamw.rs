@@ -1,13 +1,15 @@
 //! Adam with decoupled (AdamW) or coupled (Adam) weight decay.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var, WithDType};
 use candle_nn::Optimizer;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::params::{validate_lr_scales, LrScale, NameMatch, Params};
 use super::state::{count_tensor, StateReader};
 use super::{to_candle, NamedOptimizer, STEP_KEY};
+use crate::cpu::with_slices;
 use crate::{Error, Result};
 
 /// The prefix of the first-moment buffers in the state: `adam_m.<variable name>`.
@@ -98,6 +100,133 @@ struct Moments {
     step: u64,
 }
 
+/// One variable's update: the settings with its learning rate, decay and step folded in.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    lr: f64,
+    decay: f64,
+    decoupled: bool,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    bias_correction1: f64,
+    bias_correction2: f64,
+}
+
+impl Update {
+    /// The update as candle tensor ops (any device and dtype): `(param, m, v)` after the step.
+    fn composed(
+        &self,
+        mut param: Tensor,
+        mut grad: Tensor,
+        prev: Option<&Moments>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        if self.decay != 0.0 {
+            if self.decoupled {
+                param = (param * (1.0 - self.lr * self.decay))?;
+            } else {
+                grad = (grad + (&param * self.decay)?)?;
+            }
+        }
+        let (m, v) = match prev {
+            None => (
+                (&grad * (1.0 - self.beta1))?,
+                (grad.sqr()? * (1.0 - self.beta2))?,
+            ),
+            Some(prev) => (
+                ((&prev.m * self.beta1)? + (&grad * (1.0 - self.beta1))?)?,
+                ((&prev.v * self.beta2)? + (grad.sqr()? * (1.0 - self.beta2))?)?,
+            ),
+        };
+        let step_size = self.lr / self.bias_correction1;
+        let denom = v
+            .sqrt()?
+            .affine(1.0 / self.bias_correction2.sqrt(), self.eps)?;
+        let param = (param - (m.div(&denom)? * step_size)?)?;
+        Ok((param, m, v))
+    }
+
+    /// The same update in one sweep over the CPU data of f32 / f64 tensors (a dozen candle ops
+    /// stream the parameter-sized tensors a dozen times); `None` elsewhere.
+    fn fused(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        prev: Option<&Moments>,
+    ) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
+        if !param.device().is_cpu() {
+            return Ok(None);
+        }
+        match param.dtype() {
+            DType::F32 => self.fused_typed::<f32>(param, grad, prev).map(Some),
+            DType::F64 => self.fused_typed::<f64>(param, grad, prev).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn fused_typed<T: WithDType>(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        prev: Option<&Moments>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (param, grad) = (param.contiguous()?, grad.contiguous()?);
+        let zeros;
+        let (m, v) = match prev {
+            Some(prev) => (prev.m.contiguous()?, prev.v.contiguous()?),
+            None => {
+                zeros = param.zeros_like()?;
+                (zeros.clone(), zeros)
+            }
+        };
+        let t = |x: f64| T::from_f64(x);
+        let shrink = t(if self.decoupled {
+            1.0 - self.lr * self.decay
+        } else {
+            1.0
+        });
+        let coupled = t(if self.decoupled { 0.0 } else { self.decay });
+        let (beta1, beta2) = (t(self.beta1), t(self.beta2));
+        let (one_minus_beta1, one_minus_beta2) = (t(1.0 - self.beta1), t(1.0 - self.beta2));
+        let (step_size, eps) = (t(self.lr / self.bias_correction1), t(self.eps));
+        let root_correction2 = t(1.0 / self.bias_correction2.sqrt());
+        let (p_new, m_new, v_new) = with_slices::<T, _>("adamw", &[&param, &grad, &m, &v], |d| {
+            let n = d[0].len();
+            let (mut p_new, mut m_new, mut v_new) =
+                (vec![t(0.0); n], vec![t(0.0); n], vec![t(0.0); n]);
+            p_new
+                .par_chunks_mut(CHUNK)
+                .zip(m_new.par_chunks_mut(CHUNK))
+                .zip(v_new.par_chunks_mut(CHUNK))
+                .enumerate()
+                .for_each(|(chunk, ((ps, ms), vs))| {
+                    let at = chunk * CHUNK;
+                    for j in 0..ps.len() {
+                        let (p, g) = (d[0][at + j], d[1][at + j]);
+                        let g = g + coupled * p;
+                        let m = beta1 * d[2][at + j] + one_minus_beta1 * g;
+                        let v = beta2 * d[3][at + j] + one_minus_beta2 * g * g;
+                        let denom = v.to_f64().sqrt();
+                        let denom = t(denom) * root_correction2 + eps;
+                        ps[j] = p * shrink - m / denom * step_size;
+                        ms[j] = m;
+                        vs[j] = v;
+                    }
+                });
+            (p_new, m_new, v_new)
+        })?;
+        let (shape, device) = (param.shape(), param.device());
+        Ok((
+            Tensor::from_vec(p_new, shape, device)?,
+            Tensor::from_vec(m_new, shape, device)?,
+            Tensor::from_vec(v_new, shape, device)?,
+        ))
+    }
+}
+
+/// Elements per parallel task of the fused update.
+const CHUNK: usize = 1 << 14;
+
 /// Adam with decoupled weight decay, with exactly the update rule of PyTorch's
 /// `torch.optim.AdamW` (or `torch.optim.Adam` with
 /// [`AdamWConfig::decoupled_weight_decay`] off).
@@ -163,38 +292,30 @@ impl Optimizer for AdamW {
             let Some(grad) = grads.get(var) else {
                 continue;
             };
-            let mut param = var.as_detached_tensor();
+            let prev = self.moments[i].as_ref();
+            let step = prev.map_or(1, |p| p.step + 1);
             let decay = self.params.decay(i, c.weight_decay);
-            let lr = c.lr * self.params.lr_factor[i];
+            let rule = Update {
+                lr: c.lr * self.params.lr_factor[i],
+                decay,
+                decoupled: c.decoupled_weight_decay,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                // f64 exponents: exact for every step count a run can reach.
+                bias_correction1: 1.0 - c.beta1.powf(step as f64),
+                bias_correction2: 1.0 - c.beta2.powf(step as f64),
+            };
             // Gradients of variables keep candle's backprop graph (only inner nodes are
             // detached); a moment built from one would hold every activation of the step
             // alive, and the next step's moment this one: memory grows without bound.
-            let mut grad = grad.detach();
-            if decay != 0.0 {
-                if c.decoupled_weight_decay {
-                    param = (param * (1.0 - lr * decay))?;
-                } else {
-                    grad = (grad + (&param * decay)?)?;
-                }
-            }
-            let (m, v, step) = match &self.moments[i] {
-                None => (
-                    (&grad * (1.0 - c.beta1))?,
-                    (grad.sqr()? * (1.0 - c.beta2))?,
-                    1,
-                ),
-                Some(prev) => (
-                    ((&prev.m * c.beta1)? + (&grad * (1.0 - c.beta1))?)?,
-                    ((&prev.v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?,
-                    prev.step + 1,
-                ),
+            let grad = grad.detach();
+            let param = var.as_detached_tensor();
+            let (new_param, m, v) = match rule.fused(&param, &grad, prev)? {
+                Some(updated) => updated,
+                None => rule.composed(param, grad, prev)?,
             };
-            // f64 exponents: exact for every step count a run can reach.
-            let bias_correction1 = 1.0 - c.beta1.powf(step as f64);
-            let bias_correction2 = 1.0 - c.beta2.powf(step as f64);
-            let step_size = lr / bias_correction1;
-            let denom = v.sqrt()?.affine(1.0 / bias_correction2.sqrt(), c.eps)?;
-            var.set(&(param - (m.div(&denom)? * step_size)?)?)?;
+            var.set(&new_param)?;
             self.moments[i] = Some(Moments { m, v, step });
         }
         self.step += 1;
@@ -287,5 +408,72 @@ impl NamedOptimizer for AdamW {
         self.step = step;
         self.moments = moments;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn random(n: usize, seed: u64, dtype: DType) -> Tensor {
+        let data: Vec<f64> = (0..n as u64)
+            .map(|i| (((i + 1) * (seed + 7) * 2654435761) % 1000) as f64 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(data, n, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_fused_cpu_update_equals_the_composed_one() {
+        // More elements than one parallel chunk, so that chunk offsets are exercised.
+        let n = CHUNK + 1234;
+        for dtype in [DType::F32, DType::F64] {
+            for (decay, decoupled) in [(0.0, true), (0.05, true), (0.05, false)] {
+                let rule = Update {
+                    lr: 3e-3,
+                    decay,
+                    decoupled,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    bias_correction1: 1.0 - 0.9f64.powi(3),
+                    bias_correction2: 1.0 - 0.999f64.powi(3),
+                };
+                let (param, grad) = (random(n, 1, dtype), random(n, 2, dtype));
+                let prev = Moments {
+                    m: random(n, 3, dtype),
+                    v: random(n, 4, dtype).abs().unwrap(),
+                    step: 2,
+                };
+                for prev in [None, Some(&prev)] {
+                    let fused = rule.fused(&param, &grad, prev).unwrap().unwrap();
+                    let composed = rule.composed(param.clone(), grad.clone(), prev).unwrap();
+                    for (a, b) in [
+                        (fused.0, composed.0),
+                        (fused.1, composed.1),
+                        (fused.2, composed.2),
+                    ] {
+                        let diff = (a - b)
+                            .unwrap()
+                            .abs()
+                            .unwrap()
+                            .max(0)
+                            .unwrap()
+                            .to_dtype(DType::F64)
+                            .unwrap()
+                            .to_scalar::<f64>()
+                            .unwrap();
+                        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
+                        assert!(
+                            diff < tol,
+                            "{dtype:?} decay {decay} decoupled {decoupled}: {diff}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
