@@ -262,3 +262,39 @@ fn per_example_bias_is_shared_by_all_examples() {
     // The inputs are data: no gradient is formed for them.
     assert!(grads.get(&x).is_none());
 }
+
+#[test]
+fn images_too_large_for_one_cached_block_match_candle() {
+    // 64 channels x 3x3 taps x 20 output columns: the columns of a whole image outgrow the
+    // per-band buffer, so each image is unfolded in bands of lines (the last one shorter).
+    for stride in [1usize, 2] {
+        let geo = ConvGeometry { stride, padding: 1 };
+        let x = Var::from_tensor(&random(&[2, 64, 20 * stride, 20 * stride], 31)).unwrap();
+        let w = Var::from_tensor(&random(&[5, 64, 3, 3], 32)).unwrap();
+        let bias = Var::from_tensor(&random(&[5], 33)).unwrap();
+        let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()), geo).unwrap();
+        let theirs = x
+            .conv2d(w.as_tensor(), 1, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, 5, 1, 1)).unwrap())
+            .unwrap();
+        assert!(
+            max_rel_err(&ours, &theirs) < 1e-4,
+            "forward, stride {stride}"
+        );
+        let upstream = random(ours.dims(), 34);
+        let backward = |y: Tensor| {
+            (y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (g_ours, g_theirs) = (backward(ours), backward(theirs));
+        for (name, v) in [("input", &x), ("weight", &w), ("bias", &bias)] {
+            let err = max_rel_err(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
+            assert!(err < 1e-4, "{name} gradient, stride {stride}: {err}");
+        }
+    }
+}

@@ -31,6 +31,18 @@ impl<'a, T> MatRef<'a, T> {
         }
     }
 
+    /// A `rows x cols` matrix whose rows start `row_stride` elements apart (a block of columns
+    /// of a wider row-major matrix).
+    pub(crate) fn strided(data: &'a [T], rows: usize, cols: usize, row_stride: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
     /// The transpose, without moving data.
     pub(crate) fn t(self) -> Self {
         MatRef {

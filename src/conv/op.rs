@@ -7,6 +7,8 @@
 //! end, where the weight gradient's per-thread parts are summed in a fixed order (so that a
 //! run is reproducible for a given thread count).
 
+use std::ops::Range;
+
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -19,6 +21,9 @@ use crate::cpu::{slice, with_slices};
 /// Below this many output pixels per image, images are grouped so that each product has at
 /// least this many columns: a product a few columns wide leaves gemm's microkernel idle.
 const MIN_GEMM_COLUMNS: usize = 128;
+
+/// The largest columns buffer (f32) of one band of output lines: most of a core's L2.
+const BAND_BYTES: usize = 384 << 10;
 
 /// A convolution of a batch: `y = conv(x, W) (+ bias)`, applied through `apply_op2` (no bias)
 /// or `apply_op3` (bias).
@@ -38,8 +43,19 @@ struct Split {
     group: usize,
     /// Images per task (a multiple of `group`).
     task_images: usize,
+    /// Output lines per band when images are not grouped: a band's columns stay in the
+    /// core's L2 cache between im2col and the product.
+    band_lines: usize,
     /// Threads each product may use: all of them when there is a single task.
     product_threads: usize,
+}
+
+/// The output pixels of one product: lines `lines` of `images` consecutive images from `first`.
+#[derive(Debug, Clone)]
+struct Block {
+    first: usize,
+    images: usize,
+    lines: Range<usize>,
 }
 
 impl Conv2dOp {
@@ -56,9 +72,11 @@ impl Conv2dOp {
         let groups = batch.div_ceil(group);
         let groups_per_task = groups.div_ceil(threads.min(groups));
         let tasks = groups.div_ceil(groups_per_task);
+        let line_bytes = self.shape.taps() * self.shape.out_w * std::mem::size_of::<f32>();
         Split {
             group,
             task_images: groups_per_task * group,
+            band_lines: (BAND_BYTES / line_bytes.max(1)).clamp(1, self.shape.out_h.max(1)),
             product_threads: if tasks == 1 { threads } else { 1 },
         }
     }
@@ -82,48 +100,73 @@ impl Conv2dOp {
         MatRef::row_major(bank, self.out_channels, self.shape.taps())
     }
 
-    /// The `[K, images·L]` columns of `images` images of `x` from `first`, written into `cols`.
+    /// The blocks of output pixels, one product each, of the images `images`: groups of whole
+    /// images, or bands of output lines of one image.
+    fn blocks(&self, split: Split, images: Range<usize>) -> impl Iterator<Item = Block> + '_ {
+        let out_h = self.shape.out_h;
+        let bands = if split.group > 1 {
+            out_h
+        } else {
+            split.band_lines
+        };
+        images.clone().step_by(split.group).flat_map(move |first| {
+            let count = split.group.min(images.end - first);
+            (0..out_h).step_by(bands).map(move |top| Block {
+                first,
+                images: count,
+                lines: top..(top + bands).min(out_h),
+            })
+        })
+    }
+
+    /// The `[K, block pixels]` columns of a block of `x`, written into `cols`.
     fn columns<'a, T: Copy + Default>(
         &self,
         cols: &'a mut [T],
         x: &[T],
-        first: usize,
-        images: usize,
+        block: &Block,
     ) -> MatRef<'a, T> {
-        let (image, l, k) = (
-            self.shape.image_len(),
-            self.shape.pixels(),
-            self.shape.taps(),
-        );
-        let ld = images * l;
-        for j in 0..images {
-            let src = &x[(first + j) * image..][..image];
-            self.shape.im2col(src, cols, ld, j * l);
+        let (image, k) = (self.shape.image_len(), self.shape.taps());
+        let (ld, per_image) = (self.block_pixels(block), self.image_pixels(block));
+        for j in 0..block.images {
+            let src = &x[(block.first + j) * image..][..image];
+            self.shape
+                .im2col(src, block.lines.clone(), cols, ld, j * per_image);
         }
         MatRef::row_major(&cols[..k * ld], k, ld)
     }
 
-    /// `dy` of `images` images from `first` as one `[C_out, images·L]` matrix: the image's own
-    /// block when there is one image, else gathered side by side into `block`.
+    /// `dy` of a block as one `[C_out, block pixels]` matrix: a view into `dy` for a band of one
+    /// image, else gathered side by side into `gathered`.
     fn output_block<'a, T: Copy>(
         &self,
-        block: &'a mut [T],
+        gathered: &'a mut [T],
         dy: &'a [T],
-        first: usize,
-        images: usize,
+        block: &Block,
     ) -> MatRef<'a, T> {
-        let (co, l) = (self.out_channels, self.shape.pixels());
-        let ld = images * l;
-        if images == 1 {
-            return MatRef::row_major(&dy[first * co * l..][..co * l], co, l);
+        let (co, l, wo) = (self.out_channels, self.shape.pixels(), self.shape.out_w);
+        let ld = self.block_pixels(block);
+        if block.images == 1 {
+            let image = &dy[block.first * co * l..][..co * l];
+            return MatRef::strided(&image[block.lines.start * wo..], co, ld, l);
         }
-        for j in 0..images {
+        for j in 0..block.images {
             for c in 0..co {
-                block[c * ld + j * l..][..l]
-                    .copy_from_slice(&dy[((first + j) * co + c) * l..][..l]);
+                gathered[c * ld + j * l..][..l]
+                    .copy_from_slice(&dy[((block.first + j) * co + c) * l..][..l]);
             }
         }
-        MatRef::row_major(&block[..co * ld], co, ld)
+        MatRef::row_major(&gathered[..co * ld], co, ld)
+    }
+
+    /// Output pixels of one image of a block.
+    fn image_pixels(&self, block: &Block) -> usize {
+        block.lines.len() * self.shape.out_w
+    }
+
+    /// Output pixels of a block (the columns of its product).
+    fn block_pixels(&self, block: &Block) -> usize {
+        block.images * self.image_pixels(block)
     }
 
     fn forward<T: WithDType + Default>(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
@@ -136,28 +179,33 @@ impl Conv2dOp {
         y.par_chunks_mut(split.task_images * co * l)
             .enumerate()
             .for_each(|(task, y_task)| {
-                let mut space = Workspace::new(self, split.group);
-                for (i, y_group) in y_task.chunks_mut(split.group * co * l).enumerate() {
-                    let first = task * split.task_images + i * split.group;
-                    let images = y_group.len() / (co * l);
-                    let cols = self.columns(&mut space.cols, x, first, images);
-                    let filters = self.weights_of(w, first);
-                    if images == 1 {
-                        // The product lands in the image's [C_out, L] block of the output.
+                let mut space = Workspace::new(self, split);
+                let first = task * split.task_images;
+                let images = first..first + y_task.len() / (co * l);
+                for block in self.blocks(split, images) {
+                    let cols = self.columns(&mut space.cols, x, &block);
+                    let filters = self.weights_of(w, block.first);
+                    let out =
+                        &mut y_task[(block.first - first) * co * l..][..block.images * co * l];
+                    let threads = split.product_threads;
+                    if block.images == 1 {
+                        // The product lands in the band's columns of the image's [C_out, L]
+                        // block of the output.
+                        let start = block.lines.start * self.shape.out_w;
+                        let ld = self.block_pixels(&block);
                         if let Some(bias) = bias {
-                            for (plane, &b) in y_group.chunks_exact_mut(l).zip(bias) {
-                                plane.fill(b);
+                            for (plane, &b) in out.chunks_exact_mut(l).zip(bias) {
+                                plane[start..start + ld].fill(b);
                             }
                         }
-                        let threads = split.product_threads;
-                        matmul(y_group, l, filters, cols, bias.is_some(), threads);
+                        matmul(&mut out[start..], l, filters, cols, bias.is_some(), threads);
                     } else {
-                        let ld = images * l;
-                        let out = &mut space.block[..co * ld];
-                        matmul(out, ld, filters, cols, false, split.product_threads);
-                        for (j, image) in y_group.chunks_exact_mut(co * l).enumerate() {
+                        let ld = self.block_pixels(&block);
+                        let product = &mut space.gathered[..co * ld];
+                        matmul(product, ld, filters, cols, false, threads);
+                        for (j, image) in out.chunks_exact_mut(co * l).enumerate() {
                             for (c, plane) in image.chunks_exact_mut(l).enumerate() {
-                                let src = &out[c * ld + j * l..][..l];
+                                let src = &product[c * ld + j * l..][..l];
                                 let b = bias.map_or(T::default(), |b| b[c]);
                                 for (d, &s) in plane.iter_mut().zip(src) {
                                     *d = s + b;
@@ -178,7 +226,7 @@ impl Conv2dOp {
         dy: &[T],
         with_bias: bool,
     ) -> (Vec<T>, Option<Vec<T>>) {
-        let (co, k, l) = (self.out_channels, self.shape.taps(), self.shape.pixels());
+        let (co, k) = (self.out_channels, self.shape.taps());
         let split = self.split();
         let tasks = self.batch.div_ceil(split.task_images);
         // One slice of the result per task: its images' banks (per example) or its part of the
@@ -194,23 +242,21 @@ impl Conv2dOp {
             .enumerate()
             .for_each(|(task, out)| {
                 let (dw, db) = out.split_at_mut(part);
-                let mut space = Workspace::new(self, split.group);
+                let mut space = Workspace::new(self, split);
                 let first = task * split.task_images;
                 let last = (first + split.task_images).min(self.batch);
-                for start in (first..last).step_by(split.group) {
-                    let images = split.group.min(last - start);
-                    let ld = images * l;
-                    let cols = self.columns(&mut space.cols, x, start, images);
-                    let grad = self.output_block(&mut space.block, dy, start, images);
+                for block in self.blocks(split, first..last) {
+                    let cols = self.columns(&mut space.cols, x, &block);
+                    let grad = self.output_block(&mut space.gathered, dy, &block);
                     if with_bias {
                         for (c, sum) in db.iter_mut().enumerate() {
-                            for j in 0..ld {
+                            for j in 0..self.block_pixels(&block) {
                                 *sum += grad.at(c, j);
                             }
                         }
                     }
                     let dw = if self.per_example {
-                        &mut dw[(start - first) * co * k..][..co * k]
+                        &mut dw[(block.first - first) * co * k..][..co * k]
                     } else {
                         &mut dw[..]
                     };
@@ -244,7 +290,7 @@ impl Conv2dOp {
 
     /// The input gradient, `[B, C_in, H, W]`.
     fn input_grad<T: WithDType + Default>(&self, w: &[T], dy: &[T]) -> Vec<T> {
-        let (k, l) = (self.shape.taps(), self.shape.pixels());
+        let k = self.shape.taps();
         let image = self.shape.image_len();
         let split = self.split();
         let mut dx = vec![T::default(); self.batch * image];
@@ -254,17 +300,20 @@ impl Conv2dOp {
         dx.par_chunks_mut(split.task_images * image)
             .enumerate()
             .for_each(|(task, dx_task)| {
-                let mut space = Workspace::new(self, split.group);
-                for (i, dx_group) in dx_task.chunks_mut(split.group * image).enumerate() {
-                    let first = task * split.task_images + i * split.group;
-                    let images = dx_group.len() / image;
-                    let ld = images * l;
-                    let grad = self.output_block(&mut space.block, dy, first, images);
-                    let filters = self.weights_of(w, first).t();
+                let mut space = Workspace::new(self, split);
+                let first = task * split.task_images;
+                let images = first..first + dx_task.len() / image;
+                for block in self.blocks(split, images) {
+                    let (ld, per_image) = (self.block_pixels(&block), self.image_pixels(&block));
+                    let grad = self.output_block(&mut space.gathered, dy, &block);
+                    let filters = self.weights_of(w, block.first).t();
                     let cols = &mut space.cols[..k * ld];
                     matmul(cols, ld, filters, grad, false, split.product_threads);
-                    for (j, dx_image) in dx_group.chunks_exact_mut(image).enumerate() {
-                        self.shape.col2im_add(cols, ld, j * l, dx_image);
+                    let out = &mut dx_task[(block.first - first) * image..][..block.images * image];
+                    for (j, dx_image) in out.chunks_exact_mut(image).enumerate() {
+                        let lines = block.lines.clone();
+                        self.shape
+                            .col2im_add(cols, ld, j * per_image, lines, dx_image);
                     }
                 }
             });
@@ -395,20 +444,25 @@ struct Wanted {
     bias: bool,
 }
 
-/// Per-thread buffers: the columns of a group of images, and a `[C_out, group·L]` block for
-/// the products whose output is not one image's block of an NCHW tensor.
+/// Per-thread buffers: the columns of a block, and a `[C_out, block pixels]` matrix for the
+/// products whose output (or input) is not a view of an NCHW tensor.
 struct Workspace<T> {
     cols: Vec<T>,
-    block: Vec<T>,
+    gathered: Vec<T>,
 }
 
 impl<T: WithDType + Default> Workspace<T> {
-    fn new(op: &Conv2dOp, group: usize) -> Self {
-        let l = op.shape.pixels();
+    fn new(op: &Conv2dOp, split: Split) -> Self {
+        let (l, wo) = (op.shape.pixels(), op.shape.out_w);
+        let pixels = if split.group > 1 {
+            split.group * l
+        } else {
+            split.band_lines * wo
+        };
         Workspace {
-            cols: vec![T::default(); op.shape.taps() * group * l],
-            block: if group > 1 {
-                vec![T::default(); op.out_channels * group * l]
+            cols: vec![T::default(); op.shape.taps() * pixels],
+            gathered: if split.group > 1 {
+                vec![T::default(); op.out_channels * pixels]
             } else {
                 Vec::new()
             },

@@ -6,6 +6,8 @@
 //! `[C_out, H_out·W_out]` block of an NCHW output, and each row is filled by whole-line copies
 //! (stride 1) rather than element by element.
 
+use std::ops::Range;
+
 use candle_core::{bail, Result};
 
 use super::ConvGeometry;
@@ -79,8 +81,12 @@ impl ConvShape {
     }
 
     /// Calls `f(row, output line oy, input line iy or None, ox range inside the image)` for
-    /// every output line of every kernel tap.
-    fn for_each_line(&self, mut f: impl FnMut(usize, usize, Option<usize>, usize, usize, usize)) {
+    /// the output lines `lines` of every kernel tap.
+    fn for_each_line(
+        &self,
+        lines: Range<usize>,
+        mut f: impl FnMut(usize, usize, Option<usize>, usize, usize, usize),
+    ) {
         let (s, p) = (self.geo.stride, self.geo.padding);
         for c in 0..self.channels {
             for ky in 0..self.kernel_h {
@@ -88,7 +94,7 @@ impl ConvShape {
                 for kx in 0..self.kernel_w {
                     let row = (c * self.kernel_h + ky) * self.kernel_w + kx;
                     let (x_lo, x_hi) = self.valid_outputs(kx, self.width, self.out_w);
-                    for oy in 0..self.out_h {
+                    for oy in lines.clone() {
                         let iy = (y_lo..y_hi)
                             .contains(&oy)
                             .then(|| c * self.height + oy * s + ky - p);
@@ -99,18 +105,20 @@ impl ConvShape {
         }
     }
 
-    /// Writes the columns of `image` into `cols`, a `K x ld` row-major buffer, at column
-    /// `offset` (so that several images can sit side by side).
+    /// Writes the columns of output lines `lines` of `image` into `cols`, a `K x ld` row-major
+    /// buffer, from column `offset` (so that several images or bands can sit side by side).
     pub(crate) fn im2col<T: Copy + Default>(
         &self,
         image: &[T],
+        lines: Range<usize>,
         cols: &mut [T],
         ld: usize,
         offset: usize,
     ) {
         let (s, p, w, wo) = (self.geo.stride, self.geo.padding, self.width, self.out_w);
-        self.for_each_line(|row, oy, iy, kx, lo, hi| {
-            let out = &mut cols[row * ld + offset + oy * wo..][..wo];
+        let first = lines.start;
+        self.for_each_line(lines, |row, oy, iy, kx, lo, hi| {
+            let out = &mut cols[row * ld + offset + (oy - first) * wo..][..wo];
             let Some(iy) = iy else {
                 out.fill(T::default());
                 return;
@@ -128,19 +136,21 @@ impl ConvShape {
         });
     }
 
-    /// Adds the columns in `cols` (`K x ld`, this image at column `offset`) onto `image`: the
-    /// adjoint of [`ConvShape::im2col`].
+    /// Adds the columns of output lines `lines` in `cols` (`K x ld`, from column `offset`) onto
+    /// `image`: the adjoint of [`ConvShape::im2col`].
     pub(crate) fn col2im_add<T: Copy + std::ops::AddAssign>(
         &self,
         cols: &[T],
         ld: usize,
         offset: usize,
+        lines: Range<usize>,
         image: &mut [T],
     ) {
         let (s, p, w, wo) = (self.geo.stride, self.geo.padding, self.width, self.out_w);
-        self.for_each_line(|row, oy, iy, kx, lo, hi| {
+        let first = lines.start;
+        self.for_each_line(lines, |row, oy, iy, kx, lo, hi| {
             let Some(iy) = iy else { return };
-            let src = &cols[row * ld + offset + oy * wo..][..wo];
+            let src = &cols[row * ld + offset + (oy - first) * wo..][..wo];
             let line = &mut image[iy * w..][..w];
             if s == 1 {
                 for (d, &v) in line[lo + kx - p..hi + kx - p].iter_mut().zip(&src[lo..hi]) {
@@ -198,7 +208,7 @@ mod tests {
                 // Two images side by side, this one second.
                 let ld = 2 * l;
                 let mut cols = vec![f32::NAN; shape.taps() * ld];
-                shape.im2col(&image, &mut cols, ld, l);
+                shape.im2col(&image, 0..shape.out_h, &mut cols, ld, l);
                 let expected = reference(&shape, &image);
                 for row in 0..shape.taps() {
                     assert_eq!(
@@ -207,12 +217,37 @@ mod tests {
                         "k={kernel} s={stride} p={padding} {h}x{w} row {row}"
                     );
                 }
+                // Bands of output lines give the same columns as the whole image.
+                let wo = shape.out_w;
+                for band in [0..1, 1..shape.out_h, 0..shape.out_h] {
+                    let n = band.len() * wo;
+                    let mut part = vec![f32::NAN; shape.taps() * n];
+                    shape.im2col(&image, band.clone(), &mut part, n, 0);
+                    for row in 0..shape.taps() {
+                        assert_eq!(
+                            &part[row * n..][..n],
+                            &expected[row * l + band.start * wo..][..n],
+                            "band {band:?}"
+                        );
+                    }
+                    // col2im of a band adds only that band's columns.
+                    let mut from_band = vec![0.0f32; shape.image_len()];
+                    shape.col2im_add(&part, n, 0, band.clone(), &mut from_band);
+                    let mut from_whole = vec![0.0f32; shape.image_len()];
+                    let mut masked = vec![0.0f32; shape.taps() * l];
+                    for row in 0..shape.taps() {
+                        masked[row * l + band.start * wo..][..n]
+                            .copy_from_slice(&part[row * n..][..n]);
+                    }
+                    shape.col2im_add(&masked, l, 0, 0..shape.out_h, &mut from_whole);
+                    assert_eq!(from_band, from_whole, "col2im of band {band:?}");
+                }
                 // <im2col(x), c> == <x, col2im(c)> for an arbitrary c.
                 let c: Vec<f32> = (0..shape.taps() * ld)
                     .map(|i| (i % 7) as f32 - 3.0)
                     .collect();
                 let mut back = vec![0.0f32; shape.image_len()];
-                shape.col2im_add(&c, ld, l, &mut back);
+                shape.col2im_add(&c, ld, l, 0..shape.out_h, &mut back);
                 let lhs: f32 = (0..shape.taps())
                     .flat_map(|r| (0..l).map(move |j| (r, j)))
                     .map(|(r, j)| cols[r * ld + l + j] * c[r * ld + l + j])
