@@ -200,36 +200,42 @@ fn bad_shapes_are_errors_that_say_what_is_wrong() {
     assert!(err.contains("2 filter banks for a batch of 1"), "{err}");
 }
 
+/// Checks the biased convolution of an `x_dims` input by a `w_dims` filter bank (3x3, padding 1)
+/// against candle's conv2d plus a broadcast bias: output and the three gradients.
+fn check_biased_against_candle(x_dims: [usize; 4], w_dims: [usize; 4], stride: usize, seed: u64) {
+    let geo = ConvGeometry { stride, padding: 1 };
+    let x = Var::from_tensor(&random(&x_dims, seed)).unwrap();
+    let w = Var::from_tensor(&random(&w_dims, seed + 1)).unwrap();
+    let bias = Var::from_tensor(&random(&[w_dims[0]], seed + 2)).unwrap();
+    let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()), geo).unwrap();
+    let theirs = x
+        .conv2d(w.as_tensor(), 1, stride, 1, 1)
+        .unwrap()
+        .broadcast_add(&bias.reshape((1, w_dims[0], 1, 1)).unwrap())
+        .unwrap();
+    let label = format!("input {x_dims:?}, stride {stride}");
+    assert!(max_rel_err(&ours, &theirs) < 1e-4, "forward, {label}");
+    let upstream = random(ours.dims(), seed + 3);
+    let backward = |y: Tensor| {
+        (y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let (g_ours, g_theirs) = (backward(ours), backward(theirs));
+    for (name, v) in [("input", &x), ("weight", &w), ("bias", &bias)] {
+        let err = max_rel_err(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
+        assert!(err < 1e-4, "{name} gradient, {label}: {err}");
+    }
+}
+
 #[test]
 fn bias_and_gradients_match_candle_for_one_image_and_for_grouped_images() {
     // 12x12 outputs (144 pixels) are one product per image; 5x5 outputs are grouped.
-    for (hw, stride) in [(12usize, 1usize), (10, 2)] {
-        let geo = ConvGeometry { stride, padding: 1 };
-        let x = Var::from_tensor(&random(&[5, 3, hw, hw], 11)).unwrap();
-        let w = Var::from_tensor(&random(&[6, 3, 3, 3], 12)).unwrap();
-        let bias = Var::from_tensor(&random(&[6], 13)).unwrap();
-        let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()), geo).unwrap();
-        let theirs = x
-            .conv2d(w.as_tensor(), 1, stride, 1, 1)
-            .unwrap()
-            .broadcast_add(&bias.reshape((1, 6, 1, 1)).unwrap())
-            .unwrap();
-        assert!(max_rel_err(&ours, &theirs) < 1e-4, "forward, {hw}x{hw}");
-        let upstream = random(ours.dims(), 14);
-        let backward = |y: Tensor| {
-            (y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (g_ours, g_theirs) = (backward(ours), backward(theirs));
-        for (name, v) in [("input", &x), ("weight", &w), ("bias", &bias)] {
-            let err = max_rel_err(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
-            assert!(err < 1e-4, "{name} gradient, {hw}x{hw}: {err}");
-        }
-    }
+    check_biased_against_candle([5, 3, 12, 12], [6, 3, 3, 3], 1, 11);
+    check_biased_against_candle([5, 3, 10, 10], [6, 3, 3, 3], 2, 11);
 }
 
 #[test]
@@ -268,33 +274,35 @@ fn images_too_large_for_one_cached_block_match_candle() {
     // 64 channels x 3x3 taps x 20 output columns: the columns of a whole image outgrow the
     // per-band buffer, so each image is unfolded in bands of lines (the last one shorter).
     for stride in [1usize, 2] {
-        let geo = ConvGeometry { stride, padding: 1 };
-        let x = Var::from_tensor(&random(&[2, 64, 20 * stride, 20 * stride], 31)).unwrap();
-        let w = Var::from_tensor(&random(&[5, 64, 3, 3], 32)).unwrap();
-        let bias = Var::from_tensor(&random(&[5], 33)).unwrap();
-        let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()), geo).unwrap();
-        let theirs = x
-            .conv2d(w.as_tensor(), 1, stride, 1, 1)
-            .unwrap()
-            .broadcast_add(&bias.reshape((1, 5, 1, 1)).unwrap())
-            .unwrap();
-        assert!(
-            max_rel_err(&ours, &theirs) < 1e-4,
-            "forward, stride {stride}"
-        );
-        let upstream = random(ours.dims(), 34);
-        let backward = |y: Tensor| {
-            (y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-        };
-        let (g_ours, g_theirs) = (backward(ours), backward(theirs));
-        for (name, v) in [("input", &x), ("weight", &w), ("bias", &bias)] {
-            let err = max_rel_err(g_ours.get(v).unwrap(), g_theirs.get(v).unwrap());
-            assert!(err < 1e-4, "{name} gradient, stride {stride}: {err}");
-        }
+        check_biased_against_candle([2, 64, 20 * stride, 20 * stride], [5, 64, 3, 3], stride, 31);
     }
+}
+
+#[test]
+fn an_empty_batch_gives_an_empty_output_and_zero_weight_gradients() {
+    let geo = ConvGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    let x = Var::from_tensor(&random(&[0, 2, 5, 5], 41)).unwrap();
+    let w = Var::from_tensor(&random(&[3, 2, 3, 3], 42)).unwrap();
+    let bias = Var::from_tensor(&random(&[3], 43)).unwrap();
+    let y = conv2d(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()), geo).unwrap();
+    assert_eq!(y.dims(), [0, 3, 5, 5]);
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    let dw = grads.get(&w).unwrap();
+    assert_eq!(dw.dims(), [3, 2, 3, 3]);
+    assert_eq!(
+        dw.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    assert_eq!(
+        grads.get(&bias).unwrap().to_vec1::<f32>().unwrap(),
+        vec![0.0; 3]
+    );
 }

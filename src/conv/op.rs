@@ -229,6 +229,14 @@ impl Conv2dOp {
         let (co, k) = (self.out_channels, self.shape.taps());
         let split = self.split();
         let tasks = self.batch.div_ceil(split.task_images);
+        if tasks == 0 {
+            // An empty batch: the gradients of shared weights and bias are zero.
+            let banks = if self.per_example { 0 } else { co * k };
+            return (
+                vec![T::default(); banks],
+                with_bias.then(|| vec![T::default(); co]),
+            );
+        }
         // One slice of the result per task: its images' banks (per example) or its part of the
         // sum over the batch (shared weights, summed below), then its part of the bias sums.
         let part = if self.per_example {
