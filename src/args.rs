@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use whvi::bench::train::Head;
 use whvi::data::DatasetKind;
 use whvi::layers::ConvSampling;
 use whvi::optim::{KlWarmup, LrSchedule};
@@ -109,6 +110,9 @@ pub enum Bench {
         /// Networks to time.
         #[arg(long = "model", num_args = 1.., default_values_t = ["vgg11".to_string(), "vgg16".to_string()])]
         models: Vec<String>,
+        /// Heads to time: every layer deterministic, or the dense classifier layers WHVI.
+        #[arg(long = "head", value_enum, num_args = 1.., default_values_t = [HeadArg::Deterministic, HeadArg::Whvi])]
+        heads: Vec<HeadArg>,
         /// Width multiplier.
         #[arg(long, default_value_t = 1.0)]
         width: f64,
@@ -221,6 +225,21 @@ impl From<PolicyArg> for BayesPolicy {
             PolicyArg::All => BayesPolicy::All,
             PolicyArg::Last => BayesPolicy::Last,
             PolicyArg::None => BayesPolicy::None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HeadArg {
+    Deterministic,
+    Whvi,
+}
+
+impl From<HeadArg> for Head {
+    fn from(h: HeadArg) -> Self {
+        match h {
+            HeadArg::Deterministic => Head::Deterministic,
+            HeadArg::Whvi => Head::Whvi,
         }
     }
 }

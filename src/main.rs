@@ -174,6 +174,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
         }
         Command::Bench(Bench::Train {
             models,
+            heads,
             width,
             batch,
             steps,
@@ -185,6 +186,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
             }
             let config = whvi::bench::train::TrainBenchConfig {
                 models,
+                heads: heads.into_iter().map(Into::into).collect(),
                 width,
                 batch,
                 steps,

@@ -48,6 +48,8 @@ pub struct TrainTiming {
 pub struct TrainBenchConfig {
     /// Zoo networks to time.
     pub models: Vec<String>,
+    /// Heads to time for each network.
+    pub heads: Vec<Head>,
     /// Width multiplier of the networks.
     pub width: f64,
     /// Images per step.
@@ -60,6 +62,7 @@ impl Default for TrainBenchConfig {
     fn default() -> Self {
         TrainBenchConfig {
             models: vec!["vgg11".into(), "vgg16".into()],
+            heads: vec![Head::Deterministic, Head::Whvi],
             width: 1.0,
             batch: 64,
             steps: 6,
@@ -81,7 +84,7 @@ pub fn bench_train(
     let mut out = Vec::new();
     for model in &config.models {
         let spec = ModelSpec::lookup(model)?;
-        for head in [Head::Deterministic, Head::Whvi] {
+        for &head in &config.heads {
             let options = BuildOptions {
                 method: Method::Whvi,
                 policy: match head {
@@ -135,4 +138,27 @@ pub fn bench_train(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_the_asked_heads_of_each_network_and_reports_each_line() {
+        let config = TrainBenchConfig {
+            models: vec!["lenet5".into()],
+            heads: vec![Head::Whvi],
+            width: 0.5,
+            batch: 2,
+            steps: 1,
+        };
+        let mut reported = Vec::new();
+        let lines = bench_train(&config, |t| reported.push((t.model.clone(), t.head))).unwrap();
+        assert_eq!(reported, vec![("lenet5".to_string(), Head::Whvi)]);
+        assert_eq!(lines.len(), 1);
+        let line = &lines[0];
+        assert!(line.step_s > 0.0 && line.images_per_s.is_finite());
+        assert!((line.images_per_s * line.step_s - 2.0).abs() < 1e-9);
+    }
 }
