@@ -54,12 +54,10 @@ impl<'a, T> MatRef<'a, T> {
         }
     }
 
-    /// Element `(i, j)`.
-    pub(crate) fn at(&self, i: usize, j: usize) -> T
-    where
-        T: Copy,
-    {
-        self.data[i * self.row_stride + j * self.col_stride]
+    /// Row `i` as a slice (a view whose rows are contiguous).
+    pub(crate) fn row(&self, i: usize) -> &'a [T] {
+        assert_eq!(self.col_stride, 1, "row of a view with strided rows");
+        &self.data[i * self.row_stride..][..self.cols]
     }
 
     fn assert_in_bounds(&self) {

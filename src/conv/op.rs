@@ -258,9 +258,7 @@ impl Conv2dOp {
                     let grad = self.output_block(&mut space.gathered, dy, &block);
                     if with_bias {
                         for (c, sum) in db.iter_mut().enumerate() {
-                            for j in 0..self.block_pixels(&block) {
-                                *sum += grad.at(c, j);
-                            }
+                            *sum += grad.row(c).iter().fold(T::default(), |a, &v| a + v);
                         }
                     }
                     let dw = if self.per_example {
