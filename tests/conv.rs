@@ -306,3 +306,35 @@ fn an_empty_batch_gives_an_empty_output_and_zero_weight_gradients() {
         vec![0.0; 3]
     );
 }
+
+#[test]
+fn per_example_input_gradient_at_stride_one_matches_candle() {
+    // Stride 1 and padding below the kernel size: the input gradient runs as a convolution of
+    // the output gradient with each example's flipped filters.
+    for (kernel, padding) in [(3usize, 1usize), (3, 0), (5, 2)] {
+        let geo = ConvGeometry { stride: 1, padding };
+        let x = Var::from_tensor(&random(&[3, 2, 7, 6], 51)).unwrap();
+        let w = random(&[3, 4, 2, kernel, kernel], 52);
+        let y = conv2d_per_example(x.as_tensor(), &w, None, geo).unwrap();
+        let upstream = random(y.dims(), 53);
+        let grads = (&y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = grads.get(&x).unwrap();
+        for i in 0..3 {
+            let xi = Var::from_tensor(&x.narrow(0, i, 1).unwrap()).unwrap();
+            let yi = xi.conv2d(&w.get(i).unwrap(), padding, 1, 1, 1).unwrap();
+            let gi = (yi * upstream.narrow(0, i, 1).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let err = max_rel_err(&dx.narrow(0, i, 1).unwrap(), gi.get(&xi).unwrap());
+            assert!(err < 1e-4, "k={kernel} p={padding} example {i}: {err}");
+        }
+    }
+}

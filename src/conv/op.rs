@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::matmul::{matmul, MatRef};
 use super::unfold::ConvShape;
+use super::ConvGeometry;
 use crate::cpu::{slice, with_slices};
 
 /// Below this many output pixels per image, images are grouped so that each product has at
@@ -294,8 +295,62 @@ impl Conv2dOp {
         (dw, with_bias.then_some(db))
     }
 
-    /// The input gradient, `[B, C_in, H, W]`.
+    /// The input gradient, `[B, C_in, H, W]`: as a forward convolution of `dy` when the
+    /// convolution is its own kind of transpose, else by gemm and col2im.
     fn input_grad<T: WithDType + Default>(&self, w: &[T], dy: &[T]) -> Vec<T> {
+        match self.transposed() {
+            Some(transposed) => transposed.forward(dy, &self.flipped_filters(w), None),
+            None => self.input_grad_by_col2im(w, dy),
+        }
+    }
+
+    /// For a stride-1 convolution with a square `k x k` kernel and padding `p < k`, the input
+    /// gradient is the convolution of `dy` with the filters flipped and their channels swapped,
+    /// at padding `k - 1 - p`: a product shaped like the forward one (`C_in x C_out·k²` filters),
+    /// whose output is the NCHW gradient itself, with no col2im and no zeroed accumulator.
+    fn transposed(&self) -> Option<Conv2dOp> {
+        let s = &self.shape;
+        let k = s.kernel_h;
+        if s.geo.stride != 1 || s.kernel_w != k || s.geo.padding >= k {
+            return None;
+        }
+        let geo = ConvGeometry {
+            stride: 1,
+            padding: k - 1 - s.geo.padding,
+        };
+        let shape = ConvShape::new([self.out_channels, s.out_h, s.out_w], [k, k], geo).ok()?;
+        // Stride 1 maps the output size back onto the input size exactly.
+        debug_assert_eq!((shape.out_h, shape.out_w), (s.height, s.width));
+        Some(Conv2dOp {
+            shape,
+            batch: self.batch,
+            out_channels: s.channels,
+            per_example: self.per_example,
+        })
+    }
+
+    /// `W'[c, o, ky, kx] = W[o, c, k-1-ky, k-1-kx]` for every filter bank.
+    fn flipped_filters<T: Copy>(&self, w: &[T]) -> Vec<T> {
+        let (co, ci) = (self.out_channels, self.shape.channels);
+        let (kh, kw) = (self.shape.kernel_h, self.shape.kernel_w);
+        let bank = co * ci * kh * kw;
+        let mut flipped = Vec::with_capacity(w.len());
+        for filters in w.chunks_exact(bank) {
+            for c in 0..ci {
+                for o in 0..co {
+                    for ky in (0..kh).rev() {
+                        for kx in (0..kw).rev() {
+                            flipped.push(filters[((o * ci + c) * kh + ky) * kw + kx]);
+                        }
+                    }
+                }
+            }
+        }
+        flipped
+    }
+
+    /// The input gradient as `col2im(Wᵀ · dy)`, for any stride and padding.
+    fn input_grad_by_col2im<T: WithDType + Default>(&self, w: &[T], dy: &[T]) -> Vec<T> {
         let k = self.shape.taps();
         let image = self.shape.image_len();
         let split = self.split();
