@@ -238,19 +238,21 @@ impl Conv2dOp {
                 with_bias.then(|| vec![T::default(); co]),
             );
         }
-        // One slice of the result per task: its images' banks (per example) or its part of the
-        // sum over the batch (shared weights, summed below), then its part of the bias sums.
+        // Per example, each task writes its images' banks in place; with shared weights each
+        // task sums into its own part, and the parts are added below in task order. Each task
+        // also sums its part of the bias gradient.
         let part = if self.per_example {
             split.task_images * co * k
         } else {
             co * k
         };
-        let mut parts = vec![T::default(); tasks * (part + co)];
-        parts
-            .par_chunks_mut(part + co)
+        let banks = if self.per_example { self.batch } else { tasks };
+        let mut dw = vec![T::default(); banks * co * k];
+        let mut db_parts = vec![T::default(); tasks * co];
+        dw.par_chunks_mut(part)
+            .zip(db_parts.par_chunks_mut(co))
             .enumerate()
-            .for_each(|(task, out)| {
-                let (dw, db) = out.split_at_mut(part);
+            .for_each(|(task, (dw, db))| {
                 let mut space = Workspace::new(self, split);
                 let first = task * split.task_images;
                 let last = (first + split.task_images).min(self.batch);
@@ -270,25 +272,18 @@ impl Conv2dOp {
                     matmul(dw, k, grad, cols.t(), true, split.product_threads);
                 }
             });
-        let mut dw = Vec::with_capacity(if self.per_example {
-            self.batch * co * k
-        } else {
-            co * k
-        });
-        let mut db = vec![T::default(); co];
-        for (task, out) in parts.chunks_exact(part + co).enumerate() {
-            let (w_part, b_part) = out.split_at(part);
-            if self.per_example {
-                let images = split.task_images.min(self.batch - task * split.task_images);
-                dw.extend_from_slice(&w_part[..images * co * k]);
-            } else if task == 0 {
-                dw.extend_from_slice(w_part);
-            } else {
-                for (d, &v) in dw.iter_mut().zip(w_part) {
+        if !self.per_example {
+            let (total, rest) = dw.split_at_mut(co * k);
+            for part in rest.chunks_exact(co * k) {
+                for (d, &v) in total.iter_mut().zip(part) {
                     *d += v;
                 }
             }
-            for (d, &v) in db.iter_mut().zip(b_part) {
+            dw.truncate(co * k);
+        }
+        let mut db = vec![T::default(); co];
+        for part in db_parts.chunks_exact(co) {
+            for (d, &v) in db.iter_mut().zip(part) {
                 *d += v;
             }
         }

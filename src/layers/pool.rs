@@ -130,6 +130,17 @@ impl MaxPoolOp {
             });
         Ok(dx)
     }
+
+    fn input_grad_tensor<T: candle_core::WithDType>(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let dx = with_slices::<T, _>("max pool backward", &[x, dy], |d| {
+            self.input_grad(d[0], d[1], x.dims())
+        })??;
+        Tensor::from_vec(dx, x.shape(), x.device())
+    }
 }
 
 impl CustomOp1 for MaxPoolOp {
@@ -155,18 +166,8 @@ impl CustomOp1 for MaxPoolOp {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let dy = grad_res.contiguous()?;
         let dx = match x.dtype() {
-            DType::F32 => {
-                let dx = with_slices::<f32, _>("max pool backward", &[x, &dy], |d| {
-                    self.input_grad(d[0], d[1], x.dims())
-                })??;
-                Tensor::from_vec(dx, x.shape(), x.device())?
-            }
-            DType::F64 => {
-                let dx = with_slices::<f64, _>("max pool backward", &[x, &dy], |d| {
-                    self.input_grad(d[0], d[1], x.dims())
-                })??;
-                Tensor::from_vec(dx, x.shape(), x.device())?
-            }
+            DType::F32 => self.input_grad_tensor::<f32>(x, &dy)?,
+            DType::F64 => self.input_grad_tensor::<f64>(x, &dy)?,
             other => bail!("max pool backward: f32 or f64 expected, got {other:?}"),
         };
         Ok(Some(dx))
