@@ -200,21 +200,34 @@ fn bad_shapes_are_errors_that_say_what_is_wrong() {
     assert!(err.contains("2 filter banks for a batch of 1"), "{err}");
 }
 
-/// Checks the biased convolution of an `x_dims` input by a `w_dims` filter bank (3x3, padding 1)
-/// against candle's conv2d plus a broadcast bias: output and the three gradients.
-fn check_biased_against_candle(x_dims: [usize; 4], w_dims: [usize; 4], stride: usize, seed: u64) {
-    let geo = ConvGeometry { stride, padding: 1 };
+/// Checks the biased convolution of an `x_dims` input by a `w_dims` filter bank against
+/// candle's conv2d plus a broadcast bias (output and the three gradients) and the output
+/// against the naive loop.
+fn check_biased_against_candle(
+    x_dims: [usize; 4],
+    w_dims: [usize; 4],
+    geo: ConvGeometry,
+    seed: u64,
+) {
     let x = Var::from_tensor(&random(&x_dims, seed)).unwrap();
     let w = Var::from_tensor(&random(&w_dims, seed + 1)).unwrap();
     let bias = Var::from_tensor(&random(&[w_dims[0]], seed + 2)).unwrap();
     let ours = conv2d(x.as_tensor(), w.as_tensor(), Some(bias.as_tensor()), geo).unwrap();
+    let bias_planes = bias.reshape((1, w_dims[0], 1, 1)).unwrap();
     let theirs = x
-        .conv2d(w.as_tensor(), 1, stride, 1, 1)
+        .conv2d(w.as_tensor(), geo.padding, geo.stride, 1, 1)
         .unwrap()
-        .broadcast_add(&bias.reshape((1, w_dims[0], 1, 1)).unwrap())
+        .broadcast_add(&bias_planes)
         .unwrap();
-    let label = format!("input {x_dims:?}, stride {stride}");
+    let label = format!("input {x_dims:?}, filters {w_dims:?}, {geo:?}");
     assert!(max_rel_err(&ours, &theirs) < 1e-4, "forward, {label}");
+    let reference = naive(x.as_tensor(), w.as_tensor(), geo)
+        .broadcast_add(&bias_planes)
+        .unwrap();
+    assert!(
+        max_rel_err(&ours, &reference) < 1e-4,
+        "forward vs naive, {label}"
+    );
     let upstream = random(ours.dims(), seed + 3);
     let backward = |y: Tensor| {
         (y * &upstream)
@@ -234,8 +247,9 @@ fn check_biased_against_candle(x_dims: [usize; 4], w_dims: [usize; 4], stride: u
 #[test]
 fn bias_and_gradients_match_candle_for_one_image_and_for_grouped_images() {
     // 12x12 outputs (144 pixels) are one product per image; 5x5 outputs are grouped.
-    check_biased_against_candle([5, 3, 12, 12], [6, 3, 3, 3], 1, 11);
-    check_biased_against_candle([5, 3, 10, 10], [6, 3, 3, 3], 2, 11);
+    let geo = |stride| ConvGeometry { stride, padding: 1 };
+    check_biased_against_candle([5, 3, 12, 12], [6, 3, 3, 3], geo(1), 11);
+    check_biased_against_candle([5, 3, 10, 10], [6, 3, 3, 3], geo(2), 11);
 }
 
 #[test]
@@ -272,7 +286,26 @@ fn images_too_large_for_one_cached_block_match_candle() {
     // 64 channels x 3x3 taps x 20 output columns: the columns of a whole image outgrow the
     // per-band buffer, so each image is unfolded in bands of lines (the last one shorter).
     for stride in [1usize, 2] {
-        check_biased_against_candle([2, 64, 20 * stride, 20 * stride], [5, 64, 3, 3], stride, 31);
+        let geo = ConvGeometry { stride, padding: 1 };
+        check_biased_against_candle([2, 64, 20 * stride, 20 * stride], [5, 64, 3, 3], geo, 31);
+    }
+}
+
+#[test]
+fn winograd_shaped_convolutions_match_candle_and_a_naive_loop() {
+    // 3x3 filters at stride 1 with at least 16 channels on both sides and 1024+ tiles of 2x2
+    // outputs in the batch take Winograd's F(2x2, 3x3): odd sizes (tiles cut by the edge),
+    // paddings 0-2, chunks of tiles running across images. (Smaller cases, down to a 1x1 image,
+    // are held against the im2col path in the op's unit tests.)
+    let cases = [
+        ([4, 16, 33, 31], 24, 1),
+        ([3, 20, 38, 40], 16, 0),
+        ([4, 16, 31, 32], 17, 2),
+    ];
+    for (case, (x_dims, out_channels, padding)) in cases.into_iter().enumerate() {
+        let geo = ConvGeometry { stride: 1, padding };
+        let w_dims = [out_channels, x_dims[1], 3, 3];
+        check_biased_against_candle(x_dims, w_dims, geo, 60 + 4 * case as u64);
     }
 }
 

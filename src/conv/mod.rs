@@ -18,6 +18,7 @@
 mod matmul;
 mod op;
 mod unfold;
+mod winograd;
 
 use candle_core::{bail, DType, Result, Tensor};
 

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::matmul::{matmul, MatRef};
 use super::unfold::ConvShape;
+use super::winograd::Winograd;
 use super::ConvGeometry;
 use crate::cpu::{slice, with_slices};
 
@@ -170,7 +171,20 @@ impl Conv2dOp {
         block.images * self.image_pixels(block)
     }
 
+    /// `y = conv(x, W) (+ bias)`: by Winograd's transform where it applies, else by columns.
     fn forward<T: WithDType + Default>(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+        match Winograd::plan(self) {
+            Some(plan) => plan.forward(x, w, bias),
+            None => self.forward_by_columns(x, w, bias),
+        }
+    }
+
+    fn forward_by_columns<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+    ) -> Vec<T> {
         let (co, l) = (self.out_channels, self.shape.pixels());
         let split = self.split();
         let mut y = vec![T::default(); self.output_len()];
@@ -222,6 +236,18 @@ impl Conv2dOp {
     /// The weight gradient (`[C_out, K]`, or `[B, C_out, K]` per example) and, when asked, the
     /// bias gradient (`[C_out]`).
     fn weight_grad<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        with_bias: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        match Winograd::plan(self) {
+            Some(plan) => plan.weight_grad(x, dy, with_bias),
+            None => self.weight_grad_by_columns(x, dy, with_bias),
+        }
+    }
+
+    fn weight_grad_by_columns<T: WithDType + Default>(
         &self,
         x: &[T],
         dy: &[T],
@@ -579,5 +605,94 @@ impl CustomOp3 for Conv2dOp {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         self.gradients(x, w, Some(bias), grad_res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn winograd_equals_the_columns_path_in_f64() {
+        for (batch, c, o, [h, w], padding) in [
+            (3, 16, 20, [7, 9], 1),
+            (2, 24, 16, [8, 5], 0),
+            (1, 16, 16, [2, 3], 2),
+            (2, 16, 16, [1, 1], 1),
+        ] {
+            let geo = ConvGeometry { stride: 1, padding };
+            let op = Conv2dOp {
+                shape: ConvShape::new([c, h, w], [3, 3], geo).unwrap(),
+                batch,
+                out_channels: o,
+                per_example: false,
+            };
+            let plan =
+                Winograd::plan_any_size(&op).expect("a 3x3 stride-1 convolution of 16+ channels");
+            let x = values(batch * c * h * w, 1);
+            let filters = values(o * c * 9, 2);
+            let bias = values(o, 3);
+            let dy = values(op.output_len(), 4);
+            let label = format!("{batch}x{c}x{h}x{w} -> {o}, padding {padding}");
+            let y = plan.forward(&x, &filters, Some(&bias));
+            let expected = op.forward_by_columns(&x, &filters, Some(&bias));
+            assert!(max_abs_diff(&y, &expected) < 1e-12, "forward, {label}");
+            let (dw, db) = plan.weight_grad(&x, &dy, true);
+            let (dw_expected, db_expected) = op.weight_grad_by_columns(&x, &dy, true);
+            assert!(max_abs_diff(&dw, &dw_expected) < 1e-12, "dW, {label}");
+            assert!(
+                max_abs_diff(&db.unwrap(), &db_expected.unwrap()) < 1e-12,
+                "db, {label}"
+            );
+        }
+    }
+
+    #[test]
+    fn winograd_is_planned_only_where_it_applies() {
+        let op = |c: usize, o: usize, kernel: usize, stride: usize, per_example: bool| Conv2dOp {
+            shape: ConvShape::new(
+                [c, 8, 8],
+                [kernel, kernel],
+                ConvGeometry { stride, padding: 1 },
+            )
+            .unwrap(),
+            batch: 2,
+            out_channels: o,
+            per_example,
+        };
+        let plan = Winograd::plan_any_size;
+        assert!(plan(&op(16, 16, 3, 1, false)).is_some());
+        assert!(plan(&op(3, 64, 3, 1, false)).is_none(), "RGB input");
+        assert!(plan(&op(64, 10, 3, 1, false)).is_none(), "few outputs");
+        assert!(plan(&op(16, 16, 3, 2, false)).is_none(), "stride 2");
+        assert!(plan(&op(16, 16, 5, 1, false)).is_none(), "5x5");
+        assert!(
+            plan(&op(16, 16, 3, 1, true)).is_none(),
+            "per-example filters"
+        );
+        // 2 images of 4x4 tiles: too few to pay for the filters' transform.
+        assert!(
+            Winograd::plan(&op(16, 16, 3, 1, false)).is_none(),
+            "small batch"
+        );
+        let large_batch = Conv2dOp {
+            batch: 64,
+            ..op(16, 16, 3, 1, false)
+        };
+        assert!(Winograd::plan(&large_batch).is_some(), "1024 tiles");
     }
 }

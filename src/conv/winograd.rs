@@ -1,0 +1,526 @@
+//! Winograd's minimal filtering F(2x2, 3x3) for 3x3 convolutions at stride 1 on the CPU.
+//!
+//! Two by two outputs of a 3x3 filter need a 4x4 tile of input. In Winograd's transformed
+//! domain one tile costs 16 multiplies instead of 36, and summed over channels those multiplies
+//! become 16 matrix products, one per transform component `ξ` (Lavin & Gray, 2016):
+//!
+//! - forward: `Y = Aᵀ [U_ξ · V_ξ] A` per tile, with `U = G g Gᵀ` the transformed filters
+//!   (`[C_out, C_in]` per component) and `V = Bᵀ d B` the transformed input tiles
+//!   (`[C_in, tiles]`);
+//! - weight gradient: `dW = Gᵀ [Σ_tiles (A dy Aᵀ) ⊙ (Bᵀ d B)] G`, the same trilinear identity read
+//!   with the output tile as the known factor; the sum over tiles is again one product per
+//!   component, `[C_out, tiles] · [tiles, C_in]`;
+//! - input gradient: a forward convolution of `dy` with flipped filters (see
+//!   `Conv2dOp::transposed`), so it comes here too.
+//!
+//! That is 2.25x fewer multiplies than im2col + gemm, and the transformed input is 4x the
+//! input where im2col's columns are 9x. F(2x2, 3x3) rather than a larger tile: its transforms
+//! only add, subtract and halve, so f32 results stay at the rounding of the direct sum; larger
+//! tiles use larger interpolation points and lose digits in f32.
+
+use std::ops::Range;
+
+use candle_core::WithDType;
+use rayon::prelude::*;
+
+use super::matmul::{matmul, MatRef};
+use super::op::Conv2dOp;
+
+/// Transform components per tile (4x4).
+const COMPONENTS: usize = 16;
+
+/// Below this many input or output channels the 16 products are too thin to keep gemm busy (an
+/// RGB input would give them an inner dimension of 3, where im2col's one product has 27).
+const MIN_CHANNELS: usize = 16;
+
+/// Below this many tiles in the batch, transforming the filters (16 per filter) and keeping
+/// per-thread weight-gradient sums of that size cost more than the multiplies saved: at batch
+/// 64, 512-channel layers with 4x4 outputs (256 tiles) ran slower than im2col, 8x8 (1024) faster.
+const MIN_BATCH_TILES: usize = 1024;
+
+/// The transformed tiles of one chunk (input and output side together, f32) are sized to stay
+/// in a core's L2 cache between the transforms and the products...
+const CHUNK_BYTES: usize = 384 << 10;
+
+/// ...but a chunk has at least this many tiles: each product repacks its `C_out x C_in`
+/// component of the filters, which only pays off over enough columns.
+const MIN_CHUNK_TILES: usize = 64;
+
+/// A 3x3, stride-1 convolution of a batch, computed tile by tile.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Winograd {
+    batch: usize,
+    channels: usize,
+    out_channels: usize,
+    height: usize,
+    width: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+    tiles_w: usize,
+    tiles_per_image: usize,
+}
+
+/// Applies the 1-D transform `f` to the columns, then to the rows, of a square tile: the
+/// transforms here are all of the form `M X Mᵀ`.
+fn separable<T: Copy + Default, const N: usize, const M: usize>(
+    x: &[[T; N]; N],
+    f: impl Fn([T; N]) -> [T; M],
+) -> [[T; M]; M] {
+    let mut columns = [[T::default(); N]; M];
+    for j in 0..N {
+        let column = f(std::array::from_fn(|i| x[i][j]));
+        for (row, v) in columns.iter_mut().zip(column) {
+            row[j] = v;
+        }
+    }
+    columns.map(f)
+}
+
+/// `dst[i] = f(a[i], b[i])`.
+fn zip_with<T: Copy>(dst: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+    for (d, (&a, &b)) in dst.iter_mut().zip(a.iter().zip(b)) {
+        *d = f(a, b);
+    }
+}
+
+/// `dst[i] = f(a[i], b[i], c[i])`.
+fn zip3_with<T: Copy>(dst: &mut [T], a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) {
+    for (d, ((&a, &b), &c)) in dst.iter_mut().zip(a.iter().zip(b).zip(c)) {
+        *d = f(a, b, c);
+    }
+}
+
+/// Splits `line`, shifted right by `shift` zeros, into its even and odd elements (`even[m]` is
+/// shifted element `2m`); elements past the line are zero.
+fn deinterleave<T: Copy + Default>(line: &[T], shift: usize, even: &mut [T], odd: &mut [T]) {
+    even.fill(T::default());
+    odd.fill(T::default());
+    let mut line = line;
+    if shift % 2 == 1 {
+        if let (Some(&first), Some(o)) = (line.first(), odd.get_mut(shift / 2)) {
+            *o = first;
+        }
+        line = line.get(1..).unwrap_or_default();
+    }
+    let start = shift.div_ceil(2);
+    let even = even.get_mut(start..).unwrap_or_default();
+    let odd = odd.get_mut(start..).unwrap_or_default();
+    let pairs = line.chunks_exact(2);
+    let last = pairs.remainder().first().copied();
+    let full = pairs.len().min(even.len()).min(odd.len());
+    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+    if let (Some(v), Some(e)) = (last, even.get_mut(full)) {
+        *e = v;
+    }
+}
+
+/// `G g`: a filter's 3 taps to 4 components.
+fn filter_1d<T: WithDType>([g0, g1, g2]: [T; 3]) -> [T; 4] {
+    let half = T::from_f64(0.5);
+    let even = (g0 + g2) * half;
+    [g0, even + g1 * half, even - g1 * half, g2]
+}
+
+/// `Bᵀ d`: 4 inputs to 4 components.
+fn input_1d<T: WithDType>([d0, d1, d2, d3]: [T; 4]) -> [T; 4] {
+    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+
+/// `Gᵀ p`: 4 components to the gradients of the 3 taps.
+fn filter_grad_1d<T: WithDType>([p0, p1, p2, p3]: [T; 4]) -> [T; 3] {
+    let half = T::from_f64(0.5);
+    let (sum, diff) = ((p1 + p2) * half, (p1 - p2) * half);
+    [p0 + sum, diff, sum + p3]
+}
+
+impl Winograd {
+    /// The plan for `op` when the transform is faster than im2col for it: a 3x3 stride-1
+    /// convolution with one filter bank for the batch, enough channels on both sides to keep the
+    /// products busy, and enough tiles in the batch to pay for transforming the filters.
+    pub(crate) fn plan(op: &Conv2dOp) -> Option<Winograd> {
+        Self::plan_any_size(op).filter(|plan| plan.batch * plan.tiles_per_image >= MIN_BATCH_TILES)
+    }
+
+    /// The plan for `op` if it is a convolution the transform computes, whatever its size.
+    pub(crate) fn plan_any_size(op: &Conv2dOp) -> Option<Winograd> {
+        let s = &op.shape;
+        let applies = !op.per_example
+            && (s.kernel_h, s.kernel_w) == (3, 3)
+            && s.geo.stride == 1
+            && s.channels.min(op.out_channels) >= MIN_CHANNELS;
+        applies.then(|| {
+            let tiles_w = s.out_w.div_ceil(2);
+            Winograd {
+                batch: op.batch,
+                channels: s.channels,
+                out_channels: op.out_channels,
+                height: s.height,
+                width: s.width,
+                padding: s.geo.padding,
+                out_h: s.out_h,
+                out_w: s.out_w,
+                tiles_w,
+                tiles_per_image: tiles_w * s.out_h.div_ceil(2),
+            }
+        })
+    }
+
+    /// Images per thread task (whole images, so that tasks write disjoint outputs).
+    fn task_images(&self) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        self.batch.div_ceil(threads.min(self.batch).max(1)).max(1)
+    }
+
+    /// Threads each product may use: all of them when the batch is a single task.
+    fn product_threads(&self) -> usize {
+        if self.task_images() >= self.batch {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        }
+    }
+
+    /// Tiles per chunk for a task of `tiles` tiles.
+    fn chunk_tiles(&self, tiles: usize) -> usize {
+        let per_tile = COMPONENTS * (self.channels + self.out_channels) * size_of::<f32>();
+        (CHUNK_BYTES / per_tile)
+            .max(MIN_CHUNK_TILES)
+            .min(tiles)
+            .max(1)
+    }
+
+    /// The tiles `tiles` of the batch as runs along tile rows: `(position of the run's first
+    /// tile in tiles, image, tile row, tile columns)`.
+    fn runs(
+        &self,
+        tiles: Range<usize>,
+    ) -> impl Iterator<Item = (usize, usize, usize, Range<usize>)> {
+        let (per_image, tiles_w) = (self.tiles_per_image, self.tiles_w);
+        let rows = tiles.start / tiles_w..tiles.end.div_ceil(tiles_w);
+        rows.map(move |row| {
+            let row_start = row * tiles_w;
+            let lo = row_start.max(tiles.start);
+            let hi = (row_start + tiles_w).min(tiles.end);
+            let (image, ty) = (row_start / per_image, row_start % per_image / tiles_w);
+            (lo - tiles.start, image, ty, lo - row_start..hi - row_start)
+        })
+    }
+
+    /// The filters in the transformed domain, `U[ξ][o][c]`.
+    fn transformed_filters<T: WithDType + Default>(&self, w: &[T]) -> Vec<T> {
+        let (co, ci) = (self.out_channels, self.channels);
+        let mut u = vec![T::default(); COMPONENTS * co * ci];
+        for (f, taps) in w.chunks_exact(9).enumerate() {
+            let g: [[T; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| taps[3 * i + j]));
+            let t = separable(&g, filter_1d);
+            for (xi, &v) in t.iter().flatten().enumerate() {
+                u[xi * co * ci + f] = v;
+            }
+        }
+        u
+    }
+
+    /// `V[ξ][c][t] = (Bᵀ d B)[ξ]` for the tiles `tiles` (of the batch) of `x`.
+    ///
+    /// Per tile row and channel, the four input lines under the row are split into their even
+    /// and odd columns (zero outside the image): tile `tx` covers even and odd columns `tx` and
+    /// `tx + 1`, so both 1-D transforms run along contiguous lines.
+    fn transform_input<T: WithDType + Default>(&self, x: &[T], tiles: Range<usize>, v: &mut [T]) {
+        let (ci, n) = (self.channels, tiles.len());
+        let (h, w, p) = (self.height, self.width, self.padding);
+        let plane_len = h * w;
+        let len = self.tiles_w + 1;
+        // Input line i of the tile row, then (in place) component i of `Bᵀ d`.
+        let mut even = vec![T::default(); 4 * len];
+        let mut odd = vec![T::default(); 4 * len];
+        for (offset, image, ty, cols) in self.runs(tiles) {
+            let count = cols.len();
+            for c in 0..ci {
+                let plane = &x[(image * ci + c) * plane_len..][..plane_len];
+                for i in 0..4 {
+                    let e = &mut even[i * len..][..len];
+                    let o = &mut odd[i * len..][..len];
+                    let y = (2 * ty + i).wrapping_sub(p);
+                    if y >= h {
+                        e.fill(T::default());
+                        o.fill(T::default());
+                        continue;
+                    }
+                    deinterleave(&plane[y * w..][..w], p, e, o);
+                }
+                for lines in [&mut even, &mut odd] {
+                    let (l0, rest) = lines.split_at_mut(len);
+                    let (l1, rest) = rest.split_at_mut(len);
+                    let (l2, l3) = rest.split_at_mut(len);
+                    for (((a, b), c), d) in l0.iter_mut().zip(l1).zip(l2).zip(l3) {
+                        [*a, *b, *c, *d] = input_1d([*a, *b, *c, *d]);
+                    }
+                }
+                for k in 0..4 {
+                    let e0 = &even[k * len + cols.start..][..count];
+                    let e1 = &even[k * len + cols.start + 1..][..count];
+                    let o0 = &odd[k * len + cols.start..][..count];
+                    let o1 = &odd[k * len + cols.start + 1..][..count];
+                    let at = |l: usize| ((4 * k + l) * ci + c) * n + offset;
+                    // `Bᵀ` along the row: columns (d0, d1, d2, d3) = (e0, o0, e1, o1).
+                    zip_with(&mut v[at(0)..][..count], e0, e1, |a, b| a - b);
+                    zip_with(&mut v[at(1)..][..count], o0, e1, |a, b| a + b);
+                    zip_with(&mut v[at(2)..][..count], e1, o0, |a, b| a - b);
+                    zip_with(&mut v[at(3)..][..count], o0, o1, |a, b| a - b);
+                }
+            }
+        }
+    }
+
+    /// `D[ξ][o][t] = (A dy Aᵀ)[ξ]` for the tiles `tiles` of `dy` (zero past the output's edge).
+    fn transform_output_grad<T: WithDType + Default>(
+        &self,
+        dy: &[T],
+        tiles: Range<usize>,
+        d: &mut [T],
+    ) {
+        let (co, n) = (self.out_channels, tiles.len());
+        let (oh, ow) = (self.out_h, self.out_w);
+        let plane_len = oh * ow;
+        let tw = self.tiles_w;
+        // The even and odd columns of the run's two output lines, then of one row of `A dy`.
+        let mut lines = vec![T::default(); 6 * tw];
+        for (offset, image, ty, cols) in self.runs(tiles) {
+            let count = cols.len();
+            for o in 0..co {
+                let plane = &dy[(image * co + o) * plane_len..][..plane_len];
+                let (lines, row) = lines.split_at_mut(4 * tw);
+                for (i, pair) in lines.chunks_exact_mut(2 * tw).enumerate() {
+                    let (e, od) = pair.split_at_mut(tw);
+                    let (e, od) = (&mut e[..count], &mut od[..count]);
+                    match 2 * ty + i {
+                        y if y < oh => deinterleave(
+                            &plane[y * ow + 2 * cols.start..][..ow - 2 * cols.start],
+                            0,
+                            e,
+                            od,
+                        ),
+                        _ => {
+                            e.fill(T::default());
+                            od.fill(T::default());
+                        }
+                    }
+                }
+                let [e0, o0, e1, o1] = std::array::from_fn(|i| &lines[i * tw..][..count]);
+                let (ek, ok) = row.split_at_mut(tw);
+                let (ek, ok) = (&mut ek[..count], &mut ok[..count]);
+                for k in 0..4 {
+                    // Row k of `A` along the tile's rows: (1, 0), (1, 1), (1, -1), (0, -1).
+                    match k {
+                        0 => {
+                            ek.copy_from_slice(e0);
+                            ok.copy_from_slice(o0);
+                        }
+                        1 => {
+                            zip_with(ek, e0, e1, |a, b| a + b);
+                            zip_with(ok, o0, o1, |a, b| a + b);
+                        }
+                        2 => {
+                            zip_with(ek, e0, e1, |a, b| a - b);
+                            zip_with(ok, o0, o1, |a, b| a - b);
+                        }
+                        _ => {
+                            zip_with(ek, e1, e1, |_, b| T::default() - b);
+                            zip_with(ok, o1, o1, |_, b| T::default() - b);
+                        }
+                    }
+                    let at = |l: usize| ((4 * k + l) * co + o) * n + offset;
+                    // ...and along its columns.
+                    d[at(0)..][..count].copy_from_slice(ek);
+                    zip_with(&mut d[at(1)..][..count], ek, ok, |a, b| a + b);
+                    zip_with(&mut d[at(2)..][..count], ek, ok, |a, b| a - b);
+                    zip_with(&mut d[at(3)..][..count], ok, ok, |_, b| T::default() - b);
+                }
+            }
+        }
+    }
+
+    /// Writes `Aᵀ M A (+ bias)` of the tiles `tiles` into `y`, which holds the images from
+    /// `first_image` on.
+    fn transform_output<T: WithDType + Default>(
+        &self,
+        m: &[T],
+        tiles: Range<usize>,
+        first_image: usize,
+        bias: Option<&[T]>,
+        y: &mut [T],
+    ) {
+        let (co, n) = (self.out_channels, tiles.len());
+        let (oh, ow, tw) = (self.out_h, self.out_w, self.tiles_w);
+        let plane_len = oh * ow;
+        // `Aᵀ` along the tiles' rows, `[k][j][tile]`, then output `(i, j)`, `[i][j][tile]`.
+        let mut rows = vec![T::default(); 8 * tw];
+        let mut outputs = vec![T::default(); 4 * tw];
+        for (offset, image, ty, cols) in self.runs(tiles) {
+            let count = cols.len();
+            for o in 0..co {
+                let component = |xi: usize| &m[(xi * co + o) * n + offset..][..count];
+                for (k, pair) in rows.chunks_exact_mut(2 * tw).enumerate() {
+                    let (s0, s1) = pair.split_at_mut(tw);
+                    let [m0, m1, m2, m3] = std::array::from_fn(|l| component(4 * k + l));
+                    zip3_with(&mut s0[..count], m0, m1, m2, |a, b, c| a + b + c);
+                    zip3_with(&mut s1[..count], m1, m2, m3, |a, b, c| a - b - c);
+                }
+                let b = bias.map_or(T::default(), |b| b[o]);
+                let s: [&[T]; 8] = std::array::from_fn(|r| &rows[r * tw..][..count]);
+                let (top, bottom) = outputs.split_at_mut(2 * tw);
+                for (j, (top, bottom)) in top
+                    .chunks_exact_mut(tw)
+                    .zip(bottom.chunks_exact_mut(tw))
+                    .enumerate()
+                {
+                    let (s0, s1, s2, s3) = (s[j], s[2 + j], s[4 + j], s[6 + j]);
+                    zip3_with(&mut top[..count], s0, s1, s2, |a, b2, c| a + b2 + c + b);
+                    zip3_with(&mut bottom[..count], s1, s2, s3, |a, b2, c| a - b2 - c + b);
+                }
+                let plane = &mut y[((image - first_image) * co + o) * plane_len..][..plane_len];
+                let x0 = 2 * cols.start;
+                // Tiles whose two columns are both inside the output; the last may have one.
+                let pairs = count.min((ow - x0) / 2);
+                for i in 0..2 {
+                    let oy = 2 * ty + i;
+                    if oy >= oh {
+                        break;
+                    }
+                    let line = &mut plane[oy * ow..][..ow];
+                    let left = &outputs[2 * i * tw..][..count];
+                    let right = &outputs[(2 * i + 1) * tw..][..count];
+                    for (pixels, (&l, &r)) in line[x0..x0 + 2 * pairs]
+                        .chunks_exact_mut(2)
+                        .zip(left.iter().zip(right))
+                    {
+                        pixels[0] = l;
+                        pixels[1] = r;
+                    }
+                    if pairs < count {
+                        line[x0 + 2 * pairs] = left[pairs];
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y = conv(x, w) (+ bias)`, `[B, C_out, H_out, W_out]`.
+    pub(crate) fn forward<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+    ) -> Vec<T> {
+        let (ci, co) = (self.channels, self.out_channels);
+        let out_image = co * self.out_h * self.out_w;
+        let mut y = vec![T::default(); self.batch * out_image];
+        if y.is_empty() {
+            return y;
+        }
+        let u = self.transformed_filters(w);
+        let task_images = self.task_images();
+        let threads = self.product_threads();
+        y.par_chunks_mut(task_images * out_image)
+            .enumerate()
+            .for_each(|(task, y_task)| {
+                let first = task * task_images;
+                let images = y_task.len() / out_image;
+                let tiles = first * self.tiles_per_image..(first + images) * self.tiles_per_image;
+                let chunk = self.chunk_tiles(tiles.len());
+                let mut v = vec![T::default(); COMPONENTS * ci * chunk];
+                let mut m = vec![T::default(); COMPONENTS * co * chunk];
+                for start in tiles.clone().step_by(chunk) {
+                    let part = start..(start + chunk).min(tiles.end);
+                    let n = part.len();
+                    self.transform_input(x, part.clone(), &mut v);
+                    for xi in 0..COMPONENTS {
+                        let filters = MatRef::row_major(&u[xi * co * ci..][..co * ci], co, ci);
+                        let inputs = MatRef::row_major(&v[xi * ci * n..][..ci * n], ci, n);
+                        matmul(&mut m[xi * co * n..], n, filters, inputs, false, threads);
+                    }
+                    self.transform_output(&m, part, first, bias, y_task);
+                }
+            });
+        y
+    }
+
+    /// The weight gradient `[C_out, C_in, 3, 3]` and, when asked, the bias gradient `[C_out]`.
+    pub(crate) fn weight_grad<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        with_bias: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let (ci, co) = (self.channels, self.out_channels);
+        let task_images = self.task_images();
+        let tasks = self.batch.div_ceil(task_images);
+        let threads = self.product_threads();
+        let part_len = COMPONENTS * co * ci;
+        let plane_len = self.out_h * self.out_w;
+        // Each task sums its images into its own part; the parts are added in task order below,
+        // so that a run is reproducible for a given thread count.
+        let mut parts = vec![T::default(); tasks * part_len];
+        let mut db_parts = vec![T::default(); tasks * co];
+        parts
+            .par_chunks_mut(part_len)
+            .zip(db_parts.par_chunks_mut(co))
+            .enumerate()
+            .for_each(|(task, (p, db))| {
+                let first = task * task_images;
+                let last = (first + task_images).min(self.batch);
+                let tiles = first * self.tiles_per_image..last * self.tiles_per_image;
+                let chunk = self.chunk_tiles(tiles.len());
+                let mut v = vec![T::default(); COMPONENTS * ci * chunk];
+                let mut d = vec![T::default(); COMPONENTS * co * chunk];
+                for start in tiles.clone().step_by(chunk) {
+                    let part = start..(start + chunk).min(tiles.end);
+                    let n = part.len();
+                    self.transform_input(x, part.clone(), &mut v);
+                    self.transform_output_grad(dy, part, &mut d);
+                    for xi in 0..COMPONENTS {
+                        let grads = MatRef::row_major(&d[xi * co * n..][..co * n], co, n);
+                        let inputs = MatRef::row_major(&v[xi * ci * n..][..ci * n], ci, n);
+                        matmul(&mut p[xi * co * ci..], ci, grads, inputs.t(), true, threads);
+                    }
+                }
+                if with_bias {
+                    for image in first..last {
+                        for (o, sum) in db.iter_mut().enumerate() {
+                            let plane = &dy[(image * co + o) * plane_len..][..plane_len];
+                            *sum += plane.iter().fold(T::default(), |a, &v| a + v);
+                        }
+                    }
+                }
+            });
+        let mut total = vec![T::default(); part_len];
+        for part in parts.chunks_exact(part_len) {
+            for (t, &v) in total.iter_mut().zip(part) {
+                *t += v;
+            }
+        }
+        let mut dw = vec![T::default(); co * ci * 9];
+        for (f, taps) in dw.chunks_exact_mut(9).enumerate() {
+            let p: [[T; 4]; 4] =
+                std::array::from_fn(|i| std::array::from_fn(|j| total[(4 * i + j) * co * ci + f]));
+            let g = separable(&p, filter_grad_1d);
+            for (d, &v) in taps.iter_mut().zip(g.iter().flatten()) {
+                *d = v;
+            }
+        }
+        let db = with_bias.then(|| {
+            let mut db = vec![T::default(); co];
+            for part in db_parts.chunks_exact(co) {
+                for (d, &v) in db.iter_mut().zip(part) {
+                    *d += v;
+                }
+            }
+            db
+        });
+        (dw, db)
+    }
+}
