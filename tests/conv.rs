@@ -293,14 +293,19 @@ fn images_too_large_for_one_cached_block_match_candle() {
 
 #[test]
 fn winograd_shaped_convolutions_match_candle_and_a_naive_loop() {
-    // 3x3 filters at stride 1 with at least 16 channels on both sides and 1024+ tiles of 2x2
+    // 3x3 filters at stride 1 with at least 16 channels on both sides and 64+ tiles of 2x2
     // outputs in the batch take Winograd's F(2x2, 3x3): odd sizes (tiles cut by the edge),
-    // paddings 0-2, chunks of tiles running across images. (Smaller cases, down to a 1x1 image,
-    // are held against the im2col path in the op's unit tests.)
+    // paddings 0-2; from 1024 tiles on in per-thread chunks of tiles (running across images),
+    // below with the batch whole. (Smaller cases, down to a 1x1 image, are held against the
+    // im2col path in the op's unit tests.)
     let cases = [
         ([4, 16, 33, 31], 24, 1),
         ([3, 20, 38, 40], 16, 0),
         ([4, 16, 31, 32], 17, 2),
+        ([8, 16, 7, 9], 20, 1),
+        ([16, 24, 4, 4], 16, 1),
+        ([64, 16, 2, 2], 16, 1),
+        ([9, 16, 5, 6], 16, 2),
     ];
     for (case, (x_dims, out_channels, padding)) in cases.into_iter().enumerate() {
         let geo = ConvGeometry { stride: 1, padding };

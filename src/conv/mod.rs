@@ -11,6 +11,11 @@
 //! - input gradient: `dx = col2im(Wᵀ · dy)`, skipped when the input does not take part in
 //!   backprop (the first layer, whose input is data).
 //!
+//! 3x3 convolutions at stride 1 with one filter bank, at least 16 channels on both sides and at
+//! least 64 tiles of 2x2 outputs in the batch (all but the first layer of a CIFAR VGG at batch
+//! 64) take Winograd's F(2x2, 3x3) instead, for all three: 2.25x fewer multiplies
+//! (`winograd.rs`).
+//!
 //! The same op applies one filter bank per image (WHVI's per-example sampling), see
 //! [`conv2d_per_example`]. Other devices and element types than f32 / f64 use candle's own
 //! convolution.

@@ -648,16 +648,20 @@ mod tests {
             let bias = values(o, 3);
             let dy = values(op.output_len(), 4);
             let label = format!("{batch}x{c}x{h}x{w} -> {o}, padding {padding}");
-            let y = plan.forward(&x, &filters, Some(&bias));
             let expected = op.forward_by_columns(&x, &filters, Some(&bias));
-            assert!(max_abs_diff(&y, &expected) < 1e-12, "forward, {label}");
-            let (dw, db) = plan.weight_grad(&x, &dy, true);
             let (dw_expected, db_expected) = op.weight_grad_by_columns(&x, &dy, true);
-            assert!(max_abs_diff(&dw, &dw_expected) < 1e-12, "dW, {label}");
-            assert!(
-                max_abs_diff(&db.unwrap(), &db_expected.unwrap()) < 1e-12,
-                "db, {label}"
-            );
+            for by_components in [false, true] {
+                let label = format!("{label}, by components {by_components}");
+                let y = plan.forward_with(&x, &filters, Some(&bias), by_components);
+                assert!(max_abs_diff(&y, &expected) < 1e-12, "forward, {label}");
+                let (dw, db) = plan.weight_grad_with(&x, &dy, true, by_components);
+                assert!(max_abs_diff(&dw, &dw_expected) < 1e-12, "dW, {label}");
+                let db = db.unwrap();
+                assert!(
+                    max_abs_diff(&db, db_expected.as_ref().unwrap()) < 1e-12,
+                    "db, {label}"
+                );
+            }
         }
     }
 

@@ -17,6 +17,12 @@
 //! input where im2col's columns are 9x. F(2x2, 3x3) rather than a larger tile: its transforms
 //! only add, subtract and halve, so f32 results stay at the rounding of the direct sum; larger
 //! tiles use larger interpolation points and lose digits in f32.
+//!
+//! Two schedules: from `MIN_CHUNKED_TILES` tiles on, each thread takes a range of images and
+//! works through them in chunks of tiles sized for its L2 cache; below, the batch is transformed
+//! whole (in parallel over channels) and the 16 products are shared out among the threads, as
+//! per-thread chunks would each multiply with all of the transformed filters and keep their own
+//! weight-gradient sums of that size.
 
 use std::ops::Range;
 
@@ -33,10 +39,16 @@ const COMPONENTS: usize = 16;
 /// RGB input would give them an inner dimension of 3, where im2col's one product has 27).
 const MIN_CHANNELS: usize = 16;
 
-/// Below this many tiles in the batch, transforming the filters (16 per filter) and keeping
-/// per-thread weight-gradient sums of that size cost more than the multiplies saved: at batch
-/// 64, 512-channel layers with 4x4 outputs (256 tiles) ran slower than im2col, 8x8 (1024) faster.
-const MIN_BATCH_TILES: usize = 1024;
+/// Below this many tiles in the batch the filters' transform (16 values per filter, each call)
+/// is not amortised. At 64 (batch 64 of 2x2 outputs, VGG-16's last three layers) it still won:
+/// forward 10-13 ms against im2col's 13-17.
+const MIN_BATCH_TILES: usize = 64;
+
+/// From this many tiles in the batch on, each thread takes a range of images and transforms
+/// them chunk by chunk (below, the batch is transformed whole and the 16 products are shared
+/// out): at batch 64, 512-channel layers with 4x4 outputs (256 tiles) ran slower than im2col in
+/// per-thread chunks, 8x8 (1024) faster.
+const MIN_CHUNKED_TILES: usize = 1024;
 
 /// The transformed tiles of one chunk (input and output side together, f32) are sized to stay
 /// in a core's L2 cache between the transforms and the products...
@@ -128,6 +140,16 @@ fn filter_1d<T: WithDType>([g0, g1, g2]: [T; 3]) -> [T; 4] {
 /// `Bᵀ d`: 4 inputs to 4 components.
 fn input_1d<T: WithDType>([d0, d1, d2, d3]: [T; 4]) -> [T; 4] {
     [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+
+/// `Aᵀ m`: 4 components to 2 outputs.
+fn output_1d<T: WithDType>([m0, m1, m2, m3]: [T; 4]) -> [T; 2] {
+    [m0 + m1 + m2, m1 - m2 - m3]
+}
+
+/// `A y`: 2 output gradients to 4 components.
+fn output_grad_1d<T: WithDType>([y0, y1]: [T; 2]) -> [T; 4] {
+    [y0, y0 + y1, y0 - y1, T::from_f64(0.0) - y1]
 }
 
 /// `Gᵀ p`: 4 components to the gradients of the 3 taps.
@@ -409,6 +431,13 @@ impl Winograd {
         }
     }
 
+    /// Whether the batch is transformed whole and its 16 products shared out among the
+    /// threads, rather than cut into per-thread chunks of tiles: with few tiles, per-thread
+    /// chunks would each multiply (and sum gradients over) all of the transformed filters.
+    fn by_components(&self) -> bool {
+        self.batch * self.tiles_per_image < MIN_CHUNKED_TILES
+    }
+
     /// `y = conv(x, w) (+ bias)`, `[B, C_out, H_out, W_out]`.
     pub(crate) fn forward<T: WithDType + Default>(
         &self,
@@ -416,10 +445,25 @@ impl Winograd {
         w: &[T],
         bias: Option<&[T]>,
     ) -> Vec<T> {
+        self.forward_with(x, w, bias, self.by_components())
+    }
+
+    /// [`Winograd::forward`] with the batch whole (`by_components`) or in per-thread chunks.
+    pub(super) fn forward_with<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        by_components: bool,
+    ) -> Vec<T> {
         let (ci, co) = (self.channels, self.out_channels);
         let out_image = co * self.out_h * self.out_w;
         let mut y = vec![T::default(); self.batch * out_image];
         if y.is_empty() {
+            return y;
+        }
+        if by_components {
+            self.forward_whole(x, w, bias, &mut y);
             return y;
         }
         let u = self.transformed_filters(w);
@@ -456,12 +500,25 @@ impl Winograd {
         dy: &[T],
         with_bias: bool,
     ) -> (Vec<T>, Option<Vec<T>>) {
+        self.weight_grad_with(x, dy, with_bias, self.by_components())
+    }
+
+    /// [`Winograd::weight_grad`] with the batch whole (`by_components`) or in per-thread chunks.
+    pub(super) fn weight_grad_with<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        with_bias: bool,
+        by_components: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        if by_components {
+            return self.weight_grad_whole(x, dy, with_bias);
+        }
         let (ci, co) = (self.channels, self.out_channels);
+        let part_len = COMPONENTS * co * ci;
         let task_images = self.task_images();
         let tasks = self.batch.div_ceil(task_images);
         let threads = self.product_threads();
-        let part_len = COMPONENTS * co * ci;
-        let plane_len = self.out_h * self.out_w;
         // Each task sums its images into its own part; the parts are added in task order below,
         // so that a run is reproducible for a given thread count.
         let mut parts = vec![T::default(); tasks * part_len];
@@ -483,44 +540,221 @@ impl Winograd {
                     self.transform_input(x, part.clone(), &mut v);
                     self.transform_output_grad(dy, part, &mut d);
                     for xi in 0..COMPONENTS {
+                        // `P_ξ += D_ξ · V_ξᵀ` over the chunk's tiles.
                         let grads = MatRef::row_major(&d[xi * co * n..][..co * n], co, n);
                         let inputs = MatRef::row_major(&v[xi * ci * n..][..ci * n], ci, n);
-                        matmul(&mut p[xi * co * ci..], ci, grads, inputs.t(), true, threads);
+                        let p = &mut p[xi * co * ci..];
+                        matmul(p, ci, grads, inputs.t(), true, threads);
                     }
                 }
                 if with_bias {
-                    for image in first..last {
-                        for (o, sum) in db.iter_mut().enumerate() {
-                            let plane = &dy[(image * co + o) * plane_len..][..plane_len];
-                            *sum += plane.iter().fold(T::default(), |a, &v| a + v);
-                        }
-                    }
+                    self.add_bias_grad(dy, first..last, db);
                 }
             });
         let mut total = vec![T::default(); part_len];
-        for part in parts.chunks_exact(part_len) {
-            for (t, &v) in total.iter_mut().zip(part) {
-                *t += v;
+        let mut db = vec![T::default(); co];
+        for (part, db_part) in parts.chunks_exact(part_len).zip(db_parts.chunks_exact(co)) {
+            add_to(&mut total, part);
+            add_to(&mut db, db_part);
+        }
+        (self.filter_grads(&total), with_bias.then_some(db))
+    }
+
+    /// The forward of the whole batch at once, each thread taking whole components.
+    ///
+    /// Layouts keep each parallel sweep's writes contiguous: the filters `U[o][ξ][c]` (one
+    /// output channel per task), the inputs `V[c][ξ][t]` (one channel per task), the products
+    /// `M[ξ][o][t]` (one component per task), the output by image.
+    fn forward_whole<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        y: &mut [T],
+    ) {
+        let (ci, co, n) = (
+            self.channels,
+            self.out_channels,
+            self.batch * self.tiles_per_image,
+        );
+        let u = self.filters_by_channel(w);
+        let v = self.inputs_by_channel(x);
+        let mut m = vec![T::default(); COMPONENTS * co * n];
+        m.par_chunks_mut(co * n).enumerate().for_each(|(xi, m)| {
+            let filters = MatRef::strided(&u[xi * ci..], co, ci, COMPONENTS * ci);
+            let inputs = MatRef::strided(&v[xi * n..], ci, n, COMPONENTS * n);
+            matmul(m, n, filters, inputs, false, 1);
+        });
+        let plane_len = self.out_h * self.out_w;
+        y.par_chunks_mut(co * plane_len)
+            .enumerate()
+            .for_each(|(image, y)| {
+                for (o, plane) in y.chunks_exact_mut(plane_len).enumerate() {
+                    let b = bias.map_or(T::default(), |b| b[o]);
+                    self.for_each_tile(image, |t, ty, tx| {
+                        let tile: [[T; 4]; 4] = std::array::from_fn(|i| {
+                            std::array::from_fn(|j| m[((4 * i + j) * co + o) * n + t])
+                        });
+                        let out = separable(&tile, output_1d);
+                        for (i, row) in out.iter().enumerate() {
+                            for (j, &value) in row.iter().enumerate() {
+                                let (oy, ox) = (2 * ty + i, 2 * tx + j);
+                                if oy < self.out_h && ox < self.out_w {
+                                    plane[oy * self.out_w + ox] = value + b;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+    }
+
+    /// The weight (and bias) gradient of the whole batch at once, each thread taking whole
+    /// components; `D[o][ξ][t]` holds the transformed output gradients.
+    fn weight_grad_whole<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        with_bias: bool,
+    ) -> (Vec<T>, Option<Vec<T>>) {
+        let (ci, co, n) = (
+            self.channels,
+            self.out_channels,
+            self.batch * self.tiles_per_image,
+        );
+        let v = self.inputs_by_channel(x);
+        let plane_len = self.out_h * self.out_w;
+        let mut d = vec![T::default(); co * COMPONENTS * n];
+        d.par_chunks_mut(COMPONENTS * n)
+            .enumerate()
+            .for_each(|(o, d)| {
+                for image in 0..self.batch {
+                    let plane = &dy[(image * co + o) * plane_len..][..plane_len];
+                    self.for_each_tile(image, |t, ty, tx| {
+                        let g: [[T; 2]; 2] = std::array::from_fn(|i| {
+                            std::array::from_fn(|j| {
+                                let (oy, ox) = (2 * ty + i, 2 * tx + j);
+                                if oy < self.out_h && ox < self.out_w {
+                                    plane[oy * self.out_w + ox]
+                                } else {
+                                    T::default()
+                                }
+                            })
+                        });
+                        for (xi, &value) in
+                            separable(&g, output_grad_1d).iter().flatten().enumerate()
+                        {
+                            d[xi * n + t] = value;
+                        }
+                    });
+                }
+            });
+        let mut p = vec![T::default(); COMPONENTS * co * ci];
+        p.par_chunks_mut(co * ci).enumerate().for_each(|(xi, p)| {
+            let grads = MatRef::strided(&d[xi * n..], co, n, COMPONENTS * n);
+            let inputs = MatRef::strided(&v[xi * n..], ci, n, COMPONENTS * n);
+            matmul(p, ci, grads, inputs.t(), false, 1);
+        });
+        let db = with_bias.then(|| {
+            let mut db = vec![T::default(); co];
+            self.add_bias_grad(dy, 0..self.batch, &mut db);
+            db
+        });
+        (self.filter_grads(&p), db)
+    }
+
+    /// Calls `f(tile index in the batch, tile row, tile column)` for each tile of `image`.
+    fn for_each_tile(&self, image: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let mut t = image * self.tiles_per_image;
+        for ty in 0..self.tiles_per_image / self.tiles_w {
+            for tx in 0..self.tiles_w {
+                f(t, ty, tx);
+                t += 1;
             }
         }
-        let mut dw = vec![T::default(); co * ci * 9];
+    }
+
+    /// `U[o][ξ][c]`: the filters in the transformed domain, one output channel per task.
+    fn filters_by_channel<T: WithDType + Default>(&self, w: &[T]) -> Vec<T> {
+        let ci = self.channels;
+        let mut u = vec![T::default(); self.out_channels * COMPONENTS * ci];
+        u.par_chunks_mut(COMPONENTS * ci)
+            .zip(w.par_chunks(ci * 9))
+            .for_each(|(u, filters)| {
+                for (c, taps) in filters.chunks_exact(9).enumerate() {
+                    let g: [[T; 3]; 3] =
+                        std::array::from_fn(|i| std::array::from_fn(|j| taps[3 * i + j]));
+                    for (xi, &value) in separable(&g, filter_1d).iter().flatten().enumerate() {
+                        u[xi * ci + c] = value;
+                    }
+                }
+            });
+        u
+    }
+
+    /// `V[c][ξ][t]`: every input tile of the batch transformed, one input channel per task. Each
+    /// plane is first copied into a zero-bordered buffer covering all its tiles, so that the
+    /// tiles read it without bounds tests.
+    fn inputs_by_channel<T: WithDType + Default>(&self, x: &[T]) -> Vec<T> {
+        let (ci, n) = (self.channels, self.batch * self.tiles_per_image);
+        let (h, w, p) = (self.height, self.width, self.padding);
+        let tiles_h = self.tiles_per_image / self.tiles_w;
+        let (ph, pw) = (2 * tiles_h + 2, 2 * self.tiles_w + 2);
+        let mut v = vec![T::default(); ci * COMPONENTS * n];
+        v.par_chunks_mut(COMPONENTS * n)
+            .enumerate()
+            .for_each(|(c, v)| {
+                let mut padded = vec![T::default(); ph * pw];
+                for image in 0..self.batch {
+                    let plane = &x[(image * ci + c) * h * w..][..h * w];
+                    for (y, line) in plane.chunks_exact(w).enumerate().take(ph.saturating_sub(p)) {
+                        let row = &mut padded[(y + p) * pw..][..pw];
+                        let width = w.min(pw.saturating_sub(p));
+                        row[p..p + width].copy_from_slice(&line[..width]);
+                    }
+                    self.for_each_tile(image, |t, ty, tx| {
+                        let d: [[T; 4]; 4] = std::array::from_fn(|i| {
+                            std::array::from_fn(|j| padded[(2 * ty + i) * pw + 2 * tx + j])
+                        });
+                        for (xi, &value) in separable(&d, input_1d).iter().flatten().enumerate() {
+                            v[xi * n + t] = value;
+                        }
+                    });
+                }
+            });
+        v
+    }
+
+    /// Adds the sums of `dy` over the images `images`, per output channel, to `db`.
+    fn add_bias_grad<T: WithDType + Default>(&self, dy: &[T], images: Range<usize>, db: &mut [T]) {
+        let (co, plane_len) = (self.out_channels, self.out_h * self.out_w);
+        for image in images {
+            for (o, sum) in db.iter_mut().enumerate() {
+                let plane = &dy[(image * co + o) * plane_len..][..plane_len];
+                *sum += plane.iter().fold(T::default(), |a, &v| a + v);
+            }
+        }
+    }
+
+    /// `dW = Gᵀ P G` per filter, from the summed products `P[ξ][o][c]`.
+    fn filter_grads<T: WithDType + Default>(&self, p: &[T]) -> Vec<T> {
+        let filters = self.out_channels * self.channels;
+        let mut dw = vec![T::default(); filters * 9];
         for (f, taps) in dw.chunks_exact_mut(9).enumerate() {
-            let p: [[T; 4]; 4] =
-                std::array::from_fn(|i| std::array::from_fn(|j| total[(4 * i + j) * co * ci + f]));
-            let g = separable(&p, filter_grad_1d);
+            let tile: [[T; 4]; 4] =
+                std::array::from_fn(|i| std::array::from_fn(|j| p[(4 * i + j) * filters + f]));
+            let g = separable(&tile, filter_grad_1d);
             for (d, &v) in taps.iter_mut().zip(g.iter().flatten()) {
                 *d = v;
             }
         }
-        let db = with_bias.then(|| {
-            let mut db = vec![T::default(); co];
-            for part in db_parts.chunks_exact(co) {
-                for (d, &v) in db.iter_mut().zip(part) {
-                    *d += v;
-                }
-            }
-            db
-        });
-        (dw, db)
+        dw
+    }
+}
+
+/// `total += part`, element by element.
+fn add_to<T: WithDType>(total: &mut [T], part: &[T]) {
+    for (t, &v) in total.iter_mut().zip(part) {
+        *t += v;
     }
 }
