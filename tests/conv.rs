@@ -374,3 +374,24 @@ fn per_example_input_gradient_at_stride_one_matches_candle() {
         }
     }
 }
+
+#[test]
+fn an_image_with_no_columns_convolves_padding_only() {
+    // Width 0 with padding 2: every output sees only padding, so it is the bias. The batch has
+    // enough 2x2 output tiles for the Winograd path's size, which must leave this case alone.
+    let geo = ConvGeometry {
+        stride: 1,
+        padding: 2,
+    };
+    let x = random(&[22, 16, 4, 0], 81);
+    let w = random(&[16, 16, 3, 3], 82);
+    let bias = random(&[16], 83);
+    let y = conv2d(&x, &w, Some(&bias), geo).unwrap();
+    assert_eq!(y.dims(), [22, 16, 6, 2]);
+    let expected = bias
+        .reshape((1, 16, 1, 1))
+        .unwrap()
+        .broadcast_as(y.shape())
+        .unwrap();
+    assert!(max_rel_err(&y, &expected.contiguous().unwrap()) < 1e-6);
+}

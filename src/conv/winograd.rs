@@ -173,7 +173,8 @@ impl Winograd {
         let applies = !op.per_example
             && (s.kernel_h, s.kernel_w) == (3, 3)
             && s.geo.stride == 1
-            && s.channels.min(op.out_channels) >= MIN_CHANNELS;
+            && s.channels.min(op.out_channels) >= MIN_CHANNELS
+            && s.height.min(s.width) > 0;
         applies.then(|| {
             let tiles_w = s.out_w.div_ceil(2);
             Winograd {
@@ -213,6 +214,15 @@ impl Winograd {
             .max(MIN_CHUNK_TILES)
             .min(tiles)
             .max(1)
+    }
+
+    /// A task's tiles `tiles` cut into chunks.
+    fn chunks(&self, tiles: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+        let chunk = self.chunk_tiles(tiles.len());
+        let end = tiles.end;
+        tiles
+            .step_by(chunk)
+            .map(move |start| start..(start + chunk).min(end))
     }
 
     /// The tiles `tiles` of the batch as runs along tile rows: `(position of the run's first
@@ -478,8 +488,7 @@ impl Winograd {
                 let chunk = self.chunk_tiles(tiles.len());
                 let mut v = vec![T::default(); COMPONENTS * ci * chunk];
                 let mut m = vec![T::default(); COMPONENTS * co * chunk];
-                for start in tiles.clone().step_by(chunk) {
-                    let part = start..(start + chunk).min(tiles.end);
+                for part in self.chunks(tiles) {
                     let n = part.len();
                     self.transform_input(x, part.clone(), &mut v);
                     for xi in 0..COMPONENTS {
@@ -534,8 +543,7 @@ impl Winograd {
                 let chunk = self.chunk_tiles(tiles.len());
                 let mut v = vec![T::default(); COMPONENTS * ci * chunk];
                 let mut d = vec![T::default(); COMPONENTS * co * chunk];
-                for start in tiles.clone().step_by(chunk) {
-                    let part = start..(start + chunk).min(tiles.end);
+                for part in self.chunks(tiles) {
                     let n = part.len();
                     self.transform_input(x, part.clone(), &mut v);
                     self.transform_output_grad(dy, part, &mut d);
