@@ -715,10 +715,9 @@ impl Winograd {
                 let mut padded = vec![T::default(); ph * pw];
                 for image in 0..self.batch {
                     let plane = &x[(image * ci + c) * h * w..][..h * w];
-                    for (y, line) in plane.chunks_exact(w).enumerate().take(ph.saturating_sub(p)) {
-                        let row = &mut padded[(y + p) * pw..][..pw];
-                        let width = w.min(pw.saturating_sub(p));
-                        row[p..p + width].copy_from_slice(&line[..width]);
+                    // The tiles cover `2·tiles + 2 >= size + 2p` lines and columns.
+                    for (y, line) in plane.chunks_exact(w).enumerate() {
+                        padded[(y + p) * pw + p..][..w].copy_from_slice(line);
                     }
                     self.for_each_tile(image, |t, ty, tx| {
                         let d: [[T; 4]; 4] = std::array::from_fn(|i| {
@@ -746,16 +745,19 @@ impl Winograd {
 
     /// `dW = Gᵀ P G` per filter, from the summed products `P[ξ][o][c]`.
     fn filter_grads<T: WithDType + Default>(&self, p: &[T]) -> Vec<T> {
-        let filters = self.out_channels * self.channels;
+        let (ci, filters) = (self.channels, self.out_channels * self.channels);
         let mut dw = vec![T::default(); filters * 9];
-        for (f, taps) in dw.chunks_exact_mut(9).enumerate() {
-            let tile: [[T; 4]; 4] =
-                std::array::from_fn(|i| std::array::from_fn(|j| p[(4 * i + j) * filters + f]));
-            let g = separable(&tile, filter_grad_1d);
-            for (d, &v) in taps.iter_mut().zip(g.iter().flatten()) {
-                *d = v;
+        dw.par_chunks_mut(ci * 9).enumerate().for_each(|(o, dw)| {
+            for (c, taps) in dw.chunks_exact_mut(9).enumerate() {
+                let f = o * ci + c;
+                let tile: [[T; 4]; 4] =
+                    std::array::from_fn(|i| std::array::from_fn(|j| p[(4 * i + j) * filters + f]));
+                let g = separable(&tile, filter_grad_1d);
+                for (d, &v) in taps.iter_mut().zip(g.iter().flatten()) {
+                    *d = v;
+                }
             }
-        }
+        });
         dw
     }
 }
