@@ -123,9 +123,13 @@ pub enum Bench {
         #[arg(long, default_value_t = 6)]
         steps: usize,
         /// Then time each convolution shape of this network against candle's conv2d
-        /// (forward and backward, same width and batch); `none` to skip.
-        #[arg(long, default_value = "vgg16")]
-        conv_shapes: String,
+        /// (forward and backward, same width and batch); `none` to skip. Default: vgg16 on the
+        /// CPU, none on a GPU (the comparison is of the CPU convolution paths).
+        #[arg(long)]
+        conv_shapes: Option<String>,
+        /// cpu (default), cuda, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Threads for the compute pool.
         #[arg(long)]
         threads: Option<usize>,

@@ -30,6 +30,15 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The name [`parse_device`] reads back: `cpu`, `cuda:N` or `metal:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Keeps freed memory in the process instead of returning it to the kernel at once.
 ///
 /// Candle allocates a fresh buffer for every tensor. With glibc's defaults, buffers of more
@@ -64,5 +73,10 @@ mod tests {
         assert!(err.contains("use cpu, cuda, cuda:N or metal"), "{err}");
         let err = parse_device("cuda:x").unwrap_err().to_string();
         assert!(err.contains("unknown device"), "{err}");
+    }
+
+    #[test]
+    fn names_the_cpu_as_parse_device_reads_it() {
+        assert_eq!(device_name(&parse_device("cpu").unwrap()), "cpu");
     }
 }

@@ -179,17 +179,31 @@ fn run(cli: Cli) -> whvi::Result<()> {
             batch,
             steps,
             conv_shapes,
+            device,
             threads,
         }) => {
             if let Some(n) = threads {
                 args::set_threads(n)?;
             }
+            let device = whvi::device::parse_device(&device)?;
+            let conv_shapes = match conv_shapes {
+                Some(shapes) if !device.is_cpu() && shapes != "none" => {
+                    return Err(whvi::Error::invalid(format!(
+                        "--conv-shapes {shapes} times the CPU convolution paths; leave it out \
+                         (or pass none) with a GPU --device"
+                    )));
+                }
+                Some(shapes) => shapes,
+                None if device.is_cpu() => "vgg16".to_string(),
+                None => "none".to_string(),
+            };
             let config = whvi::bench::train::TrainBenchConfig {
                 models,
                 heads: heads.into_iter().map(Into::into).collect(),
                 width,
                 batch,
                 steps,
+                device,
             };
             whvi::bench::train::bench_train(&config, print_json_line)?;
             if conv_shapes != "none" {

@@ -285,3 +285,88 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     assert!(err.to_string().contains("another configuration"), "{err}");
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
+    use candle_core::{DType, Tensor};
+    use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
+    use whvi::params::Params;
+    use whvi::train::{train_step, trainable, StepSettings};
+    use whvi::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
+    use whvi::Error;
+
+    let device = Device::Cpu;
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let options = BuildOptions {
+        method: Method::Whvi,
+        policy: BayesPolicy::Head,
+        classes: Some(10),
+        input: Some([3, 32, 32]),
+        ..BuildOptions::default()
+    };
+    let params = Params::new(0);
+    let network = Network::build(&spec, &options, params.var_builder(DType::F32, &device)).unwrap();
+    let mut optimizer = AnyOptimizer::from_named(
+        trainable(&params),
+        OptimizerConfig::AdamW(AdamWConfig::default()),
+    )
+    .unwrap();
+    let settings = StepSettings {
+        n_train: 100,
+        beta: 1.0,
+        mc_samples: 2,
+        clip_grad: None,
+    };
+    let labels = Tensor::new(&[0u32, 1, 2, 3], &device).unwrap();
+    // Bit patterns, so that NaN parameters compare equal to themselves.
+    let snapshot = || -> Vec<Vec<u32>> {
+        params
+            .named_vars()
+            .iter()
+            .map(|(_, v)| {
+                let values: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                values.into_iter().map(f32::to_bits).collect()
+            })
+            .collect()
+    };
+    let mut rng = seeded(0);
+
+    let finite = Tensor::zeros((4, 3, 32, 32), DType::F32, &device).unwrap();
+    let outcome = train_step(
+        &network,
+        &mut optimizer,
+        &finite,
+        &labels,
+        settings,
+        &mut rng,
+    )
+    .unwrap();
+    assert!(outcome.loss.is_finite() && outcome.nll > 0.0, "{outcome:?}");
+    assert!((0.0..=4.0).contains(&outcome.correct), "{outcome:?}");
+
+    // NaN output-layer means make the logits and the loss NaN (ReLU would swallow a NaN input).
+    let mut poisoned = 0;
+    for (name, var) in params.named_vars() {
+        if name.starts_with("out.") && name.ends_with("mu") {
+            var.set(&(var.as_tensor().ones_like().unwrap() * f64::NAN).unwrap())
+                .unwrap();
+            poisoned += 1;
+        }
+    }
+    assert_eq!(poisoned, 1, "the output layer's means");
+    let before = snapshot();
+    let err = train_step(
+        &network,
+        &mut optimizer,
+        &finite,
+        &labels,
+        settings,
+        &mut rng,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Diverged(_)), "{err:?}");
+    assert!(
+        before == snapshot(),
+        "a diverged step must not update the parameters"
+    );
+}

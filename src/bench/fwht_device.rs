@@ -99,11 +99,7 @@ pub fn run_on_device(
         None => DEVICE_LOG2_DS.to_vec(),
     };
     let bytes = config.bytes.unwrap_or(DEVICE_BATCH_BYTES);
-    let device_name = match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    };
+    let device_name = crate::device::device_name(device);
     let mut lines = Vec::new();
     for &dtype in &config.dtypes {
         for &log2_d in &log2_ds {

@@ -41,6 +41,8 @@ pub struct TrainTiming {
     pub step_s: f64,
     /// Threads of the compute pool.
     pub threads: usize,
+    /// Where the step ran, e.g. `"cpu"` or `"cuda:0"`.
+    pub device: String,
 }
 
 /// Settings of the training benchmark.
@@ -56,6 +58,8 @@ pub struct TrainBenchConfig {
     pub batch: usize,
     /// Timed steps per configuration (after two warm-up steps); the median is reported.
     pub steps: usize,
+    /// Where the networks train.
+    pub device: Device,
 }
 
 impl Default for TrainBenchConfig {
@@ -66,6 +70,7 @@ impl Default for TrainBenchConfig {
             width: 1.0,
             batch: 64,
             steps: 6,
+            device: Device::Cpu,
         }
     }
 }
@@ -76,11 +81,11 @@ pub fn bench_train(
     config: &TrainBenchConfig,
     mut report: impl FnMut(&TrainTiming),
 ) -> Result<Vec<TrainTiming>> {
-    let device = Device::Cpu;
+    let device = &config.device;
     let mut rng = seeded(0);
-    let images = standard_normal((config.batch, 3, 32, 32), DType::F32, &device, &mut rng)?;
+    let images = standard_normal((config.batch, 3, 32, 32), DType::F32, device, &mut rng)?;
     let labels: Vec<u32> = (0..config.batch as u32).map(|i| i % 10).collect();
-    let labels = Tensor::new(labels.as_slice(), &device)?;
+    let labels = Tensor::new(labels.as_slice(), device)?;
     let mut out = Vec::new();
     for model in &config.models {
         let spec = ModelSpec::lookup(model)?;
@@ -97,7 +102,7 @@ pub fn bench_train(
                 ..BuildOptions::default()
             };
             let params = Params::new(0);
-            let network = Network::build(&spec, &options, params.var_builder(DType::F32, &device))?;
+            let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
             let mut optimizer = AnyOptimizer::from_named(
                 trainable(&params),
                 OptimizerConfig::AdamW(AdamWConfig::default()),
@@ -119,6 +124,8 @@ pub fn bench_train(
                     settings,
                     &mut rng,
                 )?;
+                // The optimiser's update is still queued on a GPU.
+                device.synchronize()?;
                 if step >= 2 {
                     times.push(start.elapsed().as_secs_f64());
                 }
@@ -132,6 +139,7 @@ pub fn bench_train(
                 images_per_s: config.batch as f64 / step_s,
                 step_s,
                 threads: rayon::current_num_threads(),
+                device: crate::device::device_name(device),
             };
             report(&timing);
             out.push(timing);
@@ -152,6 +160,7 @@ mod tests {
             width: 0.5,
             batch: 2,
             steps: 1,
+            device: Device::Cpu,
         };
         let mut reported = Vec::new();
         let lines = bench_train(&config, |t| reported.push((t.model.clone(), t.head))).unwrap();
@@ -160,5 +169,6 @@ mod tests {
         let line = &lines[0];
         assert!(line.step_s > 0.0 && line.images_per_s.is_finite());
         assert!((line.images_per_s * line.step_s - 2.0).abs() < 1e-9);
+        assert_eq!(line.device, "cpu");
     }
 }

@@ -47,32 +47,45 @@ pub fn train_step(
 ) -> Result<StepOutcome> {
     let samples = settings.mc_samples.max(1);
     let mut loss_sum: Option<Tensor> = None;
-    let mut nll = 0.0;
-    let mut correct = 0.0;
+    // Summed as tensors and read once, after the backward pass is queued: on a GPU every read
+    // is a host round trip that idles the device.
+    let mut nll_sum: Option<Tensor> = None;
+    let mut correct_sum: Option<Tensor> = None;
+    let add = |sum: Option<Tensor>, term: Tensor| match sum {
+        Some(s) => s + term,
+        None => Ok(term),
+    };
     for _ in 0..samples {
         let logits = network.forward_pass(images, &mut Pass::train(rng))?;
         let kl = network.kl()?;
         let loss = elbo_loss(&logits, labels, &kl, settings.n_train, settings.beta)?;
-        nll += candle_nn::loss::cross_entropy(&logits, labels)?.to_scalar::<f32>()? as f64;
-        correct += logits
+        let nll = candle_nn::loss::cross_entropy(&logits, labels)?.detach();
+        let correct = logits
             .argmax(1)?
             .eq(labels)?
             .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
-        loss_sum = Some(match loss_sum {
-            Some(s) => (s + loss)?,
-            None => loss,
-        });
+            .sum_all()?;
+        nll_sum = Some(add(nll_sum, nll)?);
+        correct_sum = Some(add(correct_sum, correct)?);
+        loss_sum = Some(add(loss_sum, loss)?);
     }
     let loss = (loss_sum.expect("at least one sample") / samples as f64)?;
-    let loss_value = loss.to_scalar::<f32>()? as f64;
+    let mut grads = loss.backward()?;
+    let measured = Tensor::stack(
+        &[
+            loss.detach().to_dtype(DType::F32)?,
+            nll_sum.expect("at least one sample").to_dtype(DType::F32)?,
+            correct_sum.expect("at least one sample"),
+        ],
+        0,
+    )?
+    .to_vec1::<f32>()?;
+    let [loss_value, nll, correct] = [0, 1, 2].map(|i| measured[i] as f64);
     if !loss_value.is_finite() {
         return Err(Error::Diverged(format!(
             "the training loss became {loss_value}"
         )));
     }
-    let mut grads = loss.backward()?;
     if let Some(max_norm) = settings.clip_grad {
         let norm = clip_grad_norm(&mut grads, optimizer.vars(), max_norm)?;
         if !norm.is_finite() {
