@@ -10,9 +10,10 @@
 # refuses. The PyPI wheels work (nvidia-cuda-nvcc, -crt, -runtime, -cccl, nvidia-nvvm of that
 # version; CUDA_HOME = their nvidia/cu13 folder). CUDA_COMPUTE_CAP defaults to 90 (Hopper).
 #
-# Candle links the CUDA libraries at build time (libcuda, cublas, cublasLt, curand, nvrtc), and a
-# machine without a driver has no libcuda. So this script links against stubs: empty functions
-# with the real libraries' names and sonames, generated from cudarc's bindings. The binaries then
+# Candle links the CUDA libraries at build time (libcuda, cublas, cublasLt, curand, nvrtc, cudart),
+# and a machine without a driver has no libcuda. So this script links against stubs: empty
+# functions with the real libraries' names and sonames, generated from cudarc's bindings (cudart
+# comes with the toolkit). The binaries then
 # load the real libraries on the GPU machine (cuda_check.sh finds them). The stubs are only
 # found through LIBRARY_PATH, which cargo does not fingerprint, so nothing else rebuilds.
 set -euo pipefail
@@ -36,6 +37,9 @@ for spec in "driver cuda 1" "nvrtc nvrtc 13" "curand curand 10" "cublas cublas 1
         sed -E 's/pub unsafe fn ([A-Za-z0-9_]+)\(/void \1(void) {}/' | sort -u >"$stubs/$lib.c"
     cc -shared -fPIC -w -o "$stubs/lib$lib.so" -Wl,-soname,"lib$lib.so.$version" "$stubs/$lib.c"
 done
+# candle's quantized kernels also link the CUDA runtime, which the toolkit has (no stub needed).
+cudart="$(ls "$CUDA_HOME"/lib*/libcudart.so* | head -1)"
+ln -sf "$cudart" "$stubs/libcudart.so"
 
 (cd "$repo" && LIBRARY_PATH="$stubs${LIBRARY_PATH:+:$LIBRARY_PATH}" \
     cargo build --release --features cuda --bin whvi --test fwht_cuda)

@@ -27,12 +27,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 nvidia-smi | grep -o "CUDA Version: [0-9.]*"
 
 step "unpack"
-tar -C "$work" -xJf "$bundle/binaries.tar.xz" || { echo "cannot unpack the binaries"; exit 1; }
+if ! tar -C "$work" -xJf "$bundle/binaries.tar.xz"; then
+    # No xz program: Python's lzma reads it too.
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        "$bundle/binaries.tar.xz" "$work" || { echo "cannot unpack the binaries"; exit 1; }
+fi
 
-# The CUDA libraries candle links: the driver's libcuda, and cublas, cublasLt, curand and nvrtc
-# from a CUDA toolkit or from PyTorch's wheels.
+# The CUDA libraries candle links: the driver's libcuda, and cudart, cublas, cublasLt, curand and
+# nvrtc from a CUDA toolkit or from PyTorch's wheels.
 libdirs=""
-for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
     found="$(find /usr/local/nvidia /usr/local/cuda* /usr/lib /opt -name "$lib" 2>/dev/null | head -1)"
     if [[ -z "$found" ]]; then
         echo "$lib not found"
