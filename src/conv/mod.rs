@@ -27,7 +27,7 @@ mod winograd;
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use op::Conv2dOp;
+use op::{Conv2dNode, Conv2dOp};
 use unfold::ConvShape;
 
 /// Stride and zero padding of a convolution (dilation 1, groups 1), as in candle's `conv2d`.
@@ -84,9 +84,10 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 /// Runs the op on `x`, the filters and the optional bias.
 fn apply(op: Conv2dOp, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let node = Conv2dNode::new(op, x.track_op());
     match bias {
-        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op),
-        None => x.apply_op2(&weight, op),
+        Some(b) => x.apply_op3(&weight, &b.contiguous()?, node),
+        None => x.apply_op2(&weight, node),
     }
 }
 

@@ -7,7 +7,9 @@
 //! end, where the weight gradient's per-thread parts are summed in a fixed order (so that a
 //! run is reproducible for a given thread count).
 
+use std::any::Any;
 use std::ops::Range;
+use std::sync::Mutex;
 
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
@@ -16,7 +18,7 @@ use rayon::prelude::*;
 
 use super::matmul::{matmul, MatRef};
 use super::unfold::ConvShape;
-use super::winograd::Winograd;
+use super::winograd::{Filters, TransformedFilters, Winograd};
 use super::ConvGeometry;
 use crate::cpu::{slice, with_slices};
 
@@ -172,9 +174,23 @@ impl Conv2dOp {
     }
 
     /// `y = conv(x, W) (+ bias)`: by Winograd's transform where it applies, else by columns.
-    fn forward<T: WithDType + Default>(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    /// With `keep`, a Winograd forward leaves its transformed filters there.
+    fn forward<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        keep: Option<&FilterCache>,
+    ) -> Vec<T> {
         match Winograd::plan(self) {
-            Some(plan) => plan.forward(x, w, bias),
+            Some(plan) => {
+                let filters = plan.transform_filters(w);
+                let y = plan.forward(x, Filters::Own(&filters), bias);
+                if let Some(cache) = keep {
+                    cache.put(filters);
+                }
+                y
+            }
             None => self.forward_by_columns(x, w, bias),
         }
     }
@@ -317,12 +333,24 @@ impl Conv2dOp {
     }
 
     /// The input gradient, `[B, C_in, H, W]`: as a forward convolution of `dy` when the
-    /// convolution is its own kind of transpose, else by gemm and col2im.
-    fn input_grad<T: WithDType + Default>(&self, w: &[T], dy: &[T]) -> Vec<T> {
-        match self.transposed() {
-            Some(transposed) => transposed.forward(dy, &self.flipped_filters(w), None),
-            None => self.input_grad_by_col2im(w, dy),
+    /// convolution is its own kind of transpose, else by gemm and col2im. `kept` are the
+    /// forward's transformed filters, if it kept them: a Winograd input gradient reads them
+    /// flipped instead of flipping and transforming `W` again.
+    fn input_grad<T: WithDType + Default>(
+        &self,
+        w: &[T],
+        dy: &[T],
+        kept: Option<&TransformedFilters<T>>,
+    ) -> Vec<T> {
+        let Some(transposed) = self.transposed() else {
+            return self.input_grad_by_col2im(w, dy);
+        };
+        if let (Some(plan), Some(kept)) = (Winograd::plan(&transposed), kept) {
+            if plan.takes(Filters::Flipped(kept)) {
+                return plan.forward(dy, Filters::Flipped(kept), None);
+            }
         }
+        transposed.forward(dy, &self.flipped_filters(w), None, None)
     }
 
     /// For a stride-1 convolution with a square `k x k` kernel and padding `p < k`, the input
@@ -433,6 +461,7 @@ impl Conv2dOp {
         x: (&CpuStorage, &Layout),
         w: (&CpuStorage, &Layout),
         bias: Option<(&CpuStorage, &Layout)>,
+        keep: Option<&FilterCache>,
     ) -> Result<(CpuStorage, Shape)> {
         self.check_dims(x.1, w.1, bias.map(|b| b.1))?;
         fn run<T: WithDType + Default>(
@@ -440,6 +469,7 @@ impl Conv2dOp {
             x: (&CpuStorage, &Layout),
             w: (&CpuStorage, &Layout),
             bias: Option<(&CpuStorage, &Layout)>,
+            keep: Option<&FilterCache>,
         ) -> Result<Vec<T>> {
             let bias = match bias {
                 Some((s, l)) => Some(slice::<T>(s, l, "conv2d")?),
@@ -449,11 +479,12 @@ impl Conv2dOp {
                 slice::<T>(x.0, x.1, "conv2d")?,
                 slice::<T>(w.0, w.1, "conv2d")?,
                 bias,
+                keep,
             ))
         }
         let y = match x.0 {
-            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(self, x, w, bias)?),
-            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(self, x, w, bias)?),
+            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(self, x, w, bias, keep)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(self, x, w, bias, keep)?),
             other => bail!(
                 "conv2d op: f32 or f64 expected, got {:?}",
                 candle_core::backend::BackendStorage::dtype(other)
@@ -474,6 +505,7 @@ impl Conv2dOp {
         w: &Tensor,
         bias: Option<&Tensor>,
         dy: &Tensor,
+        kept: &FilterCache,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let wanted = Wanted {
@@ -482,8 +514,8 @@ impl Conv2dOp {
             bias: bias.is_some_and(|b| b.track_op()),
         };
         match x.dtype() {
-            DType::F32 => self.typed_gradients::<f32>(x, w, &dy, wanted),
-            DType::F64 => self.typed_gradients::<f64>(x, w, &dy, wanted),
+            DType::F32 => self.typed_gradients::<f32>(x, w, &dy, wanted, kept.take()),
+            DType::F64 => self.typed_gradients::<f64>(x, w, &dy, wanted, kept.take()),
             other => bail!("conv2d backward: f32 or f64 expected, got {other:?}"),
         }
     }
@@ -494,10 +526,11 @@ impl Conv2dOp {
         w: &Tensor,
         dy: &Tensor,
         wanted: Wanted,
+        kept: Option<TransformedFilters<T>>,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = with_slices::<T, _>("conv2d backward", &[x, w, dy], |data| {
             let [x, w, dy] = [data[0], data[1], data[2]];
-            let dx = wanted.input.then(|| self.input_grad(w, dy));
+            let dx = wanted.input.then(|| self.input_grad(w, dy, kept.as_ref()));
             let (dw, db) = if wanted.weight || wanted.bias {
                 let (dw, db) = self.weight_grad(x, dy, wanted.bias);
                 (wanted.weight.then_some(dw), db)
@@ -552,7 +585,55 @@ impl<T: WithDType + Default> Workspace<T> {
     }
 }
 
-impl CustomOp2 for Conv2dOp {
+/// Room for the transformed filters of one forward call, kept for its backward pass. Typed at
+/// run time: the op's element type is only known from the storage it is given.
+#[derive(Default)]
+pub(crate) struct FilterCache(Mutex<Option<Box<dyn Any + Send>>>);
+
+impl FilterCache {
+    fn put<T: WithDType>(&self, filters: TransformedFilters<T>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(filters));
+    }
+
+    /// The kept filters, if they are of element type `T`; the room is empty afterwards.
+    fn take<T: WithDType>(&self) -> Option<TransformedFilters<T>> {
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        kept.downcast().ok().map(|filters| *filters)
+    }
+}
+
+/// One application of [`Conv2dOp`] in a graph (what `apply_op2` / `apply_op3` hold until the
+/// backward pass). When the input gradient will be wanted, a Winograd forward keeps its
+/// transformed filters here, so the input gradient reads them instead of transforming the
+/// flipped filters again: a third of the filter transforms of a step, and the flipped copy.
+pub(crate) struct Conv2dNode {
+    op: Conv2dOp,
+    kept: Option<FilterCache>,
+}
+
+impl Conv2dNode {
+    /// The node for `op`; `input_grad_wanted` when the input takes part in backprop.
+    pub(crate) fn new(op: Conv2dOp, input_grad_wanted: bool) -> Self {
+        Conv2dNode {
+            op,
+            kept: input_grad_wanted.then(FilterCache::default),
+        }
+    }
+
+    fn gradients(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let empty = FilterCache::default();
+        self.op
+            .gradients(x, w, bias, dy, self.kept.as_ref().unwrap_or(&empty))
+    }
+}
+
+impl CustomOp2 for Conv2dNode {
     fn name(&self) -> &'static str {
         "conv2d-gemm"
     }
@@ -564,7 +645,8 @@ impl CustomOp2 for Conv2dOp {
         w: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_forward((x, x_layout), (w, w_layout), None)
+        self.op
+            .cpu_forward((x, x_layout), (w, w_layout), None, self.kept.as_ref())
     }
 
     fn bwd(
@@ -579,7 +661,7 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
-impl CustomOp3 for Conv2dOp {
+impl CustomOp3 for Conv2dNode {
     fn name(&self) -> &'static str {
         "conv2d-gemm-bias"
     }
@@ -593,7 +675,12 @@ impl CustomOp3 for Conv2dOp {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_forward((x, x_layout), (w, w_layout), Some((bias, bias_layout)))
+        self.op.cpu_forward(
+            (x, x_layout),
+            (w, w_layout),
+            Some((bias, bias_layout)),
+            self.kept.as_ref(),
+        )
     }
 
     fn bwd(
@@ -650,6 +737,8 @@ mod tests {
             let label = format!("{batch}x{c}x{h}x{w} -> {o}, padding {padding}");
             let expected = op.forward_by_columns(&x, &filters, Some(&bias));
             let (dw_expected, db_expected) = op.weight_grad_by_columns(&x, &dy, true);
+            let dx_expected = op.input_grad_by_col2im(&filters, &dy);
+            let transposed = Winograd::plan_any_size(&op.transposed().unwrap()).unwrap();
             for by_components in [false, true] {
                 let label = format!("{label}, by components {by_components}");
                 let y = plan.forward_with(&x, &filters, Some(&bias), by_components);
@@ -661,6 +750,10 @@ mod tests {
                     max_abs_diff(&db, db_expected.as_ref().unwrap()) < 1e-12,
                     "db, {label}"
                 );
+                // The input gradient from the forward's transformed filters, read flipped.
+                let kept = plan.transform_filters_for(&filters, by_components);
+                let dx = transposed.forward(&dy, Filters::Flipped(&kept), None);
+                assert!(max_abs_diff(&dx, &dx_expected) < 1e-12, "dx, {label}");
             }
         }
     }

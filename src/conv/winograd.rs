@@ -11,7 +11,9 @@
 //!   with the output tile as the known factor; the sum over tiles is again one product per
 //!   component, `[C_out, tiles] · [tiles, C_in]`;
 //! - input gradient: a forward convolution of `dy` with flipped filters (see
-//!   `Conv2dOp::transposed`), so it comes here too.
+//!   `Conv2dOp::transposed`), so it comes here too; it reads the forward's transformed filters
+//!   (kept by `Conv2dNode`) with their components permuted and channels swapped, as flipping a
+//!   filter only permutes its transform (`Filters::Flipped`).
 //!
 //! That is 2.25x fewer multiplies than im2col + gemm, and the transformed input is 4x the
 //! input where im2col's columns are 9x. F(2x2, 3x3) rather than a larger tile: its transforms
@@ -71,6 +73,71 @@ pub(crate) struct Winograd {
     out_w: usize,
     tiles_w: usize,
     tiles_per_image: usize,
+}
+
+/// Filters in Winograd's domain, laid out for the schedule of the convolution that made them:
+/// `U[ξ][o][c]` for per-thread chunks, `U[o][ξ][c]` for the whole batch.
+#[derive(Debug)]
+pub(crate) struct TransformedFilters<T> {
+    values: Vec<T>,
+    by_components: bool,
+    out_channels: usize,
+    channels: usize,
+}
+
+impl<T> TransformedFilters<T> {
+    /// Component `ξ`, `[C_out, C_in]`.
+    fn component(&self, xi: usize) -> MatRef<'_, T> {
+        let (co, ci) = (self.out_channels, self.channels);
+        if self.by_components {
+            MatRef::strided(&self.values[xi * ci..], co, ci, COMPONENTS * ci)
+        } else {
+            MatRef::row_major(&self.values[xi * co * ci..][..co * ci], co, ci)
+        }
+    }
+}
+
+/// The transformed filters a convolution multiplies with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Filters<'a, T> {
+    /// Its own.
+    Own(&'a TransformedFilters<T>),
+    /// Those of the convolution whose input gradient it computes (`Conv2dOp::transposed`):
+    /// its filters are those filters flipped, with input and output channels swapped. Flipping
+    /// a filter reverses `g` in `G g`, which permutes the components (`FLIPPED`), so component
+    /// `ξ` here is the transpose of component `FLIPPED[ξ]` there, with nothing recomputed.
+    Flipped(&'a TransformedFilters<T>),
+}
+
+/// `G rev(g) = P (G g)` with `P` swapping components 0 and 3 of each 1-D transform; in 2-D,
+/// component `4i + j` of a flipped filter is component `4p(i) + p(j)` of the filter.
+const FLIPPED: [usize; COMPONENTS] = {
+    let p = [3, 1, 2, 0];
+    let mut flipped = [0; COMPONENTS];
+    let mut xi = 0;
+    while xi < COMPONENTS {
+        flipped[xi] = 4 * p[xi / 4] + p[xi % 4];
+        xi += 1;
+    }
+    flipped
+};
+
+impl<'a, T> Filters<'a, T> {
+    /// Component `ξ` as this convolution's `[C_out, C_in]` matrix.
+    fn component(self, xi: usize) -> MatRef<'a, T> {
+        match self {
+            Filters::Own(u) => u.component(xi),
+            Filters::Flipped(u) => u.component(FLIPPED[xi]).t(),
+        }
+    }
+
+    /// The layout and channel counts of the filters as this convolution reads them.
+    fn shape(self) -> (bool, usize, usize) {
+        match self {
+            Filters::Own(u) => (u.by_components, u.out_channels, u.channels),
+            Filters::Flipped(u) => (u.by_components, u.channels, u.out_channels),
+        }
+    }
 }
 
 /// Applies the 1-D transform `f` to the columns, then to the rows, of a square tile: the
@@ -242,18 +309,71 @@ impl Winograd {
         })
     }
 
-    /// The filters in the transformed domain, `U[ξ][o][c]`.
-    fn transformed_filters<T: WithDType + Default>(&self, w: &[T]) -> Vec<T> {
-        let (co, ci) = (self.out_channels, self.channels);
-        let mut u = vec![T::default(); COMPONENTS * co * ci];
-        for (f, taps) in w.chunks_exact(9).enumerate() {
-            let g: [[T; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| taps[3 * i + j]));
-            let t = separable(&g, filter_1d);
-            for (xi, &v) in t.iter().flatten().enumerate() {
-                u[xi * co * ci + f] = v;
+    /// The filters in the transformed domain, `U[ξ][o][c]`, the threads each taking a range of
+    /// filters (and its part of each of the 16 components).
+    fn filters_by_component<T: WithDType + Default>(&self, w: &[T]) -> Vec<T> {
+        let filters = self.out_channels * self.channels;
+        let mut u = vec![T::default(); COMPONENTS * filters];
+        let per_task = filters.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        let mut tasks: Vec<Vec<&mut [T]>> = Vec::new();
+        for component in u.chunks_mut(filters) {
+            for (task, part) in component.chunks_mut(per_task).enumerate() {
+                if task == tasks.len() {
+                    tasks.push(Vec::with_capacity(COMPONENTS));
+                }
+                tasks[task].push(part);
             }
         }
+        tasks
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(task, mut parts)| {
+                let taps = w[task * per_task * 9..].chunks_exact(9);
+                for (f, taps) in taps.take(parts[0].len()).enumerate() {
+                    let g: [[T; 3]; 3] =
+                        std::array::from_fn(|i| std::array::from_fn(|j| taps[3 * i + j]));
+                    for (part, &value) in parts
+                        .iter_mut()
+                        .zip(separable(&g, filter_1d).iter().flatten())
+                    {
+                        part[f] = value;
+                    }
+                }
+            });
         u
+    }
+
+    /// `w` (`[C_out, C_in, 3, 3]`) in the transformed domain, laid out for this convolution's
+    /// schedule.
+    pub(crate) fn transform_filters<T: WithDType + Default>(
+        &self,
+        w: &[T],
+    ) -> TransformedFilters<T> {
+        self.transform_filters_for(w, self.by_components())
+    }
+
+    /// [`Winograd::transform_filters`] laid out for the whole batch (`by_components`) or for
+    /// per-thread chunks.
+    pub(super) fn transform_filters_for<T: WithDType + Default>(
+        &self,
+        w: &[T],
+        by_components: bool,
+    ) -> TransformedFilters<T> {
+        TransformedFilters {
+            values: if by_components {
+                self.filters_by_channel(w)
+            } else {
+                self.filters_by_component(w)
+            },
+            by_components,
+            out_channels: self.out_channels,
+            channels: self.channels,
+        }
+    }
+
+    /// Whether `filters` are laid out for this convolution's schedule and shaped for it.
+    pub(crate) fn takes<T>(&self, filters: Filters<'_, T>) -> bool {
+        filters.shape() == (self.by_components(), self.out_channels, self.channels)
     }
 
     /// `V[ξ][c][t] = (Bᵀ d B)[ξ]` for the tiles `tiles` (of the batch) of `x`.
@@ -448,35 +568,32 @@ impl Winograd {
         self.batch * self.tiles_per_image < MIN_CHUNKED_TILES
     }
 
-    /// `y = conv(x, w) (+ bias)`, `[B, C_out, H_out, W_out]`.
+    /// `y = conv(x, w) (+ bias)`, `[B, C_out, H_out, W_out]`, with `filters` the transformed `w`
+    /// (their layout picks the schedule).
+    ///
+    /// Panics if the filters are shaped for another convolution: callers check with
+    /// [`Winograd::takes`] or make them with this plan.
     pub(crate) fn forward<T: WithDType + Default>(
         &self,
         x: &[T],
-        w: &[T],
+        filters: Filters<'_, T>,
         bias: Option<&[T]>,
     ) -> Vec<T> {
-        self.forward_with(x, w, bias, self.by_components())
-    }
-
-    /// [`Winograd::forward`] with the batch whole (`by_components`) or in per-thread chunks.
-    pub(super) fn forward_with<T: WithDType + Default>(
-        &self,
-        x: &[T],
-        w: &[T],
-        bias: Option<&[T]>,
-        by_components: bool,
-    ) -> Vec<T> {
-        let (ci, co) = (self.channels, self.out_channels);
+        let (by_components, co, ci) = filters.shape();
+        assert_eq!(
+            (co, ci),
+            (self.out_channels, self.channels),
+            "transformed filters of another convolution"
+        );
         let out_image = co * self.out_h * self.out_w;
         let mut y = vec![T::default(); self.batch * out_image];
         if y.is_empty() {
             return y;
         }
         if by_components {
-            self.forward_whole(x, w, bias, &mut y);
+            self.forward_whole(x, filters, bias, &mut y);
             return y;
         }
-        let u = self.transformed_filters(w);
         let task_images = self.task_images();
         let threads = self.product_threads();
         y.par_chunks_mut(task_images * out_image)
@@ -492,14 +609,28 @@ impl Winograd {
                     let n = part.len();
                     self.transform_input(x, part.clone(), &mut v);
                     for xi in 0..COMPONENTS {
-                        let filters = MatRef::row_major(&u[xi * co * ci..][..co * ci], co, ci);
                         let inputs = MatRef::row_major(&v[xi * ci * n..][..ci * n], ci, n);
-                        matmul(&mut m[xi * co * n..], n, filters, inputs, false, threads);
+                        let m = &mut m[xi * co * n..];
+                        matmul(m, n, filters.component(xi), inputs, false, threads);
                     }
                     self.transform_output(&m, part, first, bias, y_task);
                 }
             });
         y
+    }
+
+    /// [`Winograd::forward`] of untransformed filters, with the batch whole (`by_components`) or
+    /// in per-thread chunks.
+    #[cfg(test)]
+    pub(super) fn forward_with<T: WithDType + Default>(
+        &self,
+        x: &[T],
+        w: &[T],
+        bias: Option<&[T]>,
+        by_components: bool,
+    ) -> Vec<T> {
+        let u = self.transform_filters_for(w, by_components);
+        self.forward(x, Filters::Own(&u), bias)
     }
 
     /// The weight gradient `[C_out, C_in, 3, 3]` and, when asked, the bias gradient `[C_out]`.
@@ -571,12 +702,12 @@ impl Winograd {
     /// The forward of the whole batch at once, each thread taking whole components.
     ///
     /// Layouts keep each parallel sweep's writes contiguous: the filters `U[o][ξ][c]` (one
-    /// output channel per task), the inputs `V[c][ξ][t]` (one channel per task), the products
+    /// output channel per task, made by `filters_by_channel`), the inputs `V[c][ξ][t]` (one channel per task), the products
     /// `M[ξ][o][t]` (one component per task), the output by image.
     fn forward_whole<T: WithDType + Default>(
         &self,
         x: &[T],
-        w: &[T],
+        filters: Filters<'_, T>,
         bias: Option<&[T]>,
         y: &mut [T],
     ) {
@@ -585,13 +716,11 @@ impl Winograd {
             self.out_channels,
             self.batch * self.tiles_per_image,
         );
-        let u = self.filters_by_channel(w);
         let v = self.inputs_by_channel(x);
         let mut m = vec![T::default(); COMPONENTS * co * n];
         m.par_chunks_mut(co * n).enumerate().for_each(|(xi, m)| {
-            let filters = MatRef::strided(&u[xi * ci..], co, ci, COMPONENTS * ci);
             let inputs = MatRef::strided(&v[xi * n..], ci, n, COMPONENTS * n);
-            matmul(m, n, filters, inputs, false, 1);
+            matmul(m, n, filters.component(xi), inputs, false, 1);
         });
         let plane_len = self.out_h * self.out_w;
         y.par_chunks_mut(co * plane_len)
