@@ -238,3 +238,35 @@ fn max_pool_routes_a_tie_to_one_input_and_rejects_a_window_too_large() {
         .to_string();
     assert!(err.contains("does not fit a 2x2 input"), "{err}");
 }
+
+#[test]
+fn max_pool_lets_the_first_nan_of_a_window_win() {
+    for size in [2usize, 3] {
+        // Window values in reading order; a NaN at `nan_at`, a larger finite value after it.
+        for nan_at in 0..size * size {
+            let mut values: Vec<f32> = (0..size * size).map(|i| i as f32).collect();
+            values[nan_at] = f32::NAN;
+            let x = Var::from_tensor(
+                &Tensor::from_vec(values, (1, 1, size, size), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let mut rng = seeded(0);
+            let y = MaxPool2d::new(size)
+                .forward_pass(&x, &mut Pass::train(&mut rng))
+                .unwrap();
+            assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+            let g = y.sum_all().unwrap().backward().unwrap();
+            let dx = g
+                .get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let expected: Vec<f32> = (0..size * size)
+                .map(|i| if i == nan_at { 1.0 } else { 0.0 })
+                .collect();
+            assert_eq!(dx, expected, "{size}x{size}, NaN at {nan_at}");
+        }
+    }
+}

@@ -54,6 +54,38 @@ impl BayesianModule for MaxPool2d {
     }
 }
 
+/// Whether `v` replaces `best` as a window's maximum: larger, or the first NaN (a NaN wins and
+/// stays, as in PyTorch). `v != v` is the NaN test that compiles to one compare.
+#[inline(always)]
+#[allow(clippy::eq_op)]
+fn beats<T: PartialOrd + Copy>(v: T, best: T) -> bool {
+    v > best || (v != v && best == best)
+}
+
+/// [`MaxPoolOp::for_each_window`] for 2x2 windows (every VGG pool), on slices of the window's
+/// two rows so that the four reads need no bounds checks of their own.
+fn for_each_2x2_window<T: PartialOrd + Copy>(
+    plane: &[T],
+    w: usize,
+    (ho, wo): (usize, usize),
+    mut f: impl FnMut(usize, usize),
+) {
+    for oy in 0..ho {
+        let top = 2 * oy * w;
+        let upper = &plane[top..][..2 * wo];
+        let lower = &plane[top + w..][..2 * wo];
+        for (ox, (u, l)) in upper.chunks_exact(2).zip(lower.chunks_exact(2)).enumerate() {
+            let (mut best, mut at) = (u[0], 0);
+            for (offset, v) in [(1, u[1]), (w, l[0]), (w + 1, l[1])] {
+                if beats(v, best) {
+                    (best, at) = (v, offset);
+                }
+            }
+            f(oy * wo + ox, top + 2 * ox + at);
+        }
+    }
+}
+
 /// The CPU op: `[B, C, H, W]` to `[B, C, H / size, W / size]`.
 #[derive(Debug, Clone, Copy)]
 struct MaxPoolOp {
@@ -79,15 +111,16 @@ impl MaxPoolOp {
         mut f: impl FnMut(usize, usize),
     ) {
         let k = self.size;
+        if k == 2 {
+            return for_each_2x2_window(plane, w, (ho, wo), f);
+        }
         for oy in 0..ho {
             for ox in 0..wo {
                 let mut best = oy * k * w + ox * k;
                 for dy in 0..k {
                     let row = (oy * k + dy) * w + ox * k;
                     for i in row..row + k {
-                        // A NaN wins (and stays), as in PyTorch.
-                        let nan = |v: T| v.partial_cmp(&v).is_none();
-                        if plane[i] > plane[best] || (nan(plane[i]) && !nan(plane[best])) {
+                        if beats(plane[i], plane[best]) {
                             best = i;
                         }
                     }
