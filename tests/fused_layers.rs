@@ -214,6 +214,12 @@ fn max_pool_forward_and_backward_follow_the_definition() {
     }
 }
 
+/// The gradient of `x` in `grads`, flattened.
+fn f32_gradient(grads: &candle_core::backprop::GradStore, x: &Var) -> Vec<f32> {
+    let grad = grads.get(x).expect("x has a gradient");
+    grad.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
 #[test]
 fn max_pool_routes_a_tie_to_one_input_and_rejects_a_window_too_large() {
     let x =
@@ -223,13 +229,7 @@ fn max_pool_routes_a_tie_to_one_input_and_rejects_a_window_too_large() {
         .forward_pass(&x, &mut Pass::train(&mut rng))
         .unwrap();
     let g = y.sum_all().unwrap().backward().unwrap();
-    let dx = g
-        .get(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let dx = f32_gradient(&g, &x);
     // The whole gradient goes to the first maximum, as in PyTorch.
     assert_eq!(dx, vec![1.0, 0.0, 0.0, 0.0]);
     let err = MaxPool2d::new(3)
@@ -256,13 +256,7 @@ fn max_pool_lets_the_first_nan_of_a_window_win() {
                 .unwrap();
             assert!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
             let g = y.sum_all().unwrap().backward().unwrap();
-            let dx = g
-                .get(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let dx = f32_gradient(&g, &x);
             let expected: Vec<f32> = (0..size * size)
                 .map(|i| if i == nan_at { 1.0 } else { 0.0 })
                 .collect();

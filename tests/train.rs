@@ -332,15 +332,17 @@ fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
     let mut rng = seeded(0);
 
     let finite = Tensor::zeros((4, 3, 32, 32), DType::F32, &device).unwrap();
-    let outcome = train_step(
-        &network,
-        &mut optimizer,
-        &finite,
-        &labels,
-        settings,
-        &mut rng,
-    )
-    .unwrap();
+    let mut step = || {
+        train_step(
+            &network,
+            &mut optimizer,
+            &finite,
+            &labels,
+            settings,
+            &mut rng,
+        )
+    };
+    let outcome = step().unwrap();
     assert!(outcome.loss.is_finite() && outcome.nll > 0.0, "{outcome:?}");
     assert!((0.0..=4.0).contains(&outcome.correct), "{outcome:?}");
 
@@ -355,15 +357,7 @@ fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
     }
     assert_eq!(poisoned, 1, "the output layer's means");
     let before = snapshot();
-    let err = train_step(
-        &network,
-        &mut optimizer,
-        &finite,
-        &labels,
-        settings,
-        &mut rng,
-    )
-    .unwrap_err();
+    let err = step().unwrap_err();
     assert!(matches!(err, Error::Diverged(_)), "{err:?}");
     assert!(
         before == snapshot(),

@@ -505,7 +505,7 @@ impl Conv2dOp {
         w: &Tensor,
         bias: Option<&Tensor>,
         dy: &Tensor,
-        kept: &FilterCache,
+        kept: Option<&FilterCache>,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let wanted = Wanted {
@@ -514,8 +514,14 @@ impl Conv2dOp {
             bias: bias.is_some_and(|b| b.track_op()),
         };
         match x.dtype() {
-            DType::F32 => self.typed_gradients::<f32>(x, w, &dy, wanted, kept.take()),
-            DType::F64 => self.typed_gradients::<f64>(x, w, &dy, wanted, kept.take()),
+            DType::F32 => {
+                let kept = kept.and_then(FilterCache::take);
+                self.typed_gradients::<f32>(x, w, &dy, wanted, kept)
+            }
+            DType::F64 => {
+                let kept = kept.and_then(FilterCache::take);
+                self.typed_gradients::<f64>(x, w, &dy, wanted, kept)
+            }
             other => bail!("conv2d backward: f32 or f64 expected, got {other:?}"),
         }
     }
@@ -619,18 +625,6 @@ impl Conv2dNode {
             kept: input_grad_wanted.then(FilterCache::default),
         }
     }
-
-    fn gradients(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        bias: Option<&Tensor>,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let empty = FilterCache::default();
-        self.op
-            .gradients(x, w, bias, dy, self.kept.as_ref().unwrap_or(&empty))
-    }
 }
 
 impl CustomOp2 for Conv2dNode {
@@ -656,7 +650,9 @@ impl CustomOp2 for Conv2dNode {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.gradients(x, w, None, grad_res)?;
+        let (dx, dw, _) = self
+            .op
+            .gradients(x, w, None, grad_res, self.kept.as_ref())?;
         Ok((dx, dw))
     }
 }
@@ -691,7 +687,8 @@ impl CustomOp3 for Conv2dNode {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.gradients(x, w, Some(bias), grad_res)
+        self.op
+            .gradients(x, w, Some(bias), grad_res, self.kept.as_ref())
     }
 }
 
