@@ -186,16 +186,17 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 args::set_threads(n)?;
             }
             let device = whvi::device::parse_device(&device)?;
-            let conv_shapes = match conv_shapes {
-                Some(shapes) if !device.is_cpu() && shapes != "none" => {
+            // The network whose convolution shapes to time, if any.
+            let conv_shapes = match conv_shapes.as_deref() {
+                Some("none") => None,
+                Some(shapes) if !device.is_cpu() => {
                     return Err(whvi::Error::invalid(format!(
                         "--conv-shapes {shapes} times the CPU convolution paths; leave it out \
                          (or pass none) with a GPU --device"
                     )));
                 }
-                Some(shapes) => shapes,
-                None if device.is_cpu() => "vgg16".to_string(),
-                None => "none".to_string(),
+                Some(shapes) => Some(shapes.to_string()),
+                None => device.is_cpu().then(|| "vgg16".to_string()),
             };
             let config = whvi::bench::train::TrainBenchConfig {
                 models,
@@ -206,7 +207,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 device,
             };
             whvi::bench::train::bench_train(&config, print_json_line)?;
-            if conv_shapes != "none" {
+            if let Some(conv_shapes) = conv_shapes {
                 whvi::bench::conv::bench_conv_shapes(
                     &conv_shapes,
                     width,

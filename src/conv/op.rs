@@ -174,7 +174,8 @@ impl Conv2dOp {
     }
 
     /// `y = conv(x, W) (+ bias)`: by Winograd's transform where it applies, else by columns.
-    /// With `keep`, a Winograd forward leaves its transformed filters there.
+    /// With `keep`, a Winograd forward leaves its transformed filters there when the input
+    /// gradient's convolution can read them.
     fn forward<T: WithDType + Default>(
         &self,
         x: &[T],
@@ -182,17 +183,20 @@ impl Conv2dOp {
         bias: Option<&[T]>,
         keep: Option<&FilterCache>,
     ) -> Vec<T> {
-        match Winograd::plan(self) {
-            Some(plan) => {
-                let filters = plan.transform_filters(w);
-                let y = plan.forward(x, Filters::Own(&filters), bias);
-                if let Some(cache) = keep {
-                    cache.put(filters);
-                }
-                y
+        let Some(plan) = Winograd::plan(self) else {
+            return self.forward_by_columns(x, w, bias);
+        };
+        let filters = plan.transform_filters(w);
+        let y = plan.forward(x, Filters::Own(&filters), bias);
+        if let Some(cache) = keep {
+            let readable = self
+                .transposed_winograd()
+                .is_some_and(|t| t.takes(Filters::Flipped(&filters)));
+            if readable {
+                cache.put(filters);
             }
-            None => self.forward_by_columns(x, w, bias),
         }
+        y
     }
 
     fn forward_by_columns<T: WithDType + Default>(
@@ -345,12 +349,16 @@ impl Conv2dOp {
         let Some(transposed) = self.transposed() else {
             return self.input_grad_by_col2im(w, dy);
         };
-        if let (Some(plan), Some(kept)) = (Winograd::plan(&transposed), kept) {
-            if plan.takes(Filters::Flipped(kept)) {
-                return plan.forward(dy, Filters::Flipped(kept), None);
-            }
+        // The forward kept them only where this convolution's Winograd plan reads them.
+        match (kept, Winograd::plan(&transposed)) {
+            (Some(kept), Some(plan)) => plan.forward(dy, Filters::Flipped(kept), None),
+            _ => transposed.forward(dy, &self.flipped_filters(w), None, None),
         }
-        transposed.forward(dy, &self.flipped_filters(w), None, None)
+    }
+
+    /// The Winograd plan of the input gradient's convolution, if it takes that path.
+    fn transposed_winograd(&self) -> Option<Winograd> {
+        self.transposed().as_ref().and_then(Winograd::plan)
     }
 
     /// For a stride-1 convolution with a square `k x k` kernel and padding `p < k`, the input
