@@ -26,6 +26,7 @@ if ! "$venv/bin/python" -c 'import ffht' 2>/dev/null; then
 fi
 
 bin="$(whvi_binary)"
+machine_banner
 
 sizes=(262144)
 [[ "${DRAM:-0}" == 1 ]] && sizes+=(134217728)

@@ -21,6 +21,7 @@ anchor="$(anchor_path torch_whvi.py "${TORCH_WHVI:-}")"
     { echo "no torch in $venv: python3 -m venv $venv && $venv/bin/pip install torch==2.15.0 numpy" >&2; exit 1; }
 
 bin="$(whvi_binary)"
+machine_banner
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

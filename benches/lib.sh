@@ -25,3 +25,15 @@ whvi_binary() {
     (cd "$repo" && cargo build --release --quiet --bin whvi) >&2
     echo "${CARGO_TARGET_DIR:-$repo/target}/release/whvi"
 }
+
+# machine_banner: the facts a figure needs beside it (CPU, its SIMD flags, the compiler, the
+# instruction set whvi's kernels run at), on stderr so that tables on stdout stay parseable.
+machine_banner() {
+    local cpu flags
+    cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')"
+    flags="$(grep -o -w 'avx2\|avx512f\|avx512bw\|avx512vl\|avx512dq' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')"
+    {
+        echo "# cpu: ${cpu:-unknown}, $(nproc) cores; SIMD flags: ${flags:-none}"
+        echo "# $(cd "$repo" && rustc --version); WHVI_SIMD=${WHVI_SIMD:-<unset>}"
+    } >&2
+}

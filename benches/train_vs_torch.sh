@@ -18,6 +18,7 @@ venv="${TORCH_VENV:-$HOME/.cache/torch-venv}"
 anchor="$(anchor_path torch_vgg_throughput.py "${TORCH_VGG:-}")"
 
 bin="$(whvi_binary)"
+machine_banner
 
 "$venv/bin/python" - "$bin" "$anchor" "${STEPS:-6}" "${ROUNDS:-3}" <<'PY'
 import importlib.util, json, statistics, subprocess, sys

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod simd;
 pub mod train;
 pub mod zoo;
 

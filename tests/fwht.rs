@@ -14,7 +14,12 @@ use rand::Rng;
 use whvi::fwht::cpu::{self, Path};
 use whvi::fwht::{fwht, Normalization};
 
-const PATHS: [Path; 3] = [Path::Auto, Path::Portable, Path::Reference];
+/// `Auto` and every concrete path this CPU runs (AVX-512 and AVX2 where present).
+fn paths() -> Vec<Path> {
+    let mut paths = Path::available();
+    paths.push(Path::Auto);
+    paths
+}
 
 fn random(n: usize, seed: u64) -> Vec<f64> {
     let mut rng = whvi::rng::seeded(seed);
@@ -82,7 +87,7 @@ fn every_path_matches_the_dense_matrix_up_to_1024_f32() {
         let xw = widen(&x);
         for scale in [1.0f32, 0.375] {
             let want = dense(&xw, d, f64::from(scale));
-            for path in PATHS {
+            for path in paths() {
                 let mut inplace = x.clone();
                 cpu::fwht_rows_f32_using(path, &mut inplace, d, scale);
                 assert_close(
@@ -118,7 +123,7 @@ fn every_path_matches_the_dense_matrix_up_to_1024_f64() {
         let x = random(rows * d, 100 + log_d as u64);
         for scale in [1.0f64, 0.375] {
             let want = dense(&x, d, scale);
-            for path in PATHS {
+            for path in paths() {
                 let mut inplace = x.clone();
                 cpu::fwht_rows_f64_using(path, &mut inplace, d, scale);
                 assert_close(&inplace, &want, &x, d, scale, f64::EPSILON, 1);
@@ -126,6 +131,81 @@ fn every_path_matches_the_dense_matrix_up_to_1024_f64() {
                 cpu::fwht_rows_f64_into_using(path, &x, &mut out, d, scale);
                 assert_close(&out, &want, &x, d, scale, f64::EPSILON, 1);
             }
+        }
+    }
+}
+
+/// Every kernel runs each butterfly as one rounded `a + b` and `a - b`, levels in the same
+/// order, the scale last: the paths agree to the last bit, in place and out of place, for every
+/// row length up to 2^17 (past one L1 block and more than one pass across blocks) and for row
+/// counts that are not a multiple of anything.
+#[test]
+fn every_path_gives_the_same_bits() {
+    let available = Path::available();
+    eprintln!("paths compared on this CPU: {available:?}");
+    for log_d in 0..=17u32 {
+        let d = 1usize << log_d;
+        let rows = if log_d <= 12 { 7 } else { 1 };
+        let x64 = random(rows * d, 300 + u64::from(log_d));
+        let x32 = to_f32(&x64);
+        for scale in [1.0, 0.1875] {
+            let mut want32 = x32.clone();
+            cpu::fwht_rows_f32_using(Path::Reference, &mut want32, d, scale as f32);
+            let mut want64 = x64.clone();
+            cpu::fwht_rows_f64_using(Path::Reference, &mut want64, d, scale);
+            for &path in &available {
+                let mut got32 = x32.clone();
+                cpu::fwht_rows_f32_using(path, &mut got32, d, scale as f32);
+                let mut into32 = vec![f32::NAN; x32.len()];
+                cpu::fwht_rows_f32_into_using(path, &x32, &mut into32, d, scale as f32);
+                let mut got64 = x64.clone();
+                cpu::fwht_rows_f64_using(path, &mut got64, d, scale);
+                let mut into64 = vec![f64::NAN; x64.len()];
+                cpu::fwht_rows_f64_into_using(path, &x64, &mut into64, d, scale);
+                for (name, got) in [("in place", &got32), ("into", &into32)] {
+                    let same = got
+                        .iter()
+                        .zip(&want32)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{path:?} f32 {name}, d = {d}, scale {scale}: bits differ"
+                    );
+                }
+                for (name, got) in [("in place", &got64), ("into", &into64)] {
+                    let same = got
+                        .iter()
+                        .zip(&want64)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{path:?} f64 {name}, d = {d}, scale {scale}: bits differ"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_path_this_cpu_lacks_is_refused_not_run() {
+    use whvi::simd::Level;
+    for level in Level::ALL {
+        let mut x = vec![1f32; 64];
+        let run = std::panic::catch_unwind(move || {
+            cpu::fwht_rows_f32_using(Path::Simd(level), &mut x, 64, 1.0);
+            x
+        });
+        match run {
+            Ok(x) => {
+                assert!(level.is_supported(), "{level:?} ran on a CPU without it");
+                assert_eq!(x[0], 64.0);
+                assert!(x[1..].iter().all(|&v| v == 0.0));
+            }
+            Err(_) => assert!(
+                !level.is_supported(),
+                "{level:?} refused on a CPU that has it"
+            ),
         }
     }
 }
@@ -144,7 +224,7 @@ fn long_rows_match_the_reference_path() {
         cpu::fwht_rows_f32_using(Path::Reference, &mut want32, d, 0.5);
         let mut want64 = x64.clone();
         cpu::fwht_rows_f64_using(Path::Reference, &mut want64, d, 0.5);
-        for path in [Path::Auto, Path::Portable] {
+        for path in paths().into_iter().filter(|&p| p != Path::Reference) {
             let mut got = x32.clone();
             cpu::fwht_rows_f32_using(path, &mut got, d, 0.5);
             // Both sides carry rounding error: twice the bound of one.

@@ -30,6 +30,8 @@ pub struct LayerTiming {
     pub ratio_to_dense: f64,
     /// Threads used by the process.
     pub threads: usize,
+    /// The instruction set of whvi's CPU kernels ([`crate::simd::level`]).
+    pub simd: &'static str,
 }
 
 /// Settings of the layer benchmark.
@@ -113,6 +115,7 @@ pub fn bench_layers(
                 params: layer.num_params(),
                 ratio_to_dense: medians[i] / medians[0],
                 threads,
+                simd: crate::simd::level().name(),
             };
             report(&line);
             out.push(line);

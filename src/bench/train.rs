@@ -43,6 +43,8 @@ pub struct TrainTiming {
     pub threads: usize,
     /// Where the step ran, e.g. `"cpu"` or `"cuda:0"`.
     pub device: String,
+    /// The instruction set of whvi's CPU kernels ([`crate::simd::level`]).
+    pub simd: &'static str,
 }
 
 /// Settings of the training benchmark.
@@ -140,6 +142,7 @@ pub fn bench_train(
                 step_s,
                 threads: rayon::current_num_threads(),
                 device: crate::device::device_name(device),
+                simd: crate::simd::level().name(),
             };
             report(&timing);
             out.push(timing);

@@ -19,7 +19,7 @@ pub(crate) struct F64x4(__m256d);
 
 // SAFETY (for every intrinsic call below): values of `F32x8` and `F64x4` are only created
 // inside `rows_f32` / `rows_f64`, which are compiled with AVX2 and FMA and only called after
-// `is_x86_feature_detected!` confirmed both, so the instructions exist wherever these run.
+// run-time detection confirmed both, so the instructions exist wherever these run.
 
 impl Vector for F32x8 {
     type Elem = f32;
@@ -177,15 +177,10 @@ impl Vector for F64x4 {
     }
 }
 
-/// Whether this CPU can run the functions below.
-pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
 /// The blocked kernel over `rows` rows of `2^log_d >= 8` f32.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA ([`available`]); `src` readable and `dst` writable for
+/// The CPU supports AVX2 and FMA ([`crate::simd::Level::Avx2`]); `src` readable and `dst` writable for
 /// `rows << log_d` elements, the same pointer or disjoint; `log_d >= 3`.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn rows_f32(src: *const f32, dst: *mut f32, log_d: u32, rows: usize, scale: f32) {
@@ -196,7 +191,7 @@ pub(crate) unsafe fn rows_f32(src: *const f32, dst: *mut f32, log_d: u32, rows: 
 /// The blocked kernel over `rows` rows of `2^log_d >= 4` f64.
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA ([`available`]); `src` readable and `dst` writable for
+/// The CPU supports AVX2 and FMA ([`crate::simd::Level::Avx2`]); `src` readable and `dst` writable for
 /// `rows << log_d` elements, the same pointer or disjoint; `log_d >= 2`.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn rows_f64(src: *const f64, dst: *mut f64, log_d: u32, rows: usize, scale: f64) {

@@ -5,16 +5,17 @@
 //!
 //! The work is done by one blocked algorithm (in-register butterflies for the first levels,
 //! radix-4/8 passes, L1-sized blocks for long rows; see the `kernel` module) instantiated for
-//! AVX2 + FMA on x86-64 (detected once at run time), NEON on aarch64, and plain scalars
-//! everywhere else. Batches of at least [`PAR_MIN_BYTES`] are split by rows over the current
-//! rayon pool. The out-of-place functions read the source only in the first pass, so the copy
-//! costs no extra sweep over memory.
+//! AVX-512 F and for AVX2 + FMA on x86-64, NEON on aarch64, and plain scalars everywhere else;
+//! [`Path::Auto`] runs the widest that [`crate::simd::level`] allows. Batches of at least
+//! [`PAR_MIN_BYTES`] are split by rows over the current rayon pool. The out-of-place functions
+//! read the source only in the first pass, so the copy costs no extra sweep over memory.
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
 use super::kernel::{self, Real};
+use crate::simd::{self, Level};
 
 /// Batches of at least this many bytes are split by rows over the current rayon thread pool;
 /// below it the hand-off costs about as much as the transform itself.
@@ -25,37 +26,40 @@ const TASK_MIN_BYTES: usize = 64 << 10;
 
 /// Which implementation of the CPU kernel runs.
 ///
-/// All three compute the same transform with the same operations in the same order, so they
+/// All of them compute the same transform with the same operations in the same order, so they
 /// agree to the last bit; [`Path::Auto`] is what the public functions without `_using` run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Path {
     /// The fastest kernel for this CPU: see [`auto_kernel`].
     #[default]
     Auto,
+    /// The blocked algorithm on the vectors of one instruction set. Asking for one this CPU
+    /// lacks ([`Level::is_supported`]) panics rather than executing unknown instructions.
+    Simd(Level),
     /// The blocked algorithm on scalars, without `core::arch`: runs on every platform.
     Portable,
     /// The plain radix-2 loop, the reference the others are tested against.
     Reference,
 }
 
-/// The name of the kernel [`Path::Auto`] runs on this machine: `"avx2-fma"`, `"neon"` or
-/// `"portable"`.
-pub fn auto_kernel() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_available() {
-        return "avx2-fma";
+impl Path {
+    /// Every concrete path this CPU can run: the reference, the portable kernel, and one per
+    /// supported vector instruction set.
+    pub fn available() -> Vec<Path> {
+        let mut paths = vec![Path::Reference, Path::Portable];
+        for level in simd::supported() {
+            if level != Level::Portable {
+                paths.push(Path::Simd(level));
+            }
+        }
+        paths
     }
-    #[cfg(target_arch = "aarch64")]
-    return "neon";
-    #[allow(unreachable_code)]
-    "portable"
 }
 
-/// Caches the feature check: the public functions may be called once per small tensor.
-#[cfg(target_arch = "x86_64")]
-fn avx2_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(super::avx2::available)
+/// The name of the kernel [`Path::Auto`] runs on this machine: `"avx512"`, `"avx2"`, `"neon"`
+/// or `"portable"` (see [`crate::simd::level`]).
+pub fn auto_kernel() -> &'static str {
+    simd::level().name()
 }
 
 /// A kernel over `rows` rows of `2^log_d` elements from `src` to `dst` (the same pointer or
@@ -73,17 +77,14 @@ impl Elem for f32 {
         match path {
             Path::Reference => reference_rows::<f32>,
             Path::Portable => portable_rows::<f32>,
-            Path::Auto => {
-                #[cfg(target_arch = "x86_64")]
-                if log_d >= 3 && avx2_available() {
-                    return super::avx2::rows_f32;
-                }
-                #[cfg(target_arch = "aarch64")]
-                if log_d >= 2 {
-                    return super::neon::rows_f32;
-                }
-                let _ = log_d;
-                portable_rows::<f32>
+            Path::Auto => simd_rows_f32(simd::level(), log_d),
+            Path::Simd(level) => {
+                assert!(
+                    level.is_supported(),
+                    "fwht: this CPU cannot run the {} kernel",
+                    level.name()
+                );
+                simd_rows_f32(level, log_d)
             }
         }
     }
@@ -94,20 +95,56 @@ impl Elem for f64 {
         match path {
             Path::Reference => reference_rows::<f64>,
             Path::Portable => portable_rows::<f64>,
-            Path::Auto => {
-                #[cfg(target_arch = "x86_64")]
-                if log_d >= 2 && avx2_available() {
-                    return super::avx2::rows_f64;
-                }
-                #[cfg(target_arch = "aarch64")]
-                if log_d >= 1 {
-                    return super::neon::rows_f64;
-                }
-                let _ = log_d;
-                portable_rows::<f64>
+            Path::Auto => simd_rows_f64(simd::level(), log_d),
+            Path::Simd(level) => {
+                assert!(
+                    level.is_supported(),
+                    "fwht: this CPU cannot run the {} kernel",
+                    level.name()
+                );
+                simd_rows_f64(level, log_d)
             }
         }
     }
+}
+
+/// The widest f32 kernel at or below `level` (which the CPU supports) for rows of `2^log_d`:
+/// rows shorter than a vector go to a narrower one.
+fn simd_rows_f32(level: Level, log_d: u32) -> RowsFn<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if level >= Level::Avx512 && log_d >= 4 {
+            return super::avx512::rows_f32;
+        }
+        if level >= Level::Avx2 && log_d >= 3 {
+            return super::avx2::rows_f32;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon && log_d >= 2 {
+        return super::neon::rows_f32;
+    }
+    let _ = (level, log_d);
+    portable_rows::<f32>
+}
+
+/// As [`simd_rows_f32`], for f64.
+fn simd_rows_f64(level: Level, log_d: u32) -> RowsFn<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if level >= Level::Avx512 && log_d >= 3 {
+            return super::avx512::rows_f64;
+        }
+        if level >= Level::Avx2 && log_d >= 2 {
+            return super::avx2::rows_f64;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon && log_d >= 1 {
+        return super::neon::rows_f64;
+    }
+    let _ = (level, log_d);
+    portable_rows::<f64>
 }
 
 /// The blocked algorithm with one-element "vectors".

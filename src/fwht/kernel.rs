@@ -17,7 +17,11 @@
 //!
 //! Everything here is `#[inline(always)]`: each ISA module instantiates [`rows`] inside a
 //! function compiled for its target features, so the vector wrappers inline down to single
-//! instructions.
+//! instructions. For that to hold whatever the compiler's inlining heuristics, no vector
+//! operation may sit inside a closure or a generic std helper (`array::from_fn`,
+//! `Option::map`, iterator adapters): those are separate functions compiled *without* the
+//! target features, where each intrinsic becomes an out-of-line call. Loops here are plain
+//! loops over indices; `.ci/check_intrinsics.py` fails CI if a call slips back in.
 
 use std::ops::{Add, Mul, Sub};
 
@@ -145,10 +149,12 @@ impl<T: Real> Vector for T {
 fn butterflies<V: Vector, const N: usize>(a: &mut [V; N]) {
     let mut half = 1;
     while half < N {
-        for i in 0..N {
+        let mut i = 0;
+        while i < N {
             if i & half == 0 {
                 (a[i], a[i + half]) = a[i].butterfly(a[i + half]);
             }
+            i += 1;
         }
         half *= 2;
     }
@@ -157,9 +163,25 @@ fn butterflies<V: Vector, const N: usize>(a: &mut [V; N]) {
 #[inline(always)]
 fn apply_scale<V: Vector, const N: usize>(a: &mut [V; N], scale: Option<V>) {
     if let Some(s) = scale {
-        for v in a.iter_mut() {
-            *v = v.mul(s);
+        let mut i = 0;
+        while i < N {
+            a[i] = a[i].mul(s);
+            i += 1;
         }
+    }
+}
+
+/// Stores vector `i` of `a` at `p + i * stride`.
+///
+/// # Safety
+/// Each of those `N` places must be valid for writing one vector.
+#[inline(always)]
+unsafe fn store_all<V: Vector, const N: usize>(a: &[V; N], p: *mut V::Elem, stride: usize) {
+    let mut i = 0;
+    while i < N {
+        // SAFETY: forwarded from the caller.
+        unsafe { a[i].store(p.add(i * stride)) };
+        i += 1;
     }
 }
 
@@ -214,13 +236,20 @@ unsafe fn base_pass<V: Vector, const N: usize>(
         }
         // SAFETY: `c + N * lanes <= len`, so every vector read and written is inside the row.
         unsafe {
-            let mut a: [V; N] =
-                std::array::from_fn(|i| V::load(src.add(c + i * lanes)).butterflies_in_lanes());
+            let mut a = [V::load(src.add(c)); N];
+            let mut i = 1;
+            while i < N {
+                a[i] = V::load(src.add(c + i * lanes));
+                i += 1;
+            }
+            let mut i = 0;
+            while i < N {
+                a[i] = a[i].butterflies_in_lanes();
+                i += 1;
+            }
             butterflies(&mut a);
             apply_scale(&mut a, scale);
-            for (i, v) in a.into_iter().enumerate() {
-                v.store(dst.add(c + i * lanes));
-            }
+            store_all(&a, dst.add(c), lanes);
         }
         c += chunk;
     }
@@ -248,12 +277,15 @@ unsafe fn radix_pass<V: Vector, const N: usize>(
             // SAFETY: `g + j + (N - 1) * stride + lanes <= g + N * stride <= len`.
             unsafe {
                 let q = p.add(g + j);
-                let mut a: [V; N] = std::array::from_fn(|i| V::load(q.add(i * stride)));
+                let mut a = [V::load(q); N];
+                let mut i = 1;
+                while i < N {
+                    a[i] = V::load(q.add(i * stride));
+                    i += 1;
+                }
                 butterflies(&mut a);
                 apply_scale(&mut a, scale);
-                for (i, v) in a.into_iter().enumerate() {
-                    v.store(q.add(i * stride));
-                }
+                store_all(&a, q, stride);
             }
             j += lanes;
         }
@@ -278,12 +310,18 @@ unsafe fn radix<V: Vector>(p: *mut V::Elem, len: usize, h: u32, r: u32, scale: O
     }
 }
 
-/// Splits `levels` into radix passes of at most [`MAX_RADIX_LOG2`] levels, as even as possible
-/// (two radix-4 passes cost less than a radix-8 plus a radix-2).
+/// How `levels` are split into radix passes of at most [`MAX_RADIX_LOG2`] levels, as even as
+/// possible (two radix-4 passes cost less than a radix-8 plus a radix-2): the number of passes.
 #[inline(always)]
-fn radices(levels: u32) -> impl Iterator<Item = u32> {
-    let passes = levels.div_ceil(MAX_RADIX_LOG2);
-    (0..passes).map(move |i| levels / passes + u32::from(i < levels % passes))
+fn radix_passes(levels: u32) -> u32 {
+    levels.div_ceil(MAX_RADIX_LOG2)
+}
+
+/// The levels pass `i` of [`radix_passes`]`(levels)` runs.
+#[inline(always)]
+fn radix_levels(levels: u32, i: u32) -> u32 {
+    let passes = radix_passes(levels);
+    levels / passes + u32::from(i < levels % passes)
 }
 
 /// Transforms one block of `2^log_len` elements (at most an L1 block) from `src` to `dst`.
@@ -312,7 +350,8 @@ unsafe fn block<V: Vector>(
         }
     }
     let mut h = base;
-    for r in radices(log_len - base) {
+    for i in 0..radix_passes(log_len - base) {
+        let r = radix_levels(log_len - base, i);
         let last = h + r == log_len;
         // SAFETY: `len` is a multiple of 2^(h + r) and 2^h of the lanes since h >= base.
         unsafe { radix(dst, len, h, r, if last { scale } else { None }) };
@@ -341,7 +380,7 @@ pub(crate) unsafe fn row<V: Vector>(
     }
     let block_len = 1usize << log_block;
     let across = log_d - log_block;
-    let passes = across.div_ceil(MAX_RADIX_LOG2);
+    let passes = radix_passes(across);
     for b in 0..1usize << across {
         let start = b * block_len;
         // SAFETY: block `b` lies inside the row.
@@ -357,13 +396,14 @@ pub(crate) unsafe fn row<V: Vector>(
         // After block `b`, every group of blocks that ends here is complete: combine it.
         let end = start + block_len;
         let mut span_log = log_block;
-        for (i, r) in radices(across).enumerate() {
+        for i in 0..passes {
+            let r = radix_levels(across, i);
             span_log += r;
             if end & ((1usize << span_log) - 1) != 0 {
                 break;
             }
             let span = 1usize << span_log;
-            let last = i as u32 + 1 == passes;
+            let last = i + 1 == passes;
             // SAFETY: the span `end - span..end` lies inside the row and has been written.
             unsafe {
                 radix(
@@ -391,11 +431,18 @@ pub(crate) unsafe fn rows<V: Vector>(
     rows: usize,
     scale: V::Elem,
 ) {
-    let scale = (scale != V::Elem::ONE).then(|| V::splat(scale));
+    let scale = if scale == V::Elem::ONE {
+        None
+    } else {
+        Some(V::splat(scale))
+    };
     let d = 1usize << log_d;
     let len = rows * d;
-    let prefetch_end =
-        (len * std::mem::size_of::<V::Elem>() > PREFETCH_MIN_BYTES).then(|| src.wrapping_add(len));
+    let prefetch_end = if len * std::mem::size_of::<V::Elem>() > PREFETCH_MIN_BYTES {
+        Some(src.wrapping_add(len))
+    } else {
+        None
+    };
     for r in 0..rows {
         // SAFETY: row `r` lies inside both buffers.
         unsafe { row(src.add(r * d), dst.add(r * d), log_d, scale, prefetch_end) };
