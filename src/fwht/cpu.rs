@@ -78,14 +78,7 @@ impl Elem for f32 {
             Path::Reference => reference_rows::<f32>,
             Path::Portable => portable_rows::<f32>,
             Path::Auto => simd_rows_f32(simd::level(), log_d),
-            Path::Simd(level) => {
-                assert!(
-                    level.is_supported(),
-                    "fwht: this CPU cannot run the {} kernel",
-                    level.name()
-                );
-                simd_rows_f32(level, log_d)
-            }
+            Path::Simd(level) => simd_rows_f32(checked(level), log_d),
         }
     }
 }
@@ -96,16 +89,20 @@ impl Elem for f64 {
             Path::Reference => reference_rows::<f64>,
             Path::Portable => portable_rows::<f64>,
             Path::Auto => simd_rows_f64(simd::level(), log_d),
-            Path::Simd(level) => {
-                assert!(
-                    level.is_supported(),
-                    "fwht: this CPU cannot run the {} kernel",
-                    level.name()
-                );
-                simd_rows_f64(level, log_d)
-            }
+            Path::Simd(level) => simd_rows_f64(checked(level), log_d),
         }
     }
+}
+
+/// `level`, after checking that this CPU can run it: executing instructions it lacks would
+/// crash the process, so a request for one is a programming error.
+fn checked(level: Level) -> Level {
+    assert!(
+        level.is_supported(),
+        "fwht: this CPU cannot run the {} kernel",
+        level.name()
+    );
+    level
 }
 
 /// The widest f32 kernel at or below `level` (which the CPU supports) for rows of `2^log_d`:
