@@ -278,11 +278,27 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     };
     assert_eq!(log(&straight.out), log(&resumed.out));
 
-    // Resuming with other settings is refused.
+    // Resuming with other settings is refused, naming what differs.
     let mut other = config(&root, "resumed");
     other.batch_size = 16;
     let err = train(&other, true, &Device::Cpu, &mut QuietProgress, never()).unwrap_err();
     assert!(err.to_string().contains("another configuration"), "{err}");
+    assert!(err.to_string().contains("batch_size: 32 -> 16"), "{err}");
+    assert!(!err.to_string().contains("out:"), "{err}");
+
+    // A run moved to another directory resumes there (one more epoch).
+    let moved = root.join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    for file in ["last.safetensors", "best.safetensors", "metrics.jsonl"] {
+        std::fs::copy(resumed.out.join(file), moved.join(file)).unwrap();
+    }
+    let mut longer = config(&root, "moved");
+    longer.epochs = 3;
+    let err = train(&longer, true, &Device::Cpu, &mut QuietProgress, never()).unwrap_err();
+    assert!(err.to_string().contains("epochs: 2 -> 3"), "{err}");
+    let same = config(&root, "moved");
+    train(&same, true, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+    assert_eq!(log(&moved), log(&straight.out));
     std::fs::remove_dir_all(root).unwrap();
 }
 
@@ -363,4 +379,179 @@ fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
         before == snapshot(),
         "a diverged step must not update the parameters"
     );
+}
+
+/// A finite loss whose gradient holds NaN or infinity is divergence whether or not the step
+/// clips, and leaves every parameter (and so the optimiser's moments) as it was; a finite
+/// gradient is applied.
+#[test]
+fn a_non_finite_gradient_behind_a_finite_loss_is_divergence_with_or_without_clipping() {
+    use candle_core::{DType, Tensor};
+    use whvi::loss::elbo_loss;
+    use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
+    use whvi::params::Params;
+    use whvi::train::{apply_gradients, trainable};
+    use whvi::zoo::{ModelSpec, Network};
+    use whvi::Error;
+
+    let device = Device::Cpu;
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let options = whvi::zoo::BuildOptions {
+        classes: Some(10),
+        input: Some([1, 28, 28]),
+        ..Default::default()
+    };
+    let params = Params::new(0);
+    let network = Network::build(&spec, &options, params.var_builder(DType::F32, &device)).unwrap();
+    let mut optimizer = AnyOptimizer::from_named(
+        trainable(&params),
+        OptimizerConfig::AdamW(AdamWConfig::default()),
+    )
+    .unwrap();
+    let snapshot = || -> Vec<Vec<u32>> {
+        params
+            .named_vars()
+            .iter()
+            .map(|(_, v)| {
+                let values: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                values.into_iter().map(f32::to_bits).collect()
+            })
+            .collect()
+    };
+    let images = Tensor::ones((4, 1, 28, 28), DType::F32, &device).unwrap();
+    let labels = Tensor::new(&[0u32, 1, 2, 3], &device).unwrap();
+    let gradients = || {
+        let mut rng = seeded(1);
+        let logits = network
+            .forward_pass(&images, &mut whvi::layers::Pass::train(&mut rng))
+            .unwrap();
+        let kl = network.kl().unwrap();
+        let loss = elbo_loss(&logits, &labels, &kl, 100, 1.0).unwrap();
+        assert!(loss.to_scalar::<f32>().unwrap().is_finite());
+        loss.backward().unwrap()
+    };
+    let vars = optimizer.vars().to_vec();
+    for bad in [f64::NAN, f64::INFINITY] {
+        for clip in [None, Some(1.0)] {
+            let mut grads = gradients();
+            let target = vars.iter().find(|v| grads.get(v).is_some()).unwrap();
+            let grad = grads.get(target).unwrap();
+            // One bad element among finite ones.
+            let mut values: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
+            let last = values.len() - 1;
+            values[last] = bad as f32;
+            let poisoned = Tensor::from_vec(values, grad.shape(), &device).unwrap();
+            grads.insert(target, poisoned);
+            let before = snapshot();
+            let err = apply_gradients(&mut optimizer, &mut grads, clip).unwrap_err();
+            assert!(
+                matches!(err, Error::Diverged(_)),
+                "{bad}, clip {clip:?}: {err:?}"
+            );
+            assert!(
+                before == snapshot(),
+                "{bad}, clip {clip:?}: parameters changed"
+            );
+        }
+    }
+    let before = snapshot();
+    apply_gradients(&mut optimizer, &mut gradients(), None).unwrap();
+    assert!(before != snapshot(), "a finite gradient must be applied");
+}
+
+/// Panics right after the `crash_at`-th file a run writes at the end of an epoch, as a crash of
+/// the process would leave the files; counts them all when `crash_at` is 0.
+struct CrashAfter {
+    crash_at: usize,
+    saved: Vec<whvi::train::RunFile>,
+}
+
+impl Progress for CrashAfter {
+    fn start_epoch(&mut self, _: usize, _: usize, _: usize, _: usize) {}
+    fn batch(&mut self, _: usize, _: f64, _: f64) {}
+    fn finish_epoch(&mut self, _: &str) {}
+    fn message(&mut self, _: &str) {}
+    fn saved(&mut self, file: whvi::train::RunFile) {
+        self.saved.push(file);
+        if self.saved.len() == self.crash_at {
+            panic!("injected crash after writing {file:?}");
+        }
+    }
+}
+
+/// Whatever write a crash follows, resuming gives the log, `last` and `best` of a run that never
+/// crashed (a crash before the first `last` leaves nothing to resume: the run starts afresh).
+#[test]
+fn a_crash_after_any_write_resumes_to_the_files_of_an_uninterrupted_run() {
+    use whvi::train::RunFile;
+    let root = write_dataset(&temp_root("crash"), 64);
+    let mut straight = config(&root, "straight");
+    straight.test_samples = 0;
+    let mut counter = CrashAfter {
+        crash_at: 0,
+        saved: Vec::new(),
+    };
+    train(&straight, false, &Device::Cpu, &mut counter, never()).unwrap();
+    let order = counter.saved;
+    let first_last = order.iter().position(|f| *f == RunFile::Last).unwrap();
+    assert_eq!(
+        order[..first_last],
+        [RunFile::Best],
+        "best is written before last"
+    );
+    assert_eq!(order.last(), Some(&RunFile::Log), "the log line comes last");
+    let log = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for crash_at in 1..=order.len() {
+        let mut crashed = straight.clone();
+        crashed.out = root.join(format!("crash-{crash_at}"));
+        let mut progress = CrashAfter {
+            crash_at,
+            saved: Vec::new(),
+        };
+        let run = std::panic::AssertUnwindSafe(|| {
+            train(&crashed, false, &Device::Cpu, &mut progress, never())
+        });
+        assert!(
+            std::panic::catch_unwind(run).is_err(),
+            "no crash at write {crash_at}"
+        );
+        let resume = crash_at > first_last;
+        train(&crashed, resume, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+        for file in ["last.safetensors", "best.safetensors"] {
+            let (a, b) = (
+                weights(&straight.out.join(file)),
+                weights(&crashed.out.join(file)),
+            );
+            assert!(
+                a == b,
+                "crash after write {crash_at} ({:?}): {file} differs",
+                order[crash_at - 1]
+            );
+        }
+        // The restored line is the one `last` stored, timings included.
+        assert_eq!(
+            log(&straight.out).len(),
+            log(&crashed.out).len(),
+            "crash after write {crash_at}: metrics.jsonl has other epochs"
+        );
+        let strip = |mut lines: Vec<serde_json::Value>| {
+            for v in &mut lines {
+                v.as_object_mut().unwrap().remove("seconds");
+                v.as_object_mut().unwrap().remove("images_per_s");
+            }
+            lines
+        };
+        assert_eq!(
+            strip(log(&straight.out)),
+            strip(log(&crashed.out)),
+            "crash after write {crash_at}"
+        );
+    }
+    std::fs::remove_dir_all(root).unwrap();
 }

@@ -66,3 +66,51 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     }
     Ok(norm)
 }
+
+/// Whether every gradient of `vars` in `grads` is finite (no NaN or infinity).
+///
+/// A step with a non-finite gradient would write NaN into the parameters (AdamW's moments keep
+/// it for good), so the training step checks this when it does not clip (clipping computes the
+/// norm, which tells the same). On the CPU the check reads each contiguous f32/f64 gradient in
+/// place, in parallel, and stops at the first bad value: one read of the gradients, no buffer.
+/// Elsewhere each gradient is summed on its device (a sum is finite only if every term is, short
+/// of an overflow past 3e38, which is divergence too) and the sums are read back once.
+pub fn gradients_are_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
+    let mut device_sums = Vec::new();
+    for grad in vars.iter().filter_map(|v| grads.get(v)) {
+        let in_place = match grad.dtype() {
+            DType::F32 => all_finite_on_cpu::<f32>(grad, f32::is_finite),
+            DType::F64 => all_finite_on_cpu::<f64>(grad, f64::is_finite),
+            _ => None,
+        };
+        match in_place {
+            Some(false) => return Ok(false),
+            Some(true) => {}
+            None => device_sums.push(grad.to_dtype(DType::F32)?.sum_all()?),
+        }
+    }
+    if device_sums.is_empty() {
+        return Ok(true);
+    }
+    let sums = Tensor::stack(&device_sums, 0)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    Ok(sums.iter().all(|s| s.is_finite()))
+}
+
+/// `Some(all elements pass)` for a contiguous CPU tensor, `None` for any other.
+fn all_finite_on_cpu<T: candle_core::WithDType>(
+    grad: &Tensor,
+    finite: fn(T) -> bool,
+) -> Option<bool> {
+    use rayon::prelude::*;
+    if !grad.device().is_cpu() {
+        return None;
+    }
+    crate::cpu::with_slices::<T, _>("finite check", &[grad], |slices| {
+        slices[0]
+            .par_chunks(1 << 16)
+            .all(|chunk| chunk.iter().all(|&x| finite(x)))
+    })
+    .ok()
+}

@@ -68,7 +68,7 @@ mod sgd;
 mod state;
 
 pub use adamw::{AdamW, AdamWConfig};
-pub use clip::clip_grad_norm;
+pub use clip::{clip_grad_norm, gradients_are_finite};
 pub use params::{LrScale, NameMatch};
 pub use schedule::{KlWarmup, LrDecay, LrSchedule};
 pub use sgd::{Sgd, SgdConfig};

@@ -195,11 +195,30 @@ impl TrainConfig {
         }
     }
 
-    /// The parts of the configuration that must match for `--resume` to continue a run bit
-    /// for bit (everything but the time limit).
-    pub(crate) fn resume_key(&self) -> String {
-        let mut key = self.clone();
-        key.time_limit_minutes = None;
-        serde_json::to_string(&key).unwrap_or_default()
+    /// The settings in which `self` (of the run being resumed) and `other` differ and that
+    /// change what the run computes, each as `name: old -> new`; empty when `--resume` can
+    /// continue bit for bit. The output directory (a run may be moved or named by another
+    /// path) and the time limit do not count.
+    pub(crate) fn resume_differences(&self, other: &TrainConfig) -> Vec<String> {
+        const IGNORED: [&str; 2] = ["out", "time_limit_minutes"];
+        let as_map = |c: &TrainConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        let (old, new) = (as_map(self), as_map(other));
+        let mut names: Vec<&String> = old.keys().chain(new.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .filter(|name| !IGNORED.contains(&name.as_str()))
+            .filter(|name| old.get(*name) != new.get(*name))
+            .map(|name| {
+                let show = |v: Option<&serde_json::Value>| {
+                    v.map_or("unset".to_string(), |v| v.to_string())
+                };
+                format!("{name}: {} -> {}", show(old.get(name)), show(new.get(name)))
+            })
+            .collect()
     }
 }

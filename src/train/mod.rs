@@ -12,8 +12,8 @@ mod progress;
 mod step;
 
 pub use config::{OptimizerKind, TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
-pub use progress::{BarProgress, Progress, QuietProgress};
-pub use step::{train_step, StepOutcome, StepSettings};
+pub use progress::{BarProgress, Progress, QuietProgress, RunFile};
+pub use step::{apply_gradients, train_step, StepOutcome, StepSettings};
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -158,13 +158,19 @@ pub fn train(
                 ))
             }
         };
-        if state.config.resume_key() != config.resume_key() {
+        let differences = state.config.resume_differences(config);
+        if !differences.is_empty() {
             return Err(Error::invalid(format!(
-                "--resume: {} was written by a run with another configuration; resume with the \
-                 same settings, or train into a new --out directory",
-                last_path.display()
+                "--resume: {} was written by a run with another configuration ({}); resume with \
+                 the same settings, or train into a new --out directory",
+                last_path.display(),
+                differences.join("; ")
             )));
         }
+        // From here on the run lives where it is now (it may have been moved).
+        let mut state = state;
+        state.config = config.clone();
+        reconcile_log(&log_path, state.epoch, checkpoint.meta.metrics.as_ref())?;
         let params = Params::from_tensors(checkpoint.weights)?;
         (params, state, checkpoint.optimizer)
     } else {
@@ -339,7 +345,6 @@ pub fn train(
             seconds,
             images_per_s: state.sums.seen as f64 / seconds.max(1e-9),
         };
-        append_log(&log_path, &log)?;
         progress.finish_epoch(&format!(
             "epoch {}: loss {:.4}, val acc {}, val NLL {}, val ECE {}",
             log.epoch,
@@ -363,12 +368,17 @@ pub fn train(
         meta.epoch = state.epoch;
         meta.step = optimizer.step_count();
         meta.metrics = Some(serde_json::to_value(&log).map_err(|e| Error::invalid(e.to_string()))?);
-        save_last(&last_path, &mut meta, &params, &optimizer, &state)?;
+        // Best, then last (the commit point), then the log line: see `RunFile`.
         if improved {
             let mut best = meta.clone();
             best.resume = None;
             Checkpoint::save(&best_path, &best, &params, &[])?;
+            progress.saved(RunFile::Best);
         }
+        save_last(&last_path, &mut meta, &params, &optimizer, &state)?;
+        progress.saved(RunFile::Last);
+        append_log(&log_path, &log)?;
+        progress.saved(RunFile::Log);
         logs.push(log);
         if let Some(limit) = config.time_limit_minutes {
             if started.elapsed().as_secs_f64() > limit * 60.0 && state.epoch < config.epochs {
@@ -452,6 +462,48 @@ fn save_last(
 ) -> Result<()> {
     meta.resume = Some(serde_json::to_value(state).map_err(|e| Error::invalid(e.to_string()))?);
     Checkpoint::save(path, meta, params, &optimizer.state())
+}
+
+/// Makes `metrics.jsonl` hold exactly one line for each of the `epochs` epochs that `last`
+/// committed: a crash after `last` and before the log line leaves the line out (it is restored
+/// from `last_metrics`, the epoch's log stored in `last`), and lines of epochs past `last` or a
+/// torn last line are dropped. Rewritten atomically, and only when something changes.
+fn reconcile_log(
+    path: &Path,
+    epochs: usize,
+    last_metrics: Option<&serde_json::Value>,
+) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let epoch_of = |v: &serde_json::Value| v.get("epoch").and_then(|e| e.as_u64());
+    let mut kept: Vec<&str> = Vec::new();
+    for line in text.lines() {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        match epoch_of(&value) {
+            Some(e) if e as usize == kept.len() + 1 && (e as usize) <= epochs => kept.push(line),
+            _ => {}
+        }
+    }
+    let mut lines: Vec<String> = kept.iter().map(|l| l.to_string()).collect();
+    if lines.len() + 1 == epochs {
+        let restored = last_metrics
+            .filter(|m| epoch_of(m) == Some(epochs as u64))
+            .and_then(|m| serde_json::from_value::<EpochLog>(m.clone()).ok());
+        if let Some(log) = restored {
+            // Through `EpochLog`, so the line reads exactly as `append_log` writes it.
+            lines.push(serde_json::to_string(&log).map_err(|e| Error::invalid(e.to_string()))?);
+        }
+    }
+    let rewritten: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    if rewritten == text {
+        return Ok(());
+    }
+    crate::checkpoint::write_atomic(path, |w| w.write_all(rewritten.as_bytes()))
 }
 
 fn append_log(path: &Path, log: &EpochLog) -> Result<()> {

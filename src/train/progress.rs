@@ -10,6 +10,24 @@ pub trait Progress {
     fn finish_epoch(&mut self, summary: &str);
     /// Anything else worth saying.
     fn message(&mut self, text: &str);
+    /// A file of the run was written at the end of an epoch. The order is `Best` (when the
+    /// validation NLL improved), `Last`, `Log`: any prefix of it resumes to a consistent run.
+    fn saved(&mut self, file: RunFile) {
+        let _ = file;
+    }
+}
+
+/// The files a run writes at the end of every epoch, in the order they are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunFile {
+    /// `best.safetensors`, before `last`: a crash between them redoes the epoch from the
+    /// previous `last`, which rewrites the same `best`.
+    Best,
+    /// `last.safetensors` with the resume state: the epoch is committed here.
+    Last,
+    /// The epoch's line of `metrics.jsonl`; on resume, a line missing after a crash is restored
+    /// from `last` (which carries the epoch's metrics) and lines past it are dropped.
+    Log,
 }
 
 /// Progress bars (indicatif) with loss, accuracy, images/s and ETA.

@@ -1,11 +1,12 @@
 //! One optimisation step on the negative ELBO, shared by the training loop and `whvi bench train`.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use candle_nn::Optimizer;
 
 use crate::layers::Pass;
 use crate::loss::elbo_loss;
-use crate::optim::{clip_grad_norm, AnyOptimizer, NamedOptimizer};
+use crate::optim::{clip_grad_norm, gradients_are_finite, AnyOptimizer, NamedOptimizer};
 use crate::rng::WhviRng;
 use crate::zoo::Network;
 use crate::{Error, Result};
@@ -86,16 +87,36 @@ pub fn train_step(
             "the training loss became {loss_value}"
         )));
     }
-    if let Some(max_norm) = settings.clip_grad {
-        let norm = clip_grad_norm(&mut grads, optimizer.vars(), max_norm)?;
-        if !norm.is_finite() {
-            return Err(Error::Diverged(format!("the gradient norm became {norm}")));
-        }
-    }
-    optimizer.step(&grads)?;
+    apply_gradients(optimizer, &mut grads, settings.clip_grad)?;
     Ok(StepOutcome {
         loss: loss_value,
         nll: nll / samples as f64,
         correct: correct / samples as f64,
     })
+}
+
+/// Clips `grads` to `clip_grad` if set and applies them with `optimizer`, unless a gradient is
+/// non-finite: then the step is [`Error::Diverged`] and no parameter changes, clipping or not.
+pub fn apply_gradients(
+    optimizer: &mut AnyOptimizer,
+    grads: &mut GradStore,
+    clip_grad: Option<f64>,
+) -> Result<()> {
+    match clip_grad {
+        // A non-finite norm is reported as divergence by the clipping itself.
+        Some(max_norm) => {
+            clip_grad_norm(grads, optimizer.vars(), max_norm)?;
+        }
+        None => {
+            if !gradients_are_finite(grads, optimizer.vars())? {
+                return Err(Error::Diverged(
+                    "a gradient holds NaN or infinity (the loss was finite); the parameters \
+                     were left as they were"
+                        .into(),
+                ));
+            }
+        }
+    }
+    optimizer.step(grads)?;
+    Ok(())
 }
