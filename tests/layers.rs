@@ -667,3 +667,49 @@ fn whvi_convnet_fits_bar_orientation() {
     let (first, last) = train(&model, &params, &x, &y, 150, 1e-2);
     assert!(last < first / 4.0, "NLL {first} -> {last}");
 }
+
+/// The fused WHVI backward sums its per-task parameter gradients in task order, so a run repeats
+/// bit for bit at a fixed thread count, here 3 (12 tasks, whose grouping under a tree
+/// reduction would follow work stealing).
+#[test]
+fn the_fused_backward_repeats_bit_for_bit_at_three_threads() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let x = random_tensor(&[333, 512], 3).to_dtype(DType::F32).unwrap();
+    let gradients = || -> Vec<Vec<u32>> {
+        pool.install(|| {
+            let params = Params::new(5);
+            let layer = WhviLinear::new(
+                512,
+                512,
+                Prior::HeLike,
+                params.var_builder(DType::F32, &CPU),
+            )
+            .unwrap();
+            let y = layer
+                .forward_pass(&x, &mut Pass::sample(&mut seeded(2)))
+                .unwrap();
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            params
+                .named_vars()
+                .iter()
+                .map(|(_, v)| {
+                    let g: Vec<f32> = grads
+                        .get(v)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    g.into_iter().map(f32::to_bits).collect()
+                })
+                .collect()
+        })
+    };
+    let first = gradients();
+    for run in 1..40 {
+        assert!(gradients() == first, "run {run} gave other gradient bits");
+    }
+}

@@ -150,7 +150,7 @@ fn backward<T: Float>(x: &[T], eps: &[T], params: &[T], dy: &[T], dims: Dims) ->
     let mut dx = vec![T::default(); rows * d];
     let threads = rayon::current_num_threads().max(1);
     let rows_per_task = rows.div_ceil(4 * threads).max(1);
-    let dparams = dx
+    let parts = dx
         .par_chunks_mut(rows_per_task * d)
         .enumerate()
         .map(|(task, dx_rows)| {
@@ -206,15 +206,18 @@ fn backward<T: Float>(x: &[T], eps: &[T], params: &[T], dy: &[T], dims: Dims) ->
             }
             acc
         })
-        .reduce(
-            || vec![T::default(); 4 * blocks * d],
-            |mut total, part| {
-                for (t, v) in total.iter_mut().zip(part) {
-                    *t += v;
-                }
-                total
-            },
-        );
+        .collect::<Vec<_>>();
+    // Summed in task order: rayon's `reduce` groups the parts as work stealing happened to run
+    // them, so a run would not repeat bit for bit at the same thread count.
+    let mut parts = parts.into_iter();
+    let mut dparams = parts
+        .next()
+        .unwrap_or_else(|| vec![T::default(); 4 * blocks * d]);
+    for part in parts {
+        for (total, v) in dparams.iter_mut().zip(part) {
+            *total += v;
+        }
+    }
     (dx, dparams)
 }
 
