@@ -2,10 +2,12 @@
 //!
 //! [`train`] runs a [`TrainConfig`] end to end: it loads the data, carves a validation split,
 //! builds the network, and trains with the negative ELBO of the method doc (mean NLL +
-//! beta · KL / N_train). After every epoch it evaluates on the validation split, appends a JSON
-//! line to `metrics.jsonl` and writes `last.safetensors` (resumable) and, when the validation
-//! NLL improved, `best.safetensors`. Ctrl-C saves a resumable checkpoint at the next batch
-//! boundary; a NaN or infinite loss stops the run and keeps the last good checkpoint.
+//! beta · KL / N_train). After every epoch it evaluates on the validation split and writes, in
+//! this order, `best.safetensors` (when the validation NLL improved), `last.safetensors`
+//! (resumable) and a JSON line of `metrics.jsonl`, so that a crash between any two writes
+//! resumes to a consistent run ([`RunFile`]). Ctrl-C saves a resumable checkpoint at the next
+//! batch boundary; a NaN or infinite loss or gradient stops the run and keeps the last good
+//! checkpoint.
 
 mod config;
 mod progress;
