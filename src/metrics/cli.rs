@@ -18,7 +18,7 @@ pub struct MetricsArgs {
     /// posterior sample (averaged here; enables the mutual-information metrics).
     #[arg(long, value_name = "P.npy")]
     pub probs: PathBuf,
-    /// True labels, .npy integer array of shape [N] with values in 0..K.
+    /// True labels, .npy integer array of shape `[N]` with values in 0..K.
     #[arg(long, value_name = "Y.npy")]
     pub labels: PathBuf,
     /// Probabilities on an out-of-distribution set, [M, K] or [T, M, K]: adds OOD detection.

@@ -13,7 +13,7 @@
 //!   fractions (0.029, not 2.9).
 //!
 //! Bad input (no rows, no classes, mismatched shapes, labels out of range, NaN or negative
-//! probabilities, rows that do not sum to 1) is an [`Error`](crate::Error), never a panic.
+//! probabilities, rows that do not sum to 1) is an [`crate::Error`], never a panic.
 
 pub mod calibration;
 pub mod cli;
