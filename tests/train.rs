@@ -302,6 +302,18 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
+/// Every parameter's bit patterns, so that NaN parameters compare equal to themselves.
+fn parameter_bits(params: &whvi::params::Params) -> Vec<Vec<u32>> {
+    params
+        .named_vars()
+        .iter()
+        .map(|(_, v)| {
+            let values: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            values.into_iter().map(f32::to_bits).collect()
+        })
+        .collect()
+}
+
 #[test]
 fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
     use candle_core::{DType, Tensor};
@@ -334,17 +346,7 @@ fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
         clip_grad: None,
     };
     let labels = Tensor::new(&[0u32, 1, 2, 3], &device).unwrap();
-    // Bit patterns, so that NaN parameters compare equal to themselves.
-    let snapshot = || -> Vec<Vec<u32>> {
-        params
-            .named_vars()
-            .iter()
-            .map(|(_, v)| {
-                let values: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-                values.into_iter().map(f32::to_bits).collect()
-            })
-            .collect()
-    };
+    let snapshot = || parameter_bits(&params);
     let mut rng = seeded(0);
 
     let finite = Tensor::zeros((4, 3, 32, 32), DType::F32, &device).unwrap();
@@ -408,16 +410,7 @@ fn a_non_finite_gradient_behind_a_finite_loss_is_divergence_with_or_without_clip
         OptimizerConfig::AdamW(AdamWConfig::default()),
     )
     .unwrap();
-    let snapshot = || -> Vec<Vec<u32>> {
-        params
-            .named_vars()
-            .iter()
-            .map(|(_, v)| {
-                let values: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-                values.into_iter().map(f32::to_bits).collect()
-            })
-            .collect()
-    };
+    let snapshot = || parameter_bits(&params);
     let images = Tensor::ones((4, 1, 28, 28), DType::F32, &device).unwrap();
     let labels = Tensor::new(&[0u32, 1, 2, 3], &device).unwrap();
     let gradients = || {
