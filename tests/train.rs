@@ -302,6 +302,41 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     std::fs::remove_dir_all(root).unwrap();
 }
 
+/// LeNet-5 for 3x32x32 images with a WHVI head, its parameters and an AdamW optimiser.
+fn lenet5_whvi_head_with_adamw() -> (
+    whvi::params::Params,
+    whvi::zoo::Network,
+    whvi::optim::AnyOptimizer,
+) {
+    use candle_core::DType;
+    use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
+    use whvi::params::Params;
+    use whvi::train::trainable;
+    use whvi::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
+
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let options = BuildOptions {
+        method: Method::Whvi,
+        policy: BayesPolicy::Head,
+        classes: Some(10),
+        input: Some([3, 32, 32]),
+        ..BuildOptions::default()
+    };
+    let params = Params::new(0);
+    let network = Network::build(
+        &spec,
+        &options,
+        params.var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let optimizer = AnyOptimizer::from_named(
+        trainable(&params),
+        OptimizerConfig::AdamW(AdamWConfig::default()),
+    )
+    .unwrap();
+    (params, network, optimizer)
+}
+
 /// Every parameter's bit patterns, so that NaN parameters compare equal to themselves.
 fn parameter_bits(params: &whvi::params::Params) -> Vec<Vec<u32>> {
     params
@@ -317,28 +352,11 @@ fn parameter_bits(params: &whvi::params::Params) -> Vec<Vec<u32>> {
 #[test]
 fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
     use candle_core::{DType, Tensor};
-    use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
-    use whvi::params::Params;
-    use whvi::train::{train_step, trainable, StepSettings};
-    use whvi::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
+    use whvi::train::{train_step, StepSettings};
     use whvi::Error;
 
     let device = Device::Cpu;
-    let spec = ModelSpec::lookup("lenet5").unwrap();
-    let options = BuildOptions {
-        method: Method::Whvi,
-        policy: BayesPolicy::Head,
-        classes: Some(10),
-        input: Some([3, 32, 32]),
-        ..BuildOptions::default()
-    };
-    let params = Params::new(0);
-    let network = Network::build(&spec, &options, params.var_builder(DType::F32, &device)).unwrap();
-    let mut optimizer = AnyOptimizer::from_named(
-        trainable(&params),
-        OptimizerConfig::AdamW(AdamWConfig::default()),
-    )
-    .unwrap();
+    let (params, network, mut optimizer) = lenet5_whvi_head_with_adamw();
     let settings = StepSettings {
         n_train: 100,
         beta: 1.0,
@@ -390,28 +408,14 @@ fn a_step_on_a_non_finite_batch_is_an_error_and_changes_no_parameter() {
 fn a_non_finite_gradient_behind_a_finite_loss_is_divergence_with_or_without_clipping() {
     use candle_core::{DType, Tensor};
     use whvi::loss::elbo_loss;
-    use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
-    use whvi::params::Params;
-    use whvi::train::{apply_gradients, trainable};
-    use whvi::zoo::{ModelSpec, Network};
+    use whvi::optim::NamedOptimizer;
+    use whvi::train::apply_gradients;
     use whvi::Error;
 
     let device = Device::Cpu;
-    let spec = ModelSpec::lookup("lenet5").unwrap();
-    let options = whvi::zoo::BuildOptions {
-        classes: Some(10),
-        input: Some([1, 28, 28]),
-        ..Default::default()
-    };
-    let params = Params::new(0);
-    let network = Network::build(&spec, &options, params.var_builder(DType::F32, &device)).unwrap();
-    let mut optimizer = AnyOptimizer::from_named(
-        trainable(&params),
-        OptimizerConfig::AdamW(AdamWConfig::default()),
-    )
-    .unwrap();
+    let (params, network, mut optimizer) = lenet5_whvi_head_with_adamw();
     let snapshot = || parameter_bits(&params);
-    let images = Tensor::ones((4, 1, 28, 28), DType::F32, &device).unwrap();
+    let images = Tensor::ones((4, 3, 32, 32), DType::F32, &device).unwrap();
     let labels = Tensor::new(&[0u32, 1, 2, 3], &device).unwrap();
     let gradients = || {
         let mut rng = seeded(1);
