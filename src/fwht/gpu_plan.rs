@@ -10,6 +10,206 @@
 pub(crate) const SHARED_BLOCK_THREADS: usize = 256;
 /// Bits transformed by one strided pass (radix 32: one thread holds 32 values).
 pub(crate) const PASS_MAX_BITS: u32 = 5;
+/// Threads per block of the strided passes (the CUDA kernels' launch bound).
+pub(crate) const PASS_BLOCK_THREADS: usize = 256;
+
+/// An element type the kernels take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Element {
+    F32,
+    F64,
+    F16,
+    Bf16,
+}
+
+impl Element {
+    /// The type's name in the kernel names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Element::F32 => "f32",
+            Element::F64 => "f64",
+            Element::F16 => "f16",
+            Element::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes of the kernels' accumulator (f64 for f64, f32 otherwise).
+    pub fn accumulator_bytes(self) -> usize {
+        if self == Element::F64 {
+            8
+        } else {
+            4
+        }
+    }
+
+    fn is_half(self) -> bool {
+        matches!(self, Element::F16 | Element::Bf16)
+    }
+}
+
+/// What a GPU backend's launches may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// The longest row (log2) one row launch transforms: its accumulators must fit in one
+    /// block's shared memory.
+    pub max_row_log2: u32,
+    /// The most blocks one strided pass launches (its threads then loop over further
+    /// columns); `None`: one thread per column.
+    pub max_pass_blocks: Option<usize>,
+}
+
+impl Limits {
+    #[cfg(any(feature = "cuda", test))]
+    /// CUDA: 128 KiB of shared memory per row (2^15 f32 or 2^14 f64 accumulators), and a
+    /// grid-stride loop past 2^16 pass blocks.
+    pub fn cuda(element: Element) -> Self {
+        Limits {
+            max_row_log2: if element.accumulator_bytes() == 8 {
+                14
+            } else {
+                15
+            },
+            max_pass_blocks: Some(1 << 16),
+        }
+    }
+
+    #[cfg(any(feature = "metal", test))]
+    /// Metal: the 32 KiB of threadgroup memory every Apple GPU offers (2^13 f32).
+    pub fn metal() -> Self {
+        Limits {
+            max_row_log2: 13,
+            max_pass_blocks: None,
+        }
+    }
+}
+
+/// A buffer a launch reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Buffer {
+    /// The op's input, of the op's element type.
+    Input,
+    /// f32 scratch the size of the output: long half-precision rows are accumulated there so
+    /// that they are rounded once.
+    Workspace,
+    /// The op's output, of the op's element type.
+    Output,
+}
+
+/// One kernel launch, with the arguments every kernel takes:
+/// `(x, y, rows, log_d, fourth, scale)`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Launch {
+    /// The kernel's exported name.
+    pub kernel: String,
+    /// What the kernel reads.
+    pub x: Buffer,
+    /// What the kernel writes (the same as `x` for an in-place pass).
+    pub y: Buffer,
+    /// Blocks (threadgroups) in the grid.
+    pub grid: usize,
+    /// Threads per block.
+    pub block: usize,
+    /// Bytes of shared (threadgroup) memory per block.
+    pub shared_bytes: usize,
+    /// The kernel's `rows` argument: rows of `2^log_d` elements.
+    pub rows: usize,
+    /// Row length, log2.
+    pub log_d: u32,
+    /// Rows per block for a row kernel; the lowest bit transformed for a strided pass.
+    pub fourth: u32,
+    /// Multiplies the result (1 except in the last launch).
+    pub scale: f64,
+}
+
+/// The launches that transform `rows` rows of `2^log_d` elements of `element` into the
+/// output, times `scale`: one row launch when a row fits `limits`, else row launches over
+/// blocks of the longest length that fits, then strided passes over the remaining bits, in
+/// place (half-precision rows through the f32 workspace).
+pub(crate) fn launches(
+    element: Element,
+    rows: usize,
+    log_d: u32,
+    scale: f64,
+    limits: Limits,
+) -> Vec<Launch> {
+    if rows == 0 {
+        return Vec::new();
+    }
+    if log_d <= limits.max_row_log2 {
+        return vec![row_launch(
+            element,
+            Buffer::Input,
+            Buffer::Output,
+            rows,
+            log_d,
+            scale,
+        )];
+    }
+    let middle = if element.is_half() {
+        Buffer::Workspace
+    } else {
+        Buffer::Output
+    };
+    let blocks = rows << (log_d - limits.max_row_log2);
+    let mut all = vec![row_launch(
+        element,
+        Buffer::Input,
+        middle,
+        blocks,
+        limits.max_row_log2,
+        1.0,
+    )];
+    let middle_type = buffer_type(element, middle);
+    for pass in strided_passes(limits.max_row_log2, log_d) {
+        let y = if pass.last { Buffer::Output } else { middle };
+        let columns = pass.columns(rows, log_d);
+        let grid = columns.div_ceil(PASS_BLOCK_THREADS);
+        all.push(Launch {
+            kernel: pass.kernel_name(middle_type, buffer_type(element, y)),
+            x: middle,
+            y,
+            grid: limits.max_pass_blocks.map_or(grid, |most| grid.min(most)),
+            block: PASS_BLOCK_THREADS,
+            shared_bytes: 0,
+            rows,
+            log_d,
+            fourth: pass.low_bit,
+            scale: if pass.last { scale } else { 1.0 },
+        });
+    }
+    all
+}
+
+/// The element type's name of `buffer`.
+fn buffer_type(element: Element, buffer: Buffer) -> &'static str {
+    match buffer {
+        Buffer::Workspace => Element::F32.name(),
+        Buffer::Input | Buffer::Output => element.name(),
+    }
+}
+
+fn row_launch(
+    element: Element,
+    x: Buffer,
+    y: Buffer,
+    rows: usize,
+    log_d: u32,
+    scale: f64,
+) -> Launch {
+    let plan = RowPlan::new(log_d);
+    Launch {
+        kernel: plan.kernel_name(buffer_type(element, x), buffer_type(element, y)),
+        x,
+        y,
+        grid: plan.blocks(rows),
+        block: plan.block_threads(),
+        shared_bytes: plan.shared_values() * element.accumulator_bytes(),
+        rows,
+        log_d,
+        fourth: plan.rows_per_block as u32,
+        scale,
+    }
+}
 
 /// How the row kernel lays out rows of `2^log_d` elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,5 +400,75 @@ mod tests {
             strided_passes(15, 17)[0].kernel_name("f32", "f16"),
             "whvi_fwht_pass_f32_f16_r2"
         );
+    }
+
+    #[test]
+    fn launches_write_the_output_once_and_round_half_types_once() {
+        assert!(launches(Element::F32, 0, 10, 1.0, Limits::cuda(Element::F32)).is_empty());
+        let one = launches(Element::F16, 7, 15, 0.5, Limits::cuda(Element::F16));
+        assert_eq!(one.len(), 1);
+        assert_eq!(
+            (one[0].x, one[0].y, one[0].scale),
+            (Buffer::Input, Buffer::Output, 0.5)
+        );
+        assert_eq!(one[0].kernel, "whvi_fwht_rows_f16_f16_e5_w5");
+        assert_eq!(one[0].shared_bytes, 4 << 15);
+
+        // f64 rows past 2^14 on CUDA: blocks of 2^14 into the output, then passes in place.
+        let long = launches(Element::F64, 3, 17, 0.25, Limits::cuda(Element::F64));
+        let kernels: Vec<&str> = long.iter().map(|l| l.kernel.as_str()).collect();
+        assert_eq!(
+            kernels,
+            ["whvi_fwht_rows_f64_f64_e5_w4", "whvi_fwht_pass_f64_f64_r3"]
+        );
+        assert_eq!(
+            (long[0].rows, long[0].log_d, long[0].scale),
+            (3 << 3, 14, 1.0)
+        );
+        assert_eq!(long[0].shared_bytes, 8 << 14);
+        assert_eq!(
+            (long[1].x, long[1].y, long[1].scale),
+            (Buffer::Output, Buffer::Output, 0.25)
+        );
+        assert_eq!(
+            (long[1].fourth, long[1].grid),
+            (14, (3usize << 14).div_ceil(256))
+        );
+
+        // bf16 past 2^13 on Metal: through the f32 workspace; only the last pass rounds.
+        let half = launches(Element::Bf16, 1, 19, 2.0, Limits::metal());
+        let route: Vec<(Buffer, Buffer, &str)> =
+            half.iter().map(|l| (l.x, l.y, l.kernel.as_str())).collect();
+        assert_eq!(
+            route,
+            [
+                (
+                    Buffer::Input,
+                    Buffer::Workspace,
+                    "whvi_fwht_rows_bf16_f32_e5_w3"
+                ),
+                (
+                    Buffer::Workspace,
+                    Buffer::Workspace,
+                    "whvi_fwht_pass_f32_f32_r5"
+                ),
+                (
+                    Buffer::Workspace,
+                    Buffer::Output,
+                    "whvi_fwht_pass_f32_bf16_r1"
+                ),
+            ]
+        );
+        assert_eq!(
+            half.iter().map(|l| l.scale).collect::<Vec<_>>(),
+            [1.0, 1.0, 2.0]
+        );
+
+        // CUDA caps a pass's grid; its threads loop over the columns past it.
+        let capped = launches(Element::F32, 1 << 10, 20, 1.0, Limits::cuda(Element::F32));
+        assert_eq!(capped[1].grid, 1 << 16);
+        let uncapped = launches(Element::F32, 1 << 10, 20, 1.0, Limits::metal());
+        // Its last pass takes bits 18 and 19: 2^10 rows of 2^18 columns, 256 threads a group.
+        assert_eq!(uncapped.last().unwrap().grid, 1 << 20);
     }
 }

@@ -15,6 +15,8 @@ mod avx512;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(all(test, unix))]
+mod gpu_emulation;
 #[cfg(any(feature = "cuda", feature = "metal", test))]
 mod gpu_plan;
 mod kernel;

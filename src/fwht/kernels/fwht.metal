@@ -3,16 +3,14 @@
 // Same plan as fwht.cu: a row of D = 2^log_d is held by T = D / E threads with E = 2^LOG_E
 // values each (element r·T + t in register r of thread t); butterflies run over the register
 // bits in registers, over the lane bits with simdgroup shuffles, and over the simdgroup bits
-// (rows wider than 32 threads) through threadgroup memory. Metal gives a threadgroup 32 KiB,
-// so one dispatch takes rows up to 2^13; longer rows are transformed in blocks of 2^13, then
-// by strided radix-32 passes. Arithmetic is in f32 for every type; the scale is applied at the
+// (rows wider than 32 threads) through threadgroup memory, whose length the host sets (the
+// launch plan of src/fwht/gpu_plan.rs: at most the 32 KiB every Metal GPU offers, so one
+// dispatch takes rows up to 2^13). Longer rows are transformed in blocks of 2^13, then by
+// strided radix-32 passes. Arithmetic is in f32 for every type; the scale is applied at the
 // final store.
 
 #include <metal_stdlib>
 using namespace metal;
-
-// 32 KiB of f32: the threadgroup memory every Metal GPU offers.
-#define THREADGROUP_FLOATS 8192
 
 template <int LOG_N>
 inline void butterflies_in_registers(thread float *v) {
@@ -113,26 +111,28 @@ inline void fwht_strided_pass(device const TI *x, device TO *y, ulong rows, uint
 
 // Exported names match the CUDA ones: whvi_fwht_rows_<in>_<out>_e<LOG_E>_w<LOG_W> and
 // whvi_fwht_pass_<in>_<out>_r<LOG_R>.
-// Rows of one simdgroup need no threadgroup memory; wider rows get the whole 32 KiB (one row
-// of 2^13 values, or several shorter rows).
-#define ROWS_KERNEL_SIGNATURE(TI, TO, NI, NO, LE, LW)                                         \
-    kernel void whvi_fwht_rows_##NI##_##NO##_e##LE##_w##LW(                                   \
-        device const TI *x [[buffer(0)]], device TO *y [[buffer(1)]],                         \
+// Rows of one simdgroup need no threadgroup memory; wider rows take rows_per_group rows of
+// f32 accumulators as threadgroup buffer 0.
+#define ROWS_KERNEL_ARGUMENTS(TI, TO)                                                         \
+    device const TI *x [[buffer(0)]], device TO *y [[buffer(1)]],                             \
         constant ulong &rows [[buffer(2)]], constant uint &log_d [[buffer(3)]],               \
-        constant uint &rows_per_group [[buffer(4)]], constant float &scale [[buffer(5)]],     \
-        uint tid [[thread_position_in_threadgroup]],                                          \
-        uint group [[threadgroup_position_in_grid]],                                          \
-        uint lane [[thread_index_in_simdgroup]])
+        constant uint &rows_per_group [[buffer(4)]], constant float &scale [[buffer(5)]]
+
+#define ROWS_THREAD_ARGUMENTS                                                                 \
+    uint tid [[thread_position_in_threadgroup]], uint group [[threadgroup_position_in_grid]], \
+        uint lane [[thread_index_in_simdgroup]]
 
 #define ROWS_KERNEL(TI, TO, NI, NO, LE, LW)                                                   \
-    ROWS_KERNEL_SIGNATURE(TI, TO, NI, NO, LE, LW) {                                           \
+    kernel void whvi_fwht_rows_##NI##_##NO##_e##LE##_w##LW(ROWS_KERNEL_ARGUMENTS(TI, TO),     \
+                                                           ROWS_THREAD_ARGUMENTS) {           \
         fwht_rows<TI, TO, LE, LW>(x, y, rows, log_d, rows_per_group, scale, nullptr, tid,     \
                                   group, lane);                                               \
     }
 
 #define ROWS_KERNEL_SHARED(TI, TO, NI, NO, LE, LW)                                            \
-    ROWS_KERNEL_SIGNATURE(TI, TO, NI, NO, LE, LW) {                                           \
-        threadgroup float shared[THREADGROUP_FLOATS];                                         \
+    kernel void whvi_fwht_rows_##NI##_##NO##_e##LE##_w##LW(                                   \
+        ROWS_KERNEL_ARGUMENTS(TI, TO), threadgroup float *shared [[threadgroup(0)]],          \
+        ROWS_THREAD_ARGUMENTS) {                                                              \
         fwht_rows<TI, TO, LE, LW>(x, y, rows, log_d, rows_per_group, scale, shared, tid,      \
                                   group, lane);                                               \
     }
