@@ -62,19 +62,23 @@ impl Source {
     }
 }
 
-/// A folder for this test process's binaries and buffers.
+/// A folder next to the test binary (inside cargo's target folder) for the emulation binaries
+/// and the buffers a run passes.
 fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("whvi-gpu-emulation-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch folder in the temp dir");
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let dir = exe.parent().unwrap_or(Path::new(".")).join("gpu-emulation");
+        std::fs::create_dir_all(&dir).expect("a scratch folder next to the test binary");
         dir
     })
 }
 
+/// A file name no other run or test uses.
 fn unique(stem: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    scratch().join(format!("{stem}-{}", NEXT.fetch_add(1, Ordering::Relaxed)))
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    scratch().join(format!("{stem}-{}-{n}", std::process::id()))
 }
 
 /// The C++ compiler and the flags that silence what it does not know of the GPU dialects
@@ -98,27 +102,20 @@ fn compiler() -> (String, Vec<&'static str>) {
     panic!("the GPU emulation tests need a C++17 compiler: install clang++ or g++, or set CXX");
 }
 
-/// The emulation of `kernel_file` (a `source` kernel file, perhaps a mutated copy).
-fn build(source: Source, kernel_file: &Path) -> Result<PathBuf, String> {
+/// Compiles the emulation of `kernel_file` (a `source` kernel file, perhaps a mutated copy)
+/// into `binary`.
+fn build(source: Source, kernel_file: &Path, binary: &Path) -> Result<(), String> {
     let (cxx, quiet) = compiler();
     let emulation = Path::new(KERNELS).join("emulation");
-    let binary = unique(&format!("harness-{}", source.shim()));
     let output = Command::new(&cxx)
-        .args([
-            "-std=c++17",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-rdynamic",
-        ])
+        .args(COMPILE_FLAGS)
         .args(quiet)
         .arg(format!("-DEMU_{}", source.shim().to_uppercase()))
         .arg(format!("-I{}", emulation.join(source.shim()).display()))
         .arg(format!("-DEMU_KERNEL_SOURCE=\"{}\"", kernel_file.display()))
         .arg(emulation.join("harness.cpp"))
         .arg("-o")
-        .arg(&binary)
+        .arg(binary)
         .arg("-ldl")
         .output()
         .map_err(|e| format!("could not run {cxx}: {e}"))?;
@@ -129,10 +126,20 @@ fn build(source: Source, kernel_file: &Path) -> Result<PathBuf, String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    Ok(binary)
+    Ok(())
 }
 
-/// The emulation of the kernel source as it is in the repository, built once per process.
+const COMPILE_FLAGS: [&str; 6] = [
+    "-std=c++17",
+    "-O1",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-rdynamic",
+];
+
+/// The emulation of the kernel source as it is in the repository, built once per process and
+/// kept between runs under a name that hashes everything it is built from.
 fn harness(source: Source) -> &'static Path {
     static CUDA: OnceLock<PathBuf> = OnceLock::new();
     static METAL: OnceLock<PathBuf> = OnceLock::new();
@@ -141,8 +148,72 @@ fn harness(source: Source) -> &'static Path {
         Source::Metal => &METAL,
     };
     cell.get_or_init(|| {
-        build(source, &Path::new(KERNELS).join(source.file())).unwrap_or_else(|e| panic!("{e}"))
+        let kernel_file = Path::new(KERNELS).join(source.file());
+        let binary = scratch().join(format!(
+            "harness-{}-{:016x}",
+            source.shim(),
+            inputs_hash(source)
+        ));
+        if !binary.exists() {
+            // Built under a private name, then renamed: a concurrent run never sees half a file.
+            let private = unique("harness");
+            build(source, &kernel_file, &private).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::rename(&private, &binary).expect("the emulation binary renamed into place");
+        }
+        binary
     })
+}
+
+/// A hash of the kernel source, the emulation's files, the flags and the compiler's version.
+fn inputs_hash(source: Source) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let emulation = Path::new(KERNELS).join("emulation");
+    let files = [
+        Path::new(KERNELS).join(source.file()),
+        emulation.join("emulator.h"),
+        emulation.join("harness.cpp"),
+        emulation.join("cuda/cuda_fp16.h"),
+        emulation.join("cuda/cuda_bf16.h"),
+        emulation.join("metal/metal_stdlib"),
+        emulation.join("metal/metal_types.h"),
+    ];
+    for file in files {
+        std::fs::read(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .hash(&mut hasher);
+    }
+    let (cxx, quiet) = compiler();
+    let version = Command::new(&cxx)
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout);
+    (cxx, quiet, COMPILE_FLAGS, version.ok()).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A mutated kernel source's emulation, deleted when dropped.
+struct Mutant(PathBuf);
+
+impl Mutant {
+    /// The emulation of `source` with `from` replaced by `to` in its kernel file.
+    fn new(source: Source, from: &str, to: &str) -> Self {
+        let original = std::fs::read_to_string(Path::new(KERNELS).join(source.file())).unwrap();
+        assert!(original.contains(from), "{} has no {from:?}", source.file());
+        let file = unique("mutant").with_extension(source.file().rsplit('.').next().unwrap());
+        std::fs::write(&file, original.replace(from, to)).unwrap();
+        let binary = unique("mutant-harness");
+        let built = build(source, &file, &binary);
+        let _ = std::fs::remove_file(&file);
+        built.unwrap_or_else(|e| panic!("{e}"));
+        Mutant(binary)
+    }
+}
+
+impl Drop for Mutant {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The order in which the emulation resumes the threads of a block.
@@ -489,15 +560,6 @@ fn several_passes_and_the_grid_stride_loop_match_the_cpu_op() {
     }
 }
 
-/// The emulation of `source` with `from` replaced by `to` in its kernel file.
-fn mutant(source: Source, from: &str, to: &str) -> PathBuf {
-    let original = std::fs::read_to_string(Path::new(KERNELS).join(source.file())).unwrap();
-    assert!(original.contains(from), "{} has no {from:?}", source.file());
-    let file = unique("mutant").with_extension(source.file().rsplit('.').next().unwrap());
-    std::fs::write(&file, original.replace(from, to)).unwrap();
-    build(source, &file).unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// The cases of `source` (one row of integers, forward and reverse) that `harness` gets wrong.
 fn failures(harness: &Path, source: Source, log_ds: &[u32]) -> Vec<String> {
     let mut failures = Vec::new();
@@ -528,9 +590,9 @@ fn the_emulation_catches_a_missing_barrier() {
             "threadgroup_barrier(mem_flags::mem_threadgroup);",
         ),
     ] {
-        let harness = mutant(source, barrier, "");
+        let mutant = Mutant::new(source, barrier, "");
         // Both schedules see it: each reads a slot the other side has not written yet.
-        let wrong = failures(&harness, source, &[11, 13]);
+        let wrong = failures(&mutant.0, source, &[11, 13]);
         assert_eq!(wrong.len(), 4, "{source:?} without its barrier: {wrong:?}");
     }
 }
@@ -542,8 +604,8 @@ fn the_emulation_catches_a_wrong_shuffle_mask() {
         (Source::Cuda, "0xffffffffu, v[r]", "0x0000ffffu, v[r]"),
         (Source::Metal, "(ushort)m)", "(ushort)(m >> 1))"),
     ] {
-        let harness = mutant(source, from, to);
-        let wrong = failures(&harness, source, &[5, 10]);
+        let mutant = Mutant::new(source, from, to);
+        let wrong = failures(&mutant.0, source, &[5, 10]);
         assert_eq!(wrong.len(), 4, "{source:?} with {to:?}: {wrong:?}");
     }
 }
