@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::Device;
-use whvi::train::{train, BarProgress, TrainConfig};
+use whvi::train::{train, BarProgress, Start, TrainConfig};
 use whvi::zoo::{BayesPolicy, BuildOptions, Method};
 
 fn main() -> whvi::Result<()> {
@@ -32,7 +32,7 @@ fn main() -> whvi::Result<()> {
     };
     let outcome = train(
         &config,
-        false,
+        Start::Replace,
         &Device::Cpu,
         &mut BarProgress::new(config.batch_size),
         Arc::new(AtomicBool::new(false)),

@@ -389,8 +389,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run saved in OUT/last.safetensors.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Replace the run in --out (its log and checkpoints) with a new one.
+    #[arg(long)]
+    pub overwrite: bool,
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
@@ -399,6 +402,16 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// How the run treats its --out directory.
+    pub fn start(&self) -> whvi::train::Start {
+        use whvi::train::Start;
+        match (self.resume, self.overwrite) {
+            (true, _) => Start::Resume,
+            (false, true) => Start::Replace,
+            (false, false) => Start::New,
+        }
+    }
+
     /// The run's configuration, and a note when the quick-start preset applies.
     pub fn to_config(&self) -> Result<(TrainConfig, Option<String>)> {
         let defaults = TrainConfig::default();
@@ -525,9 +538,13 @@ pub struct EvalArgs {
     /// Out-of-distribution set: noise, cifar10[:PATH], mnist:DIR or fashion-mnist[:DIR].
     #[arg(long)]
     pub ood: Option<String>,
-    /// Write the JSON report here (an array of reports for several checkpoints).
+    /// Write the JSON report here (an array of reports for several checkpoints). Never over
+    /// an input; over an existing file only with --force.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Let --report replace an existing file.
+    #[arg(long)]
+    pub force: bool,
     /// Write reliability, shift and OOD plots (PNG and SVG) into this directory.
     #[arg(long)]
     pub plots: Option<PathBuf>,
@@ -563,6 +580,8 @@ impl EvalArgs {
             ood: self.ood.as_deref().map(OodSource::parse).transpose()?,
             plots: self.plots.clone(),
             temperature_scaling: !self.no_temperature,
+            report: self.report.clone(),
+            overwrite: self.force,
         })
     }
 }

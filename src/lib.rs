@@ -19,6 +19,7 @@ pub mod layers;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod output;
 pub mod params;
 pub mod rng;
 pub mod simd;

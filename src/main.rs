@@ -51,7 +51,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 Box::new(whvi::train::BarProgress::new(config.batch_size))
             };
             let outcome =
-                whvi::train::train(&config, args.resume, &device, progress.as_mut(), stop)?;
+                whvi::train::train(&config, args.start(), &device, progress.as_mut(), stop)?;
             println!("last checkpoint: {}", outcome.last_checkpoint.display());
             println!("best checkpoint: {}", outcome.best_checkpoint.display());
             println!(
@@ -99,14 +99,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 }
             }
             println!("{}", whvi::eval::comparison_table(&reports));
-            if let Some(path) = &args.report {
-                let json = if reports.len() == 1 {
-                    serde_json::to_string_pretty(&reports[0])
-                } else {
-                    serde_json::to_string_pretty(&reports)
-                }
-                .map_err(|e| whvi::Error::invalid(format!("cannot serialise the report: {e}")))?;
-                std::fs::write(path, json + "\n").map_err(|e| whvi::Error::io(path, e))?;
+            if let Some(path) = &config.report {
                 println!("report: {}", path.display());
             }
             Ok(())

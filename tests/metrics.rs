@@ -848,6 +848,7 @@ fn metrics_command_end_to_end() {
         labels: labels_path.clone(),
         ood_probs: Some(ood_path),
         report: Some(dir.join("report.json")),
+        force: false,
         plots: Some(dir.join("plots")),
     };
     let mut out = Vec::new();
@@ -870,12 +871,34 @@ fn metrics_command_end_to_end() {
     }
     assert_svg(&dir.join("plots/reliability.svg"), &["ECE"]);
 
+    // The report never replaces an input, and an existing report only with --force.
+    let probs_bytes = std::fs::read(&probs_path).unwrap();
+    let over_input = MetricsArgs {
+        report: Some(dir.join(".").join("p.npy")),
+        force: true,
+        ..args.clone()
+    };
+    let text = message(run_metrics(&over_input, &mut Vec::new()));
+    assert!(text.contains("also an input"), "{text}");
+    assert_eq!(std::fs::read(&probs_path).unwrap(), probs_bytes);
+    let text = message(run_metrics(&args, &mut Vec::new()));
+    assert!(
+        text.contains("exists") && text.contains("--force"),
+        "{text}"
+    );
+    let forced = MetricsArgs {
+        force: true,
+        ..args.clone()
+    };
+    run_metrics(&forced, &mut Vec::new()).unwrap();
+
     // Labels that do not match the probabilities.
     let short = write("y_short.npy", NpyArray::new(&[2], &[0i64, 1]).unwrap());
     let args = MetricsArgs {
         labels: short,
         ood_probs: None,
         report: None,
+        force: false,
         plots: None,
         probs: probs_path,
     };

@@ -11,7 +11,7 @@ use whvi::data::DatasetKind;
 use whvi::eval::{comparison_table, evaluate, Corruption, EvalConfig, OodSource};
 use whvi::optim::LrSchedule;
 use whvi::rng::seeded;
-use whvi::train::{train, OptimizerKind, Progress, QuietProgress, TrainConfig};
+use whvi::train::{train, OptimizerKind, Progress, QuietProgress, Start, TrainConfig};
 
 const RECORD: usize = 3073;
 
@@ -88,7 +88,14 @@ fn never() -> Arc<AtomicBool> {
 fn two_epochs_improve_accuracy_and_write_checkpoints() {
     let root = write_dataset(&temp_root("learn"), 128);
     let config = config(&root, "run");
-    let outcome = train(&config, false, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+    let outcome = train(
+        &config,
+        Start::New,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap();
     assert_eq!(outcome.epochs.len(), 2);
     let (first, second) = (&outcome.epochs[0], &outcome.epochs[1]);
     assert!(
@@ -124,6 +131,8 @@ fn eval_config(checkpoint: &Path) -> EvalConfig {
         ood: Some(OodSource::Noise),
         plots: None,
         temperature_scaling: true,
+        report: None,
+        overwrite: false,
     }
 }
 
@@ -198,6 +207,58 @@ fn evaluation_of_the_checkpoint(root: &Path, checkpoint: &Path) {
         ..eval_config(checkpoint)
     });
     assert!(err.contains("nowhere"), "{err}");
+    let err = error(EvalConfig {
+        ood: Some(OodSource::parse("mnist").unwrap()),
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("mnist:DIR"), "{err}");
+    let err = error(EvalConfig {
+        batch_size: 0,
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("--batch-size must be at least 1"), "{err}");
+    let err = error(EvalConfig {
+        corruption_images: 0,
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("--corruption-images"), "{err}");
+
+    // The report: never over the checkpoint it evaluates, over a file only when asked, in a
+    // directory created for it; and a bad second checkpoint stops the run before any report.
+    let weights = std::fs::read(checkpoint).unwrap();
+    let err = error(EvalConfig {
+        report: Some(checkpoint.to_path_buf()),
+        overwrite: true,
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("also an input"), "{err}");
+    assert_eq!(std::fs::read(checkpoint).unwrap(), weights);
+    let report = root.join("reports/eval.json");
+    let err = error(EvalConfig {
+        checkpoints: vec![checkpoint.to_path_buf(), root.join("missing.safetensors")],
+        report: Some(report.clone()),
+        ..eval_config(checkpoint)
+    });
+    assert!(err.contains("missing.safetensors"), "{err}");
+    assert!(!report.exists());
+    let written = EvalConfig {
+        report: Some(report.clone()),
+        ..eval_config(checkpoint)
+    };
+    evaluate(&written, &Device::Cpu, &mut |_| {}).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["n"], 100, "{json}");
+    assert!(error(written.clone()).contains("--force"));
+    evaluate(
+        &EvalConfig {
+            overwrite: true,
+            ..written
+        },
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
 }
 
 /// Raises the stop flag after a number of batches, as Ctrl-C would.
@@ -243,7 +304,46 @@ fn weights(path: &Path) -> Vec<(String, Vec<u64>)> {
 fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     let root = write_dataset(&temp_root("resume"), 64);
     let straight = config(&root, "straight");
-    train(&straight, false, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+    train(
+        &straight,
+        Start::New,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap();
+
+    // A new run into the directory of another is refused, and nothing there is touched.
+    let log_before = std::fs::read(straight.out.join("metrics.jsonl")).unwrap();
+    let err = train(
+        &straight,
+        Start::New,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("already holds a training run")
+            && err.to_string().contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(straight.out.join("metrics.jsonl")).unwrap(),
+        log_before
+    );
+    // Data that cannot be read leave no empty --out directory behind.
+    let mut no_data = config(&root, "no-data");
+    no_data.data = Some(root.join("nowhere"));
+    train(
+        &no_data,
+        Start::New,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap_err();
+    assert!(!no_data.out.exists());
 
     let resumed = config(&root, "resumed");
     let flag = Arc::new(AtomicBool::new(false));
@@ -252,10 +352,17 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
         seen: 0,
         flag: flag.clone(),
     };
-    let err = train(&resumed, false, &Device::Cpu, &mut stopper, flag).unwrap_err();
+    let err = train(&resumed, Start::New, &Device::Cpu, &mut stopper, flag).unwrap_err();
     assert!(matches!(err, whvi::Error::Interrupted(_)), "{err}");
     assert!(err.to_string().contains("--resume"), "{err}");
-    train(&resumed, true, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+    train(
+        &resumed,
+        Start::Resume,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap();
 
     let a = weights(&straight.out.join("last.safetensors"));
     let b = weights(&resumed.out.join("last.safetensors"));
@@ -281,7 +388,14 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     // Resuming with other settings is refused, naming what differs.
     let mut other = config(&root, "resumed");
     other.batch_size = 16;
-    let err = train(&other, true, &Device::Cpu, &mut QuietProgress, never()).unwrap_err();
+    let err = train(
+        &other,
+        Start::Resume,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("another configuration"), "{err}");
     assert!(err.to_string().contains("batch_size: 32 -> 16"), "{err}");
     assert!(!err.to_string().contains("out:"), "{err}");
@@ -294,10 +408,24 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     }
     let mut longer = config(&root, "moved");
     longer.epochs = 3;
-    let err = train(&longer, true, &Device::Cpu, &mut QuietProgress, never()).unwrap_err();
+    let err = train(
+        &longer,
+        Start::Resume,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("epochs: 2 -> 3"), "{err}");
     let same = config(&root, "moved");
-    train(&same, true, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+    train(
+        &same,
+        Start::Resume,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap();
     assert_eq!(log(&moved), log(&straight.out));
     std::fs::remove_dir_all(root).unwrap();
 }
@@ -488,7 +616,7 @@ fn a_crash_after_any_write_resumes_to_the_files_of_an_uninterrupted_run() {
         crash_at: 0,
         saved: Vec::new(),
     };
-    train(&straight, false, &Device::Cpu, &mut counter, never()).unwrap();
+    train(&straight, Start::New, &Device::Cpu, &mut counter, never()).unwrap();
     let order = counter.saved;
     let first_last = order.iter().position(|f| *f == RunFile::Last).unwrap();
     assert_eq!(
@@ -512,14 +640,20 @@ fn a_crash_after_any_write_resumes_to_the_files_of_an_uninterrupted_run() {
             saved: Vec::new(),
         };
         let run = std::panic::AssertUnwindSafe(|| {
-            train(&crashed, false, &Device::Cpu, &mut progress, never())
+            train(&crashed, Start::New, &Device::Cpu, &mut progress, never())
         });
         assert!(
             std::panic::catch_unwind(run).is_err(),
             "no crash at write {crash_at}"
         );
-        let resume = crash_at > first_last;
-        train(&crashed, resume, &Device::Cpu, &mut QuietProgress, never()).unwrap();
+        // Before the first `last` there is nothing to resume: the run starts again over what
+        // it wrote.
+        let start = if crash_at > first_last {
+            Start::Resume
+        } else {
+            Start::Replace
+        };
+        train(&crashed, start, &Device::Cpu, &mut QuietProgress, never()).unwrap();
         for file in ["last.safetensors", "best.safetensors"] {
             let (a, b) = (
                 weights(&straight.out.join(file)),

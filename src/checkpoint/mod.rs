@@ -11,8 +11,6 @@
 //! then renamed over the target, so a crash or Ctrl-C never leaves a broken checkpoint and never
 //! destroys the previous one.
 
-mod atomic;
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -20,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-pub use atomic::write_atomic;
+pub use crate::output::write_atomic;
 
 use crate::params::Params;
 use crate::zoo::{BuildOptions, ModelSpec, Network};

@@ -18,13 +18,14 @@ use candle_core::Device;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, CheckpointMeta, LoadedModel};
+use crate::checkpoint::{write_atomic, Checkpoint, CheckpointMeta, LoadedModel};
 use crate::data::{self, DatasetKind, ImageDataset, Normalization, Resize};
 use crate::metrics::{
     self, apply_temperature, compute_report, fit_temperature_from_probs, plot_corruption,
     plot_ood_histogram, plot_reliability, CorruptionPoint, Logits, MetricsReport, OodScore,
     Predictions, ReliabilityDiagram,
 };
+use crate::output::check_output;
 use crate::rng::{seeded, WhviRng};
 use crate::zoo::{BayesPolicy, Method};
 use crate::{Error, Result};
@@ -97,6 +98,73 @@ pub struct EvalConfig {
     /// Fit a temperature on the training run's validation split and report the test metrics
     /// after scaling as well.
     pub temperature_scaling: bool,
+    /// Write the JSON report here (one object, or an array for several checkpoints),
+    /// atomically. Never over one of the inputs; over an existing file only with `overwrite`.
+    pub report: Option<PathBuf>,
+    /// Let `report` replace an existing file.
+    pub overwrite: bool,
+}
+
+impl EvalConfig {
+    /// Checks every setting that does not need the data, so that a mistake is reported before
+    /// the first forward pass rather than after the first checkpoint's evaluation.
+    pub fn validate(&self) -> Result<()> {
+        if self.checkpoints.is_empty() {
+            return Err(Error::invalid("give at least one checkpoint to evaluate"));
+        }
+        for (value, name) in [
+            (self.samples, "--samples"),
+            (self.batch_size, "--batch-size"),
+        ] {
+            if value == 0 {
+                return Err(Error::invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if !self.corruptions.is_empty() && self.corruption_images == 0 {
+            return Err(Error::invalid(
+                "--corruption-images must be at least 1 when corruptions are asked for",
+            ));
+        }
+        if let Some(OodSource::Dataset { kind, path }) = &self.ood {
+            match path {
+                Some(path) if !path.exists() => {
+                    return Err(Error::data(path, "the --ood data set is not there"))
+                }
+                None if *kind == DatasetKind::Mnist => {
+                    return Err(Error::invalid(
+                        "--ood mnist needs its directory: --ood mnist:DIR (the four idx files)",
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(report) = &self.report {
+            let mut inputs: Vec<&Path> = self.checkpoints.iter().map(PathBuf::as_path).collect();
+            inputs.extend(self.data.as_deref());
+            if let Some(OodSource::Dataset {
+                path: Some(path), ..
+            }) = &self.ood
+            {
+                inputs.push(path);
+            }
+            check_output(report, &inputs, self.overwrite, "--report")?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `reports` as JSON to `path` atomically: one object for one checkpoint, an array for
+/// several.
+pub fn write_report(path: &Path, reports: &[EvalReport]) -> Result<()> {
+    let json = match reports {
+        [one] => serde_json::to_string_pretty(one),
+        all => serde_json::to_string_pretty(all),
+    }
+    .map_err(|e| Error::invalid(format!("cannot serialise the report: {e}")))?;
+    write_atomic(path, |w| {
+        w.write_all(json.as_bytes())?;
+        w.write_all(b"\n")
+    })
 }
 
 /// Temperature scaling of the mean predictive distribution: `softmax(ln p / T)`, `T` fitted
@@ -216,20 +284,40 @@ fn ood_images(
     }
 }
 
-/// A short name for a checkpoint in tables: its method and file.
+/// A short name for a checkpoint in tables: its network, method and run folder.
 fn label(path: &Path, meta: &CheckpointMeta) -> String {
-    let parent = path
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
     let options = &meta.options;
     let method = if options.policy == BayesPolicy::None && options.overrides.is_empty() {
         Method::Deterministic.name()
     } else {
         options.method.name()
     };
-    format!("{} {method} ({parent})", meta.spec.name)
+    match run_name(path) {
+        Some(run) => format!("{} {method} ({run})", meta.spec.name),
+        None => format!("{} {method}", meta.spec.name),
+    }
+}
+
+/// The name of the folder a checkpoint is in (its run), also for a bare file name.
+fn run_name(path: &Path) -> Option<String> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    dir.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// The file-name prefix of a checkpoint's plots: `RUN-STEM`, or `STEM` outside any folder.
+fn plot_prefix(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    match run_name(path) {
+        Some(run) => format!("{run}-{stem}"),
+        None => stem,
+    }
 }
 
 /// The validation images a training run held out, from the run's recorded configuration
@@ -273,16 +361,16 @@ pub fn evaluate(
     device: &Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<EvalReport>> {
-    if config.checkpoints.is_empty() {
-        return Err(Error::invalid("give at least one checkpoint to evaluate"));
-    }
-    if config.samples == 0 {
-        return Err(Error::invalid("--samples must be at least 1"));
+    config.validate()?;
+    // Every checkpoint is loaded before any is evaluated: a bad second file is reported
+    // before the first one's work is done.
+    let mut models = Vec::new();
+    for path in &config.checkpoints {
+        models.push((path, Checkpoint::load(path, device)?));
     }
     let mut reports = Vec::new();
-    for path in &config.checkpoints {
+    for (path, LoadedModel { network, meta, .. }) in models {
         let started = Instant::now();
-        let LoadedModel { network, meta, .. } = Checkpoint::load(path, device)?;
         let training: Option<(DatasetKind, Option<PathBuf>)> =
             meta.training.as_ref().and_then(|t| {
                 let kind = serde_json::from_value(t.get("dataset")?.clone()).ok()?;
@@ -409,18 +497,7 @@ pub fn evaluate(
 
         if let Some(dir) = &config.plots {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_else(|| "model".into());
-            let prefix = format!(
-                "{}-{}",
-                path.parent()
-                    .and_then(|p| p.file_name())
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_default(),
-                stem
-            );
+            let prefix = plot_prefix(path);
             let diagram = ReliabilityDiagram::new(preds.mean(), &labels, metrics::DEFAULT_BINS)?;
             for ext in ["png", "svg"] {
                 plot_reliability(
@@ -464,6 +541,9 @@ pub fn evaluate(
             meta,
             seconds: started.elapsed().as_secs_f64(),
         });
+    }
+    if let Some(report) = &config.report {
+        write_report(report, &reports)?;
     }
     Ok(reports)
 }

@@ -9,6 +9,7 @@ use super::plot::{plot_ood_histogram, plot_reliability};
 use super::report::{compute_report, MetricsReport};
 use super::uncertainty::{ood_scores, OodScore};
 use super::{calibration::ReliabilityDiagram, Predictions, DEFAULT_BINS};
+use crate::output::{check_output, write_atomic};
 use crate::{Error, Result};
 
 /// Arguments of `whvi metrics`.
@@ -24,9 +25,13 @@ pub struct MetricsArgs {
     /// Probabilities on an out-of-distribution set, [M, K] or [T, M, K]: adds OOD detection.
     #[arg(long, value_name = "Q.npy")]
     pub ood_probs: Option<PathBuf>,
-    /// Write the report as JSON to this file.
+    /// Write the report as JSON to this file (never over an input; over an existing file only
+    /// with --force).
     #[arg(long, value_name = "R.json")]
     pub report: Option<PathBuf>,
+    /// Let --report replace an existing file.
+    #[arg(long)]
+    pub force: bool,
     /// Write the plots (PNG and SVG) into this directory, created if missing.
     #[arg(long, value_name = "DIR")]
     pub plots: Option<PathBuf>,
@@ -35,6 +40,11 @@ pub struct MetricsArgs {
 /// Runs `whvi metrics`: computes the report, writes the table to `out`, and the JSON report
 /// and plots where asked. Returns the report.
 pub fn run_metrics(args: &MetricsArgs, out: &mut dyn Write) -> Result<MetricsReport> {
+    if let Some(report) = &args.report {
+        let mut inputs = vec![args.probs.as_path(), args.labels.as_path()];
+        inputs.extend(args.ood_probs.as_deref());
+        check_output(report, &inputs, args.force, "--report")?;
+    }
     let predictions = load_predictions(&args.probs)?;
     let labels = load_labels(&args.labels)?;
     if labels.len() != predictions.mean().n() {
@@ -56,8 +66,12 @@ pub fn run_metrics(args: &MetricsArgs, out: &mut dyn Write) -> Result<MetricsRep
     let stdout_err = |e| Error::io("<stdout>", e);
     write!(out, "{report}").map_err(stdout_err)?;
     if let Some(path) = &args.report {
-        let json = serde_json::to_string_pretty(&report).expect("the report serialises");
-        std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::invalid(format!("cannot serialise the report: {e}")))?;
+        write_atomic(path, |w| {
+            w.write_all(json.as_bytes())?;
+            w.write_all(b"\n")
+        })?;
         writeln!(out, "report written to {}", path.display()).map_err(stdout_err)?;
     }
     if let Some(dir) = &args.plots {

@@ -112,6 +112,25 @@ pub struct TrainOutcome {
     pub test_report: Option<metrics::MetricsReport>,
 }
 
+/// Refuses to start a new run in a directory that holds one.
+fn refuse_existing_run(out: &Path) -> Result<()> {
+    let (last, best, log) = paths(out);
+    let found: Vec<String> = [last, best, log]
+        .iter()
+        .filter(|p| p.exists())
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{} already holds a training run ({}); continue it with --resume, replace it with \
+         --overwrite, or train into another --out directory",
+        out.display(),
+        found.join(", ")
+    )))
+}
+
 /// Where a run writes.
 fn paths(out: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (
@@ -121,21 +140,35 @@ fn paths(out: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// Trains as `config` says, writing into `config.out`. With `resume`, continues the run saved
-/// in `OUT/last.safetensors` (same configuration) exactly where it stopped.
+/// How [`train`] treats the output directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: refused when the directory already holds one, so that nothing is lost.
+    New,
+    /// Continue the run saved in `OUT/last.safetensors` (same configuration) exactly where it
+    /// stopped.
+    Resume,
+    /// A new run that replaces the one in the directory (its log and checkpoints).
+    Replace,
+}
+
+/// Trains as `config` says, writing into `config.out`, started as `start` says.
 ///
 /// `stop` is polled between batches (set it from a Ctrl-C handler); when set, a resumable
 /// checkpoint is written and [`Error::Interrupted`] returned.
 pub fn train(
     config: &TrainConfig,
-    resume: bool,
+    start: Start,
     device: &Device,
     progress: &mut dyn Progress,
     stop: Arc<AtomicBool>,
 ) -> Result<TrainOutcome> {
     config.validate()?;
     let (last_path, best_path, log_path) = paths(&config.out);
-    std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
+    let resume = start == Start::Resume;
+    if start == Start::New {
+        refuse_existing_run(&config.out)?;
+    }
 
     let data = data::load(config.dataset, config.data.as_deref())?;
     let normalization = data::Normalization::for_kind(config.dataset);
@@ -192,6 +225,8 @@ pub fn train(
         (Params::new(config.seed), state, Default::default())
     };
     let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
+    // Only now: a run that fails on its data or its network leaves no empty directory behind.
+    std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
     let mut optimizer = AnyOptimizer::from_named(trainable(&params), config.optimizer_config())?;
     if resume {
         optimizer.load_state(optimizer_state)?;

@@ -1,3 +1,5 @@
+//! Output files: atomic writes, and the refusal to write over an input or an existing file.
+
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -44,9 +46,66 @@ pub fn write_atomic(
     Ok(())
 }
 
+/// Checks, before any work is done, that `path` may be written as `what` (e.g. `--report`):
+/// it must not name the same file as any of `inputs` (however spelled: `./a`, a symbolic link),
+/// nor exist at all unless `overwrite`. Creates its parent directory.
+pub fn check_output(path: &Path, inputs: &[&Path], overwrite: bool, what: &str) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::invalid(format!(
+            "{what} {} is a directory; give a file path",
+            path.display()
+        )));
+    }
+    if let Ok(target) = fs::canonicalize(path) {
+        for input in inputs {
+            if fs::canonicalize(input).is_ok_and(|input| input == target) {
+                return Err(Error::invalid(format!(
+                    "{what} {} is also an input ({}); writing it would destroy the input: \
+                     choose another path",
+                    path.display(),
+                    input.display()
+                )));
+            }
+        }
+        if !overwrite {
+            return Err(Error::invalid(format!(
+                "{what} {} exists; choose another path, or pass --force to replace it",
+                path.display()
+            )));
+        }
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_never_replaces_an_input_and_replaces_a_file_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("whvi-output-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("ck.safetensors");
+        fs::write(&input, b"weights").unwrap();
+        let spelled_otherwise = dir.join(".").join("ck.safetensors");
+        let err = check_output(&spelled_otherwise, &[&input], true, "--report").unwrap_err();
+        assert!(err.to_string().contains("also an input"), "{err}");
+        let err = check_output(&input, &[], false, "--report").unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        check_output(&input, &[], true, "--report").unwrap();
+        let err = check_output(&dir, &[], true, "--report").unwrap_err();
+        assert!(err.to_string().contains("directory"), "{err}");
+        let fresh = dir.join("new/sub/report.json");
+        check_output(&fresh, &[&input], false, "--report").unwrap();
+        assert!(fresh.parent().unwrap().is_dir());
+        assert_eq!(fs::read(&input).unwrap(), b"weights");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn failed_write_leaves_previous_file_and_no_temporary() {
