@@ -545,6 +545,9 @@ pub struct EvalArgs {
     /// Let --report replace an existing file.
     #[arg(long)]
     pub force: bool,
+    /// Read checkpoints whose tensor data do not match their checksum (a damaged file).
+    #[arg(long)]
+    pub skip_checksum: bool,
     /// Write reliability, shift and OOD plots (PNG and SVG) into this directory.
     #[arg(long)]
     pub plots: Option<PathBuf>,
@@ -582,6 +585,11 @@ impl EvalArgs {
             temperature_scaling: !self.no_temperature,
             report: self.report.clone(),
             overwrite: self.force,
+            checksum: if self.skip_checksum {
+                whvi::checkpoint::Checksum::Skip
+            } else {
+                whvi::checkpoint::Checksum::Verify
+            },
         })
     }
 }

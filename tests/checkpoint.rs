@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use whvi::checkpoint::{Checkpoint, CheckpointMeta};
+use whvi::checkpoint::{Checkpoint, CheckpointMeta, Checksum, CHECKSUM_KEY};
 use whvi::layers::Pass;
 use whvi::params::Params;
 use whvi::rng::seeded;
@@ -105,6 +105,8 @@ fn rewrite(
         .into_iter()
         .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    // An edited file carries no checksum, as one written before checksums were recorded.
+    metadata.remove(CHECKSUM_KEY);
     edit(&mut tensors, &mut metadata);
     let bytes =
         safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
@@ -193,14 +195,60 @@ fn bad_files_give_errors_that_say_what_is_wrong() {
         "{err}"
     );
 
-    // A failed save leaves the previous checkpoint readable.
+    let classes = dir.join("classes.safetensors");
+    rewrite(&path, &classes, |_, m| {
+        m.insert("class_names".into(), "[\"cat\", \"dog\"]".into());
+    });
+    let err = load_error(&classes);
+    assert!(
+        err.contains("names 2 classes") && err.contains("10 outputs"),
+        "{err}"
+    );
+
+    // Flipped bytes in the tensor data: refused by the checksum, readable when skipped
+    // (the flips touch the lowest mantissa byte of f32 values, so they stay finite).
+    let flipped = dir.join("flipped.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    for k in 0..100 {
+        bytes[8 + header + 4 * k] ^= 0x5a;
+    }
+    std::fs::write(&flipped, &bytes).unwrap();
+    let err = load_error(&flipped);
+    assert!(
+        err.contains("checksum") && err.contains("damaged") && err.contains("--skip-checksum"),
+        "{err}"
+    );
+    Checkpoint::load_with(&flipped, &CPU, DType::F32, Checksum::Skip).unwrap();
+
+    let nan = dir.join("nan.safetensors");
+    rewrite(&path, &nan, |t, _| {
+        for (n, v) in t.iter_mut() {
+            if n == "fc1.mu" {
+                let mut values = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                values[3] = f32::NAN;
+                values[7] = f32::INFINITY;
+                *v = Tensor::from_vec(values, v.shape(), &CPU).unwrap();
+            }
+        }
+    });
+    let err = load_error(&nan);
+    assert!(
+        err.contains("fc1.mu") && err.contains("2 NaN or infinite values"),
+        "{err}"
+    );
+
+    // A failed save over a checkpoint leaves it as it was: its temporary file cannot be
+    // created (a directory holds the name `write_atomic` uses), so the save fails midway.
     let before = std::fs::read(&path).unwrap();
     let params = Params::new(0);
     let spec = ModelSpec::lookup("lenet5").unwrap();
     let meta = CheckpointMeta::new(spec, BuildOptions::default(), vec![]);
-    let blocked = dir.join("blocked-dir");
-    std::fs::create_dir_all(blocked.join("model.safetensors")).unwrap();
-    assert!(Checkpoint::save(blocked.join("model.safetensors"), &meta, &params, &[]).is_err());
+    let file_name = path.file_name().unwrap().to_string_lossy();
+    let blocker = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(blocker.join("inside")).unwrap();
+    let err = Checkpoint::save(&path, &meta, &params, &[]).unwrap_err();
+    assert!(err.to_string().contains(&*file_name), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -133,6 +133,7 @@ fn eval_config(checkpoint: &Path) -> EvalConfig {
         temperature_scaling: true,
         report: None,
         overwrite: false,
+        checksum: Default::default(),
     }
 }
 

@@ -30,6 +30,20 @@ pub const FORMAT: &str = "whvi-checkpoint";
 pub const FORMAT_VERSION: u32 = 1;
 /// Prefix of the tensors that hold optimiser state rather than weights.
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+/// The metadata key of the tensors' checksum: CRC-32 (IEEE) over every tensor's name, dtype,
+/// shape and bytes, in name order, as 8 hex digits.
+pub const CHECKSUM_KEY: &str = "tensors_crc32";
+
+/// Whether reading a checkpoint verifies its tensors' checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checksum {
+    /// Refuse a file whose tensor data do not match the checksum written with them (files
+    /// without one, from before it was recorded, are read as they are).
+    #[default]
+    Verify,
+    /// Read the tensors whatever their checksum says (to rescue a damaged file).
+    Skip,
+}
 
 /// Everything a checkpoint says about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,37 +221,45 @@ impl Checkpoint {
                 t.to_device(&Device::Cpu)?,
             ));
         }
-        let info = meta.to_strings()?;
-        let bytes =
+        let mut info = meta.to_strings()?;
+        let serialise = |info| {
             safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
-                .map_err(|e| Error::checkpoint(path, format!("cannot serialise: {e}")))?;
+                .map_err(|e| Error::checkpoint(path, format!("cannot serialise: {e}")))
+        };
+        // The checksum is taken over the tensors as the file stores them, then written into
+        // the metadata (which it does not cover).
+        let draft = serialise(info.clone())?;
+        let stored = SafeTensors::deserialize(&draft).map_err(|e| not_safetensors(path, e))?;
+        info.insert(CHECKSUM_KEY.into(), tensors_checksum(&stored));
+        let bytes = serialise(info)?;
         write_atomic(path, |w| w.write_all(&bytes))
     }
 
     /// Reads the metadata only (cheap: no tensor is decoded).
     pub fn read_meta(path: impl AsRef<Path>) -> Result<CheckpointMeta> {
         let path = path.as_ref();
-        let bytes = read_file(path)?;
-        let (_, metadata) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| not_safetensors(path, e))?;
-        let strings = metadata.metadata().clone().ok_or_else(|| {
-            Error::checkpoint(
-                path,
-                "the file has no metadata: it is a plain safetensors file, not a whvi checkpoint",
-            )
-        })?;
-        CheckpointMeta::from_strings(path, &strings)
+        meta_of(path, &read_file(path)?)
     }
 
-    /// Reads the whole checkpoint onto `device`.
+    /// Reads the whole checkpoint onto `device`, verifying its checksum.
     pub fn read(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Checkpoint::read_with(path, device, Checksum::Verify)
+    }
+
+    /// Reads the whole checkpoint onto `device`. Refuses a file whose tensor data do not match
+    /// their checksum (unless `checksum` is [`Checksum::Skip`]) or hold NaN or infinite values.
+    pub fn read_with(path: impl AsRef<Path>, device: &Device, checksum: Checksum) -> Result<Self> {
         let path = path.as_ref();
-        let meta = Checkpoint::read_meta(path)?;
         let bytes = read_file(path)?;
+        let meta = meta_of(path, &bytes)?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(path, e))?;
+        if checksum == Checksum::Verify {
+            verify_checksum(path, &bytes, &file)?;
+        }
         let mut weights = BTreeMap::new();
         let mut optimizer = BTreeMap::new();
         for (name, view) in file.tensors() {
+            refuse_non_finite(path, &name, &view)?;
             let tensor = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
                 Error::checkpoint(path, format!("tensor {name} cannot be read: {e}"))
             })?;
@@ -256,8 +278,31 @@ impl Checkpoint {
     /// Loads the network of the checkpoint at `path` onto `device`, its parameters in `dtype`
     /// (f32 for training; f16 or bf16 allowed for inference).
     pub fn load_as(path: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<LoadedModel> {
+        Checkpoint::load_with(path, device, dtype, Checksum::Verify)
+    }
+
+    /// [`Checkpoint::load_as`], with the checksum verified or not as `checksum` says.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        device: &Device,
+        dtype: DType,
+        checksum: Checksum,
+    ) -> Result<LoadedModel> {
         let path = path.as_ref();
-        let checkpoint = Checkpoint::read(path, device)?;
+        let checkpoint = Checkpoint::read_with(path, device, checksum)?;
+        let meta = &checkpoint.meta;
+        let classes = meta.options.classes.unwrap_or(meta.spec.classes);
+        if !meta.class_names.is_empty() && meta.class_names.len() != classes {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "names {} classes ({}) for a network with {classes} outputs; the metadata \
+                     and the weights disagree",
+                    meta.class_names.len(),
+                    meta.class_names.join(", ")
+                ),
+            ));
+        }
         let params = Params::from_tensors(checkpoint.weights)?;
         let network = Network::build(
             &checkpoint.meta.spec,
@@ -290,6 +335,100 @@ impl Checkpoint {
     }
 }
 
+/// The metadata of the checkpoint file `bytes` read from `path`.
+fn meta_of(path: &Path, bytes: &[u8]) -> Result<CheckpointMeta> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| not_safetensors(path, e))?;
+    let strings = metadata.metadata().clone().ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            "the file has no metadata: it is a plain safetensors file, not a whvi checkpoint",
+        )
+    })?;
+    CheckpointMeta::from_strings(path, &strings)
+}
+
+/// CRC-32 of every tensor's name, dtype, shape and bytes, in name order (see [`CHECKSUM_KEY`]).
+fn tensors_checksum(file: &SafeTensors) -> String {
+    let mut tensors = file.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut crc = crc32fast::Hasher::new();
+    for (name, view) in &tensors {
+        crc.update(name.as_bytes());
+        crc.update(format!("{:?}", view.dtype()).as_bytes());
+        for &d in view.shape() {
+            crc.update(&(d as u64).to_le_bytes());
+        }
+        crc.update(view.data());
+    }
+    format!("{:08x}", crc.finalize())
+}
+
+/// The checksum the file records, if any.
+fn file_checksum(bytes: &[u8]) -> Option<String> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).ok()?;
+    metadata.metadata().as_ref()?.get(CHECKSUM_KEY).cloned()
+}
+
+fn verify_checksum(path: &Path, bytes: &[u8], file: &SafeTensors) -> Result<()> {
+    let Some(stored) = file_checksum(bytes) else {
+        return Ok(());
+    };
+    let computed = tensors_checksum(file);
+    if stored != computed {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "its tensor data do not match the checksum written with them (crc32 {stored} \
+                 recorded, {computed} now): the file is damaged; restore it from a copy, or read \
+                 it anyway with --skip-checksum (Checksum::Skip)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a floating-point tensor that holds NaN or infinite values (read from the file's
+/// bytes: an all-ones exponent field).
+fn refuse_non_finite(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView,
+) -> Result<()> {
+    use safetensors::Dtype;
+    let data = view.data();
+    let bad = match view.dtype() {
+        Dtype::F64 => count_all_ones(data, 8, 0x7ff0_0000_0000_0000),
+        Dtype::F32 => count_all_ones(data, 4, 0x7f80_0000),
+        Dtype::F16 => count_all_ones(data, 2, 0x7c00),
+        Dtype::BF16 => count_all_ones(data, 2, 0x7f80),
+        _ => 0,
+    };
+    if bad > 0 {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "tensor {name} holds {bad} NaN or infinite values of {}: the run that wrote it \
+                 diverged, or the file is damaged",
+                view.shape().iter().product::<usize>()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// How many little-endian values of `width` bytes have every bit of `exponent` set.
+fn count_all_ones(data: &[u8], width: usize, exponent: u64) -> usize {
+    data.chunks_exact(width)
+        .filter(|bytes| {
+            let bits = bytes
+                .iter()
+                .rev()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+            bits & exponent == exponent
+        })
+        .count()
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
@@ -310,6 +449,11 @@ pub fn describe(path: impl AsRef<Path>) -> Result<String> {
     let meta = Checkpoint::read_meta(path)?;
     let bytes = read_file(path)?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(path, e))?;
+    let checksum = match verify_checksum(path, &bytes, &file) {
+        Ok(()) if file_checksum(&bytes).is_some() => "verified".to_string(),
+        Ok(()) => "none recorded".to_string(),
+        Err(e) => format!("MISMATCH: {e}"),
+    };
     let (mut weights, mut weight_count, mut optimizer) = (0usize, 0usize, 0usize);
     for (name, view) in file.tensors() {
         if name.starts_with(OPTIMIZER_PREFIX) {
@@ -354,6 +498,7 @@ pub fn describe(path: impl AsRef<Path>) -> Result<String> {
         "tensors      {weights} weight tensors ({weight_count} values), {optimizer} optimiser tensors{}",
         if meta.resume.is_some() { ", resumable" } else { "" }
     );
+    let _ = writeln!(s, "checksum     {checksum}");
     let _ = writeln!(
         s,
         "trained      {} epochs, {} steps, seed {}",

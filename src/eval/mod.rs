@@ -14,11 +14,11 @@ pub use predict::{mean_logits, predict, PredictOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{write_atomic, Checkpoint, CheckpointMeta, LoadedModel};
+use crate::checkpoint::{write_atomic, Checkpoint, CheckpointMeta, Checksum, LoadedModel};
 use crate::data::{self, DatasetKind, ImageDataset, Normalization, Resize};
 use crate::metrics::{
     self, apply_temperature, compute_report, fit_temperature_from_probs, plot_corruption,
@@ -103,6 +103,8 @@ pub struct EvalConfig {
     pub report: Option<PathBuf>,
     /// Let `report` replace an existing file.
     pub overwrite: bool,
+    /// Whether the checkpoints' checksums are verified.
+    pub checksum: Checksum,
 }
 
 impl EvalConfig {
@@ -366,7 +368,10 @@ pub fn evaluate(
     // before the first one's work is done.
     let mut models = Vec::new();
     for path in &config.checkpoints {
-        models.push((path, Checkpoint::load(path, device)?));
+        models.push((
+            path,
+            Checkpoint::load_with(path, device, DType::F32, config.checksum)?,
+        ));
     }
     let mut reports = Vec::new();
     for (path, LoadedModel { network, meta, .. }) in models {
