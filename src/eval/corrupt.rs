@@ -88,6 +88,7 @@ impl Corruption {
             })
     }
 
+    /// The parameter of `severity` (1-5); the caller has checked the range.
     fn parameter(self, severity: usize) -> f64 {
         let table: [f64; 5] = match self {
             Corruption::GaussianNoise => [0.04, 0.06, 0.08, 0.09, 0.10],
@@ -102,18 +103,27 @@ impl Corruption {
         table[severity - 1]
     }
 
-    /// Corrupts one image (`c` planes of `h x w`, values in [0, 1]) in place.
+    /// Corrupts one image (`c` planes of `h x w`, values in [0, 1]) in place. Refuses a
+    /// severity outside 1-5 and an image whose length is not `c · h · w`.
     pub fn apply(
         self,
         image: &mut [f32],
         (c, h, w): (usize, usize, usize),
         severity: usize,
         rng: &mut WhviRng,
-    ) {
+    ) -> Result<()> {
+        check_severity(severity)?;
+        if image.len() != c * h * w || image.is_empty() {
+            return Err(Error::invalid(format!(
+                "{}: an image of {} values is not {c}x{h}x{w}",
+                self.name(),
+                image.len()
+            )));
+        }
         let p = self.parameter(severity);
         match self {
             Corruption::GaussianNoise => {
-                let normal = Normal::new(0.0, p).expect("positive std");
+                let normal = Normal::new(0.0, p).map_err(|e| Error::invalid(e.to_string()))?;
                 for v in image.iter_mut() {
                     *v += normal.sample(rng) as f32;
                 }
@@ -122,7 +132,10 @@ impl Corruption {
                 for v in image.iter_mut() {
                     let lambda = (*v as f64 * p).max(0.0);
                     *v = if lambda > 0.0 {
-                        (Poisson::new(lambda).expect("positive rate").sample(rng) / p) as f32
+                        let poisson = Poisson::new(lambda).map_err(|e| {
+                            Error::invalid(format!("shot noise on a pixel of {v}: {e}"))
+                        })?;
+                        (poisson.sample(rng) / p) as f32
                     } else {
                         0.0
                     };
@@ -153,6 +166,17 @@ impl Corruption {
         for v in image.iter_mut() {
             *v = v.clamp(0.0, 1.0);
         }
+        Ok(())
+    }
+}
+
+fn check_severity(severity: usize) -> Result<()> {
+    if (1..=5).contains(&severity) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "corruption severity must be 1 to 5, got {severity}"
+        )))
     }
 }
 
@@ -313,11 +337,7 @@ pub fn corrupt_dataset(
     severity: usize,
     rng: &mut WhviRng,
 ) -> Result<ImageDataset> {
-    if !(1..=5).contains(&severity) {
-        return Err(Error::invalid(format!(
-            "corruption severity must be 1 to 5, got {severity}"
-        )));
-    }
+    check_severity(severity)?;
     let shape = data.shape();
     let mut pixels = vec![0f32; data.image_len()];
     let mut images = Vec::with_capacity(data.images().len());
@@ -325,7 +345,7 @@ pub fn corrupt_dataset(
         for (p, &v) in pixels.iter_mut().zip(data.image(i)) {
             *p = f32::from(v) / 255.0;
         }
-        corruption.apply(&mut pixels, shape, severity, rng);
+        corruption.apply(&mut pixels, shape, severity, rng)?;
         images.extend(pixels.iter().map(|&v| (v * 255.0).round() as u8));
     }
     let (c, h, w) = shape;
@@ -353,7 +373,9 @@ mod tests {
     fn mean_abs_change(corruption: Corruption, severity: usize) -> f32 {
         let original = gradient_image();
         let mut image = original.clone();
-        corruption.apply(&mut image, (3, 16, 16), severity, &mut seeded(1));
+        corruption
+            .apply(&mut image, (3, 16, 16), severity, &mut seeded(1))
+            .unwrap();
         image
             .iter()
             .zip(&original)
@@ -388,7 +410,9 @@ mod tests {
         assert!(err < 2.0 / 255.0, "{err}");
 
         let mut image = original.clone();
-        Corruption::Contrast.apply(&mut image, (3, 16, 16), 3, &mut seeded(0));
+        Corruption::Contrast
+            .apply(&mut image, (3, 16, 16), 3, &mut seeded(0))
+            .unwrap();
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
         assert!((mean(&image) - mean(&original)).abs() < 1e-4);
     }
@@ -402,5 +426,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown corruption"));
+        let mut image = gradient_image();
+        for severity in [0, 6, usize::MAX] {
+            let err = Corruption::Jpeg
+                .apply(&mut image, (3, 16, 16), severity, &mut seeded(0))
+                .unwrap_err();
+            assert!(err.to_string().contains("1 to 5"), "{err}");
+        }
+        let err = Corruption::Pixelate
+            .apply(&mut image, (3, 16, 15), 2, &mut seeded(0))
+            .unwrap_err();
+        assert!(err.to_string().contains("not 3x16x15"), "{err}");
+        assert_eq!(
+            image,
+            gradient_image(),
+            "a refused corruption changes nothing"
+        );
     }
 }
