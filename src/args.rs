@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use whvi::bench::train::Head;
 use whvi::data::DatasetKind;
-use whvi::layers::ConvSampling;
+use whvi::layers::{ConvSampling, Prior};
 use whvi::optim::{KlWarmup, LrSchedule};
 use whvi::train::{OptimizerKind, TrainConfig};
 use whvi::zoo::{BayesPolicy, BuildOptions, Method};
@@ -149,6 +149,10 @@ pub struct BuildArgs {
     /// `whvi zoo MODEL`).
     #[arg(long = "layer", value_name = "NAME=METHOD")]
     pub overrides: Vec<String>,
+    /// Prior variance of the Bayesian layers: he (the He-like default), he*K (K times it) or a
+    /// number; NAME=VALUE sets one layer's (repeat the flag for several).
+    #[arg(long = "prior-variance", value_name = "[NAME=]VALUE")]
+    pub priors: Vec<String>,
     /// Width multiplier for convolutions and hidden dense layers (e.g. 0.25 for CPU runs).
     #[arg(long)]
     pub width: Option<f64>,
@@ -178,8 +182,20 @@ impl BuildArgs {
                 ))),
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut prior = Prior::HeLike;
+        let mut prior_overrides = Vec::new();
+        for text in &self.priors {
+            match text.split_once('=') {
+                Some((name, value)) => {
+                    prior_overrides.push((name.to_string(), Prior::parse(value)?))
+                }
+                None => prior = Prior::parse(text)?,
+            }
+        }
         Ok(BuildOptions {
             method: self.method.into(),
+            prior,
+            prior_overrides,
             policy: self.bayes.into(),
             overrides,
             width: self.width.unwrap_or(1.0),

@@ -270,3 +270,54 @@ fn cached_features_give_the_same_samples_as_a_full_pass() {
         assert_eq!(diff, 0.0, "{method:?} {policy:?}");
     }
 }
+
+#[test]
+fn priors_are_set_globally_and_per_layer() {
+    use whvi::layers::Prior;
+    let kl = |options: BuildOptions| -> f32 {
+        let (network, _) = build("lenet5", &options);
+        network.kl().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let with = |overrides: Vec<(&str, Prior)>| BuildOptions {
+        prior_overrides: overrides
+            .into_iter()
+            .map(|(n, p)| (n.to_string(), p))
+            .collect(),
+        ..BuildOptions::default()
+    };
+    let default = kl(BuildOptions::default());
+    assert_eq!(kl(with(vec![("fc1", Prior::ScaledHeLike(1.0))])), default);
+    let wider_fc1 = kl(with(vec![("fc1", Prior::ScaledHeLike(4.0))]));
+    let wider_out = kl(with(vec![("out", Prior::ScaledHeLike(4.0))]));
+    assert_ne!(wider_fc1, default);
+    assert_ne!(wider_fc1, wider_out, "the override reaches only its layer");
+    let everywhere = kl(BuildOptions {
+        prior: Prior::ScaledHeLike(4.0),
+        ..BuildOptions::default()
+    });
+    let both = kl(with(vec![
+        ("fc1", Prior::ScaledHeLike(4.0)),
+        ("fc2", Prior::ScaledHeLike(4.0)),
+        ("out", Prior::ScaledHeLike(4.0)),
+    ]));
+    assert_eq!(everywhere, both);
+
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let error = |options: BuildOptions| plan(&spec, &options).unwrap_err().to_string();
+    let err = error(with(vec![("conv1", Prior::Variance(0.1))]));
+    assert!(
+        err.contains("'conv1'") && err.contains("fc1, fc2, out"),
+        "{err}"
+    );
+    let err = error(BuildOptions {
+        prior: Prior::Variance(-1.0),
+        ..BuildOptions::default()
+    });
+    assert!(err.contains("positive"), "{err}");
+    assert_eq!(Prior::parse("he").unwrap(), Prior::HeLike);
+    assert_eq!(Prior::parse("he*2.5").unwrap(), Prior::ScaledHeLike(2.5));
+    assert_eq!(Prior::parse("0.01").unwrap(), Prior::Variance(0.01));
+    for bad in ["0", "-1", "nan", "inf", "he*0", "wide"] {
+        assert!(Prior::parse(bad).is_err(), "{bad}");
+    }
+}

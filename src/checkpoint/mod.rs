@@ -488,6 +488,15 @@ pub fn describe(path: impl AsRef<Path>) -> Result<String> {
         },
         o.width
     );
+    let _ = writeln!(
+        s,
+        "prior        {:?}{}",
+        o.prior,
+        o.prior_overrides
+            .iter()
+            .map(|(n, p)| format!(", {n}: {p:?}"))
+            .collect::<String>()
+    );
     let _ = writeln!(s, "input        {c}x{h}x{w}");
     let _ = writeln!(s, "classes      {}", meta.class_names.join(", "));
     if let Some(n) = &meta.normalization {

@@ -10,6 +10,9 @@ pub enum Prior {
     HeLike,
     /// A fixed prior variance (lambda).
     Variance(f64),
+    /// The He-like variance times a factor (a wider or narrower prior that still follows the
+    /// layer's size).
+    ScaledHeLike(f64),
 }
 
 impl Prior {
@@ -18,6 +21,42 @@ impl Prior {
         match self {
             Prior::HeLike => he_like,
             Prior::Variance(v) => v,
+            Prior::ScaledHeLike(k) => k * he_like,
+        }
+    }
+
+    /// Parses `he` (the He-like default), `he*K` (scaled by `K`) or a variance such as `0.01`.
+    pub fn parse(text: &str) -> crate::Result<Self> {
+        let text = text.trim();
+        let number = |t: &str| {
+            t.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| *v > 0.0 && v.is_finite())
+        };
+        let prior = if text == "he" {
+            Some(Prior::HeLike)
+        } else if let Some(k) = text.strip_prefix("he*") {
+            number(k).map(Prior::ScaledHeLike)
+        } else {
+            number(text).map(Prior::Variance)
+        };
+        prior.ok_or_else(|| {
+            crate::Error::invalid(format!(
+                "prior variance '{text}': use he (the He-like default), he*K for K times it, or \
+                 a positive variance such as 0.01"
+            ))
+        })
+    }
+
+    /// Refuses a variance or factor that is not a positive finite number.
+    pub fn validate(self) -> crate::Result<()> {
+        match self {
+            Prior::HeLike => Ok(()),
+            Prior::Variance(v) | Prior::ScaledHeLike(v) if v > 0.0 && v.is_finite() => Ok(()),
+            other => Err(crate::Error::invalid(format!(
+                "prior {other:?}: the variance (or factor) must be a positive finite number"
+            ))),
         }
     }
 }

@@ -110,6 +110,20 @@ pub struct BuildOptions {
     /// The prior of the Bayesian layers.
     #[serde(default)]
     pub prior: Prior,
+    /// Per-layer priors `(layer name, prior)`, in place of `prior` for those layers.
+    #[serde(default)]
+    pub prior_overrides: Vec<(String, Prior)>,
+}
+
+impl BuildOptions {
+    /// The prior of layer `name`: its override (the last one given), else the global one.
+    pub fn prior_of(&self, name: &str) -> Prior {
+        self.prior_overrides
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map_or(self.prior, |(_, prior)| *prior)
+    }
 }
 
 impl Default for BuildOptions {
@@ -125,6 +139,7 @@ impl Default for BuildOptions {
             meanfield_conv: MeanFieldConvMode::Local,
             dropout: 0.2,
             prior: Prior::HeLike,
+            prior_overrides: Vec::new(),
         }
     }
 }
@@ -381,6 +396,32 @@ fn assign_methods(rows: &mut [LayerPlan], options: &BuildOptions) -> Result<()> 
             }
         }
     }
+    check_priors(rows, options)
+}
+
+/// Every prior is a positive number, and every per-layer prior names a Bayesian weight layer
+/// (on a deterministic one it would silently do nothing).
+fn check_priors(rows: &[LayerPlan], options: &BuildOptions) -> Result<()> {
+    options.prior.validate()?;
+    for (name, prior) in &options.prior_overrides {
+        prior.validate()?;
+        let bayesian: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.is_weight_layer() && matches!(r.method, Method::Whvi | Method::MeanField))
+            .map(|r| r.name.as_str())
+            .collect();
+        if !bayesian.contains(&name.as_str()) {
+            return Err(Error::invalid(format!(
+                "a prior is set for layer '{name}', which is not a Bayesian (WHVI or mean-field) \
+                 layer of this network; its Bayesian layers are {}",
+                if bayesian.is_empty() {
+                    "none".to_string()
+                } else {
+                    bayesian.join(", ")
+                }
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -445,7 +486,7 @@ impl Network {
                         stride,
                         padding,
                         options.conv_sampling,
-                        options.prior,
+                        options.prior_of(&row.name),
                         vb,
                     )?),
                     Method::MeanField => body.push(MeanFieldConv2d::new(
@@ -455,7 +496,7 @@ impl Network {
                         stride,
                         padding,
                         options.meanfield_conv,
-                        options.prior,
+                        options.prior_of(&row.name),
                         vb,
                     )?),
                     Method::McDropout | Method::Deterministic => {
@@ -463,10 +504,18 @@ impl Network {
                     }
                 },
                 (LayerKind::Dense { d_in, d_out }, method) => match method {
-                    Method::Whvi => body.push(WhviLinear::new(d_in, d_out, options.prior, vb)?),
-                    Method::MeanField => {
-                        body.push(MeanFieldLinear::new(d_in, d_out, options.prior, vb)?)
-                    }
+                    Method::Whvi => body.push(WhviLinear::new(
+                        d_in,
+                        d_out,
+                        options.prior_of(&row.name),
+                        vb,
+                    )?),
+                    Method::MeanField => body.push(MeanFieldLinear::new(
+                        d_in,
+                        d_out,
+                        options.prior_of(&row.name),
+                        vb,
+                    )?),
                     Method::McDropout | Method::Deterministic => {
                         body.push(Linear::new(d_in, d_out, vb)?)
                     }
