@@ -28,3 +28,40 @@ pub fn elbo_loss(
     let kl_term = (kl_total.to_dtype(nll.dtype())? * (beta / n_train as f64))?;
     nll + kl_term
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// The value pins the contract: the KL is divided by the training-set size (not the batch
+    /// size, not the parameter count) and weighted by beta, on top of the mean NLL.
+    #[test]
+    fn the_kl_is_divided_by_the_training_set_size_and_weighted_by_beta() {
+        let rows = [
+            [2.0f64, 0.5, -1.0],
+            [0.0, 0.0, 0.0],
+            [-3.0, 1.0, 4.0],
+            [1.5, -0.5, 0.25],
+        ];
+        let targets = [0u32, 2, 1, 1];
+        let logits = Tensor::new(&rows, &Device::Cpu).unwrap();
+        let y = Tensor::new(&targets, &Device::Cpu).unwrap();
+        let kl = Tensor::new(50.0f64, &Device::Cpu).unwrap();
+        let mean_nll = rows
+            .iter()
+            .zip(targets)
+            .map(|(row, t)| row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[t as usize])
+            .sum::<f64>()
+            / 4.0;
+        for (n_train, beta) in [(1000usize, 0.5f64), (37, 1.0), (60_000, 0.1)] {
+            let loss = elbo_loss(&logits, &y, &kl, n_train, beta)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let expected = mean_nll + beta * 50.0 / n_train as f64;
+            assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
+        }
+        assert!(elbo_loss(&logits, &y, &kl, 0, 1.0).is_err());
+    }
+}

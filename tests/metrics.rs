@@ -195,6 +195,66 @@ fn ood_metrics_with_ties() {
     assert!((fpr_at_tpr(&inn, &out, 0.95).unwrap() - 0.9).abs() < 1e-15);
 }
 
+/// FPR at a TPR with tied scores, against scikit-learn 1.9.1:
+/// `fpr[np.argmax(tpr >= t)]` of `roc_curve(y, scores, drop_intermediate=False)` (the values
+/// below were computed so). With roc_curve's default `drop_intermediate=True` the answers are
+/// the same on every case but the last: there sklearn drops the threshold 9.0, whose ROC point
+/// (0.2, 0.95) lies on the line between its neighbours, and reports 0.3; the threshold exists
+/// and reaches TPR 0.95 at FPR 0.2, which is what we report.
+#[test]
+fn fpr_at_tpr_matches_scikit_learn_on_tied_scores() {
+    let repeat = |v: f64, n: usize| vec![v; n];
+    let cat = |parts: &[Vec<f64>]| parts.concat();
+    let cases: Vec<(&str, Vec<f64>, Vec<f64>, [f64; 3])> = vec![
+        (
+            "all tied",
+            repeat(0.5, 10),
+            repeat(0.5, 20),
+            [1.0, 1.0, 1.0],
+        ),
+        (
+            "ties across the sets at the 95% point",
+            vec![0.1, 0.2, 0.3, 0.3, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+            cat(&[
+                repeat(0.3, 2),
+                [0.5, 0.9, 0.9, 0.95, 1.0, 1.0, 1.1, 1.2].repeat(4),
+                repeat(0.3, 2),
+            ]),
+            [0.8, 0.0, 0.8],
+        ),
+        (
+            "vertical runs",
+            cat(&[repeat(0.0, 8), vec![0.35, 0.55]]),
+            cat(&[repeat(0.3, 9), [0.5, 0.6].repeat(5), repeat(0.9, 10)]),
+            [0.2, 0.0, 0.2],
+        ),
+        (
+            "integers with many ties",
+            vec![0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0],
+            cat(&[
+                vec![1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 4.0, 4.0, 4.0],
+                repeat(5.0, 10),
+            ]),
+            [0.5, 0.0, 0.8],
+        ),
+        (
+            "collinear diagonal points",
+            cat(&[vec![10.0, 9.0, 8.0], repeat(0.0, 7)]),
+            cat(&[repeat(10.0, 18), vec![9.0, 8.0]]),
+            [0.2, 0.1, 0.3],
+        ),
+    ];
+    for (name, inn, out, expected) in cases {
+        for (target, want) in [0.95, 0.5, 1.0].into_iter().zip(expected) {
+            let got = fpr_at_tpr(&inn, &out, target).unwrap();
+            assert!(
+                (got - want).abs() < 1e-15,
+                "{name}, TPR {target}: {got} vs {want}"
+            );
+        }
+    }
+}
+
 /// Logits with `n` rows of `k` standard-normal entries times `scale`, and labels drawn from
 /// `softmax(logits / t_true)`.
 fn synthetic_logits(

@@ -48,7 +48,11 @@ pub fn average_precision(in_scores: &[f64], out_scores: &[f64]) -> Result<f64> {
 /// The false-positive rate at the highest threshold whose true-positive rate is at least
 /// `tpr` (the lowest FPR among thresholds that reach that TPR); `tpr` in `(0, 1]`.
 ///
-/// This equals `fpr[argmax(tpr >= target)]` on scikit-learn's `roc_curve` output.
+/// Every distinct score is a threshold, tied scores (within or across the two sets) entering
+/// together. This equals `fpr[argmax(tpr >= target)]` on scikit-learn's
+/// `roc_curve(..., drop_intermediate=False)`. roc_curve's default (`drop_intermediate=True`)
+/// drops thresholds whose ROC point is collinear with its neighbours, and can then report a
+/// higher FPR than a threshold that exists reaches (see the tests).
 pub fn fpr_at_tpr(in_scores: &[f64], out_scores: &[f64], tpr: f64) -> Result<f64> {
     if !(tpr > 0.0 && tpr <= 1.0) {
         return Err(Error::invalid(format!(
