@@ -205,7 +205,9 @@ fn ood_metrics_with_ties() {
 fn fpr_at_tpr_matches_scikit_learn_on_tied_scores() {
     let repeat = |v: f64, n: usize| vec![v; n];
     let cat = |parts: &[Vec<f64>]| parts.concat();
-    let cases: Vec<(&str, Vec<f64>, Vec<f64>, [f64; 3])> = vec![
+    // (case, in-distribution scores, OOD scores, FPR at TPR 0.95, 0.5 and 1).
+    type Case = (&'static str, Vec<f64>, Vec<f64>, [f64; 3]);
+    let cases: Vec<Case> = vec![
         (
             "all tied",
             repeat(0.5, 10),
