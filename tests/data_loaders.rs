@@ -116,7 +116,7 @@ fn error_text<T: std::fmt::Debug>(result: whvi::Result<T>) -> String {
 fn assert_cifar_hint(message: &str) {
     assert!(
         message.contains("https://www.cs.toronto.edu/~kriz/cifar.html")
-            && message.contains("--download"),
+            && message.contains("cifar10::download"),
         "no download hint in: {message}"
     );
 }
@@ -150,6 +150,13 @@ fn cifar_tar_gz_round_trips_from_the_archive_and_its_directory() {
     assert_small_cifar(&cifar10::load(&archive).unwrap(), &members);
     assert_small_cifar(&cifar10::load(&root).unwrap(), &members);
     assert_small_cifar(&cifar10::load_tar_gz(&archive).unwrap(), &members);
+    // Files shorter than the official 10,000 records are read, with a note for each.
+    let notes = cifar10::load(&archive).unwrap().notes;
+    assert_eq!(notes.len(), 6, "{notes:?}");
+    assert!(
+        notes[0].contains("data_batch_1.bin") && notes[0].contains("official file holds 10000"),
+        "{notes:?}"
+    );
 }
 
 #[test]

@@ -283,11 +283,9 @@ fn validation_split_is_disjoint_complete_and_deterministic() {
     let other = data.split_validation(20, &mut seeded(2)).unwrap();
     assert_ne!(other.1, val);
 
-    // Requests above half the set fall back to a tenth; 0 is allowed; 1 image is too few.
-    assert_eq!(
-        data.split_validation(51, &mut seeded(1)).unwrap().1.len(),
-        10
-    );
+    // Requests above half the set are refused (not shrunk); 0 is allowed.
+    let err = data.split_validation(51, &mut seeded(1)).unwrap_err();
+    assert!(err.to_string().contains("at most half of it (50)"), "{err}");
     assert_eq!(
         data.split_validation(50, &mut seeded(1)).unwrap().1.len(),
         50
@@ -296,19 +294,16 @@ fn validation_split_is_disjoint_complete_and_deterministic() {
     assert_eq!((all_train.len(), none.len()), (100, 0));
     let small = numbered(3, (1, 1, 1));
     assert_eq!(
-        small
-            .split_validation(5_000, &mut seeded(1))
-            .unwrap()
-            .1
-            .len(),
+        small.split_validation(1, &mut seeded(1)).unwrap().1.len(),
         1
     );
+    assert!(small.split_validation(5_000, &mut seeded(1)).is_err());
     let one = numbered(1, (1, 1, 1));
     let message = one
         .split_validation(1, &mut seeded(1))
         .unwrap_err()
         .to_string();
-    assert!(message.contains("1 training image"), "{message}");
+    assert!(message.contains("a training set of 1"), "{message}");
 }
 
 #[test]

@@ -6,7 +6,9 @@
 //! to `data_batch_5.bin` (training), `test_batch.bin` and `batches.meta.txt` (class names, one
 //! per line). Each batch file is a sequence of 3,073-byte records: one label byte, then the
 //! 32x32 red, green and blue planes, row by row. Files of any whole number of records are
-//! accepted (the official ones hold 10,000).
+//! accepted; one that holds other than the official 10,000 gets a note in
+//! [`TrainTest::notes`](super::TrainTest::notes) (a file cut at a record boundary would
+//! otherwise pass unnoticed).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -57,8 +59,8 @@ const ARCHIVE_NAME: &str = "cifar-10-binary.tar.gz";
 /// What to do when CIFAR-10 files are missing or damaged.
 pub const HINT: &str = "download the CIFAR-10 binary version (cifar-10-binary.tar.gz) from \
     https://www.cs.toronto.edu/~kriz/cifar.html and pass the .tar.gz, the extracted \
-    cifar-10-batches-bin directory or its parent; or pass --download to fetch CIFAR-10 from \
-    the Hugging Face hub; or pass no path to use the small sample built into whvi";
+    cifar-10-batches-bin directory or its parent (from Rust, cifar10::download fetches it from \
+    the Hugging Face hub); or pass no path to use the small sample built into whvi";
 
 /// Loads CIFAR-10 from `path`, which may be the `cifar-10-binary.tar.gz` archive (any file
 /// name ending in `.tar.gz` or `.tgz`), the extracted `cifar-10-batches-bin` directory, its
@@ -119,10 +121,7 @@ pub fn load_dir(dir: &Path) -> Result<TrainTest> {
         .map(|name| Ok((dir.join(name), read(name)?)))
         .collect::<Result<_>>()?;
     let test = (dir.join(TEST_FILE), read(TEST_FILE)?);
-    Ok(TrainTest {
-        train: parse_batches(&train, &classes)?,
-        test: parse_batches(&[test], &classes)?,
-    })
+    from_batches(&train, &test, &classes)
 }
 
 /// Loads CIFAR-10 straight from the gzip-compressed tar archive `cifar-10-binary.tar.gz`,
@@ -176,10 +175,7 @@ pub fn load_tar_gz(archive: &Path) -> Result<TrainTest> {
         .map(|name| take(name))
         .collect::<Result<_>>()?;
     let test = take(TEST_FILE)?;
-    Ok(TrainTest {
-        train: parse_batches(&train, &classes)?,
-        test: parse_batches(&[test], &classes)?,
-    })
+    from_batches(&train, &test, &classes)
 }
 
 /// The gzip-compressed records of the embedded sample's training images.
@@ -218,6 +214,7 @@ pub fn embedded_sample() -> Result<TrainTest> {
             &classes,
         )?,
         test: parse_batches(&[decode("cifar10_sample_test.bin", SAMPLE_TEST)?], &classes)?,
+        notes: Vec::new(),
     })
 }
 
@@ -235,6 +232,7 @@ pub fn download() -> Result<TrainTest> {
     Ok(TrainTest {
         train: from_hub_tensors(&hub.train_images, &hub.train_labels)?,
         test: from_hub_tensors(&hub.test_images, &hub.test_labels)?,
+        notes: Vec::new(),
     })
 }
 
@@ -315,6 +313,36 @@ fn parse_meta(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
         ));
     }
     Ok(names)
+}
+
+/// Records in each official batch file.
+pub const OFFICIAL_RECORDS: usize = 10_000;
+
+/// The training and test sets of the batch files, with a note for each file whose record count
+/// is not the official one.
+fn from_batches(
+    train: &[(PathBuf, Vec<u8>)],
+    test: &(PathBuf, Vec<u8>),
+    classes: &[String],
+) -> Result<TrainTest> {
+    let notes = train
+        .iter()
+        .chain(std::iter::once(test))
+        .filter(|(_, bytes)| bytes.len() != OFFICIAL_RECORDS * RECORD_BYTES)
+        .map(|(path, bytes)| {
+            format!(
+                "{} holds {} records where the official file holds {OFFICIAL_RECORDS}: a copy \
+                 cut short trains and tests on fewer images",
+                path.display(),
+                bytes.len() / RECORD_BYTES
+            )
+        })
+        .collect();
+    Ok(TrainTest {
+        train: parse_batches(train, classes)?,
+        test: parse_batches(std::slice::from_ref(test), classes)?,
+        notes,
+    })
 }
 
 /// Parses and concatenates batch files given as `(path for messages, contents)`.

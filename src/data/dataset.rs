@@ -200,22 +200,19 @@ impl ImageDataset {
     /// state. Both parts keep the original image order, and they are disjoint and together
     /// hold every image exactly once.
     ///
-    /// Size: `requested` images when that is at most half of the set. A larger request (such
-    /// as the usual 5,000 on the 2,000-image embedded CIFAR-10 sample) falls back to a tenth of
-    /// the set, at least 1. `requested == 0` gives an empty validation set. Fails when a
-    /// validation set is asked of a set with fewer than 2 images.
+    /// Size: exactly `requested` images, at most half of the set (`0` gives an empty
+    /// validation set). A larger request is refused rather than quietly shrunk, since the run
+    /// records what was asked for.
     pub fn split_validation(&self, requested: usize, rng: &mut WhviRng) -> Result<(Self, Self)> {
         let n = self.len();
-        let size = if requested <= n / 2 {
-            requested
-        } else if n >= 2 {
-            (n / 10).max(1)
-        } else {
+        if requested > n / 2 {
             return Err(Error::invalid(format!(
-                "cannot carve a validation set out of {n} training image(s): \
-                 use a larger data set or ask for no validation images"
+                "{requested} validation images asked of a training set of {n}: at most half \
+                 of it ({}) can be held out; ask for fewer (--validation N, 0 for none)",
+                n / 2
             )));
-        };
+        }
+        let size = requested;
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(rng);
         let (validation, train) = order.split_at_mut(size);

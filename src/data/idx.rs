@@ -70,6 +70,7 @@ fn load_dir(dir: &Path, classes: &[&str], hint: &str) -> Result<TrainTest> {
     Ok(TrainTest {
         train: part("train")?,
         test: part("t10k")?,
+        notes: Vec::new(),
     })
 }
 

@@ -46,8 +46,8 @@ pub use transform::{flip_horizontal, padded_crop, Augment, Normalization};
 
 use crate::{Error, Result};
 
-/// The number of validation images usually carved out of a training set
-/// (see [`ImageDataset::split_validation`] for how small sets are handled).
+/// The number of validation images usually carved out of a training set (at most half of a
+/// set can be: see [`ImageDataset::split_validation`]).
 pub const DEFAULT_VALIDATION_SIZE: usize = 5_000;
 
 /// The data sets `whvi` can load.
@@ -104,6 +104,9 @@ pub struct TrainTest {
     pub train: ImageDataset,
     /// The test images.
     pub test: ImageDataset,
+    /// What the reader noticed and a user should know (e.g. a batch file with fewer records
+    /// than the official one): trainers and evaluators print these.
+    pub notes: Vec<String>,
 }
 
 /// Loads the training and test sets of `kind`.

@@ -393,6 +393,9 @@ pub fn evaluate(
             .or_else(|| training.as_ref().and_then(|t| t.1.clone()));
         progress(&format!("{}: loading {kind} data", path.display()));
         let sets = data::load(kind, data_path.as_deref())?;
+        for note in &sets.notes {
+            progress(&format!("note: {note}"));
+        }
         let test = first(&sets.test, config.limit)?;
         if test.is_empty() {
             return Err(Error::invalid("the test set holds no images"));

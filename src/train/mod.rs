@@ -35,7 +35,7 @@ use crate::metrics::{self, Predictions};
 use crate::optim::{AnyOptimizer, NamedOptimizer};
 use crate::params::Params;
 use crate::rng::{seeded, RngState};
-use crate::zoo::{ModelSpec, Network};
+use crate::zoo::{BuildOptions, ModelSpec, Network};
 use crate::{Error, Result};
 
 /// One line of `metrics.jsonl`: what an epoch did.
@@ -112,6 +112,35 @@ pub struct TrainOutcome {
     pub test_report: Option<metrics::MetricsReport>,
 }
 
+/// The data decide a trained network's input shape and classes: a --classes or --input
+/// given for training, or a spec's class count, that disagrees with them is refused rather
+/// than silently replaced.
+fn check_matches_data(
+    spec: &ModelSpec,
+    options: &BuildOptions,
+    input: [usize; 3],
+    classes: usize,
+) -> Result<()> {
+    if let Some(asked) = options.input.filter(|asked| *asked != input) {
+        return Err(Error::invalid(format!(
+            "--input {} but the training images are {}x{}x{}; leave --input out when \
+             training (the data set decides it)",
+            asked.map(|v| v.to_string()).join(","),
+            input[0],
+            input[1],
+            input[2]
+        )));
+    }
+    let asked = options.classes.unwrap_or(spec.classes);
+    if asked != classes {
+        return Err(Error::invalid(format!(
+            "the network is set for {asked} classes (--classes or the spec's `classes`) but \
+             the training set has {classes}; make them agree"
+        )));
+    }
+    Ok(())
+}
+
 /// Refuses to start a new run in a directory that holds one.
 fn refuse_existing_run(out: &Path) -> Result<()> {
     let (last, best, log) = paths(out);
@@ -171,11 +200,15 @@ pub fn train(
     }
 
     let data = data::load(config.dataset, config.data.as_deref())?;
+    for note in &data.notes {
+        progress.message(&format!("note: {note}"));
+    }
     let normalization = data::Normalization::for_kind(config.dataset);
     let (train_set, val_set) = validation_split(&data.train, config.validation, config.seed)?;
     let spec = ModelSpec::lookup(&config.model)?;
     let mut options = config.build.clone();
     let (c, h, w) = train_set.shape();
+    check_matches_data(&spec, &options, [c, h, w], train_set.num_classes())?;
     options.input = Some([c, h, w]);
     options.classes = Some(train_set.num_classes());
 
