@@ -345,6 +345,29 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run() {
     )
     .unwrap_err();
     assert!(!no_data.out.exists());
+    // Shapes the data contradict are refused, not replaced.
+    let mut classes = config(&root, "classes");
+    classes.build.classes = Some(5);
+    let err = train(
+        &classes,
+        Start::New,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("set for 5 classes"), "{err}");
+    let mut input = config(&root, "input");
+    input.build.input = Some([1, 28, 28]);
+    let err = train(
+        &input,
+        Start::New,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--input 1,28,28"), "{err}");
 
     let resumed = config(&root, "resumed");
     let flag = Arc::new(AtomicBool::new(false));
