@@ -62,6 +62,15 @@ pub fn tune_allocator() {
     }
 }
 
+/// The memory this machine can give a new allocation now, in bytes (`MemAvailable` of
+/// `/proc/meminfo`), where the system says; `None` elsewhere.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

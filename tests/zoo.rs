@@ -321,3 +321,22 @@ fn priors_are_set_globally_and_per_layer() {
         assert!(Prior::parse(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_network_too_large_for_memory_is_refused_before_any_allocation() {
+    let spec = ModelSpec::lookup("vgg11").unwrap();
+    let options = BuildOptions {
+        width: 1e9,
+        ..BuildOptions::default()
+    };
+    let params = Params::new(0);
+    let err = Network::build(&spec, &options, params.var_builder(DType::F32, &CPU))
+        .err()
+        .expect("a network of 1e9 x vgg11 widths builds")
+        .to_string();
+    assert!(
+        err.contains("parameters") && err.contains("--width"),
+        "{err}"
+    );
+    assert!(params.named_vars().is_empty(), "nothing was allocated");
+}

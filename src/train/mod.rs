@@ -211,6 +211,7 @@ pub fn train(
     check_matches_data(&spec, &options, [c, h, w], train_set.num_classes())?;
     options.input = Some([c, h, w]);
     options.classes = Some(train_set.num_classes());
+    crate::zoo::check_fits_in_memory(&crate::zoo::plan(&spec, &options)?, 4)?;
 
     // Build fresh, or from the checkpoint being resumed.
     let (params, mut state, optimizer_state) = if resume {

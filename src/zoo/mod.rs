@@ -8,6 +8,7 @@ mod network;
 mod spec;
 
 pub use network::{
-    plan, summary, BayesPolicy, BuildOptions, LayerKind, LayerPlan, Method, Network,
+    check_fits_in_memory, plan, summary, BayesPolicy, BuildOptions, LayerKind, LayerPlan, Method,
+    Network,
 };
 pub use spec::{ConvSpec, Feature, ModelSpec, PoolMarker, BUILTIN};

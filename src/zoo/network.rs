@@ -194,11 +194,16 @@ pub struct LayerPlan {
 
 impl LayerPlan {
     /// Trainable parameters of this layer if it used `method`.
+    /// Saturates rather than wraps for absurd sizes, so that a size check can refuse them.
     pub fn params_with(&self, method: Method) -> usize {
         let whvi = |d_in: usize, d_out: usize| {
-            let d = d_in.next_power_of_two();
-            4 * d * d_out.div_ceil(d) + d_out
+            let d = d_in.checked_next_power_of_two().unwrap_or(usize::MAX);
+            4usize
+                .saturating_mul(d)
+                .saturating_mul(d_out.div_ceil(d))
+                .saturating_add(d_out)
         };
+        let product = |factors: &[usize]| factors.iter().fold(1usize, |a, &b| a.saturating_mul(b));
         match (self.kind, method) {
             (
                 LayerKind::Conv {
@@ -209,19 +214,21 @@ impl LayerPlan {
                 },
                 m,
             ) => {
-                let w = c_out * c_in * kernel * kernel;
+                let w = product(&[c_out, c_in, kernel, kernel]);
                 match m {
-                    Method::Whvi => whvi(c_in * kernel * kernel, c_out),
-                    Method::MeanField => 2 * w + c_out,
-                    Method::McDropout | Method::Deterministic => w + c_out,
+                    Method::Whvi => whvi(product(&[c_in, kernel, kernel]), c_out),
+                    Method::MeanField => product(&[2, w]).saturating_add(c_out),
+                    Method::McDropout | Method::Deterministic => w.saturating_add(c_out),
                 }
             }
             (LayerKind::Dense { d_in, d_out }, m) => match m {
                 Method::Whvi => whvi(d_in, d_out),
-                Method::MeanField => 2 * d_in * d_out + d_out,
-                Method::McDropout | Method::Deterministic => d_in * d_out + d_out,
+                Method::MeanField => product(&[2, d_in, d_out]).saturating_add(d_out),
+                Method::McDropout | Method::Deterministic => {
+                    product(&[d_in, d_out]).saturating_add(d_out)
+                }
             },
-            (LayerKind::BatchNorm(c), _) => 2 * c,
+            (LayerKind::BatchNorm(c), _) => c.saturating_mul(2),
             _ => 0,
         }
     }
@@ -447,6 +454,28 @@ fn insert_dropout(rows: Vec<LayerPlan>, p: f64) -> Vec<LayerPlan> {
     out
 }
 
+/// Refuses a network whose parameters, held `copies` times in f32 (1 to predict; 4 to train
+/// with AdamW: weights, gradients and two moments), would not fit in the memory available now,
+/// instead of letting the allocation abort the process.
+pub fn check_fits_in_memory(rows: &[LayerPlan], copies: u64) -> Result<()> {
+    let params = rows
+        .iter()
+        .fold(0usize, |total, row| total.saturating_add(row.params()));
+    let bytes = (params as u64).saturating_mul(4).saturating_mul(copies);
+    let available = crate::device::available_memory().unwrap_or(u64::MAX);
+    if bytes > available {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        return Err(Error::invalid(format!(
+            "the network has {params} parameters: {:.1} GiB {}, more than the {:.1} GiB this \
+             machine has available; use a smaller --width or smaller layers",
+            gib(bytes),
+            if copies > 1 { "to train" } else { "to hold" },
+            gib(available)
+        )));
+    }
+    Ok(())
+}
+
 /// A network from the zoo, ready to train or predict.
 pub struct Network {
     spec: ModelSpec,
@@ -460,6 +489,7 @@ impl Network {
     /// Builds `spec` under `options`, with parameters created or loaded through `vb`.
     pub fn build(spec: &ModelSpec, options: &BuildOptions, vb: VarBuilder) -> Result<Self> {
         let plan = plan(spec, options)?;
+        check_fits_in_memory(&plan, 1)?;
         let mut body = Sequential::new();
         for (i, row) in plan.iter().enumerate() {
             let vb = vb.pp(&row.name);
