@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Train a network (CIFAR-10, MNIST or Fashion-MNIST); without --data, a short run on the
     /// CIFAR-10 sample embedded in the binary.
+    // Negative numbers are values (`--lr -1` reaches the check that says why it is wrong).
+    #[command(allow_negative_numbers = true)]
     Train(Box<TrainArgs>),
     /// List the model zoo, or show one network's layers and parameter counts.
     Zoo(ZooArgs),
@@ -504,9 +506,12 @@ impl TrainArgs {
         };
         let note = quick.then(|| {
             format!(
-                "no --data: training {} (width {}) for {} epochs on the CIFAR-10 (JPEG copy) \
+                "no --data: training {} (width {}) for {} epoch{} on the CIFAR-10 (JPEG copy) \
                  sample embedded in whvi; pass --data DIR for the full data set",
-                config.model, config.build.width, config.epochs
+                config.model,
+                config.build.width,
+                config.epochs,
+                if config.epochs == 1 { "" } else { "s" }
             )
         });
         Ok((config, note))

@@ -49,6 +49,30 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error without the backtraces candle attaches when `RUST_BACKTRACE` is set,
+    /// for a message meant for a user rather than a debugger.
+    pub fn without_backtrace(self) -> Self {
+        fn strip(e: candle_core::Error) -> candle_core::Error {
+            use candle_core::Error as E;
+            match e {
+                E::WithBacktrace { inner, .. } => strip(*inner),
+                E::Context { inner, context } => E::Context {
+                    inner: Box::new(strip(*inner)),
+                    context,
+                },
+                E::WithPath { inner, path } => E::WithPath {
+                    inner: Box::new(strip(*inner)),
+                    path,
+                },
+                other => other,
+            }
+        }
+        match self {
+            Error::Candle(e) => Error::Candle(strip(e)),
+            other => other,
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
@@ -81,3 +105,30 @@ impl Error {
 
 /// Result with the crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_for_the_user_carries_no_backtrace() {
+        let inner = candle_core::Error::Msg("shape mismatch in matmul".into());
+        let traced = candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+        .context("layer fc1");
+        let with = Error::Candle(traced).to_string();
+        assert!(
+            with.contains("backtrace") || with.lines().count() > 2,
+            "{with}"
+        );
+        let traced = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch in matmul".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        }
+        .context("layer fc1");
+        let shown = Error::Candle(traced).without_backtrace().to_string();
+        assert_eq!(shown, "layer fc1\nshape mismatch in matmul");
+    }
+}

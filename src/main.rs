@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("whvi: error: {e}");
+            eprintln!("whvi: error: {}", e.without_backtrace());
             ExitCode::FAILURE
         }
     }

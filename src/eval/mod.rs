@@ -387,10 +387,13 @@ pub fn evaluate(
             .dataset
             .or(training_kind)
             .unwrap_or(DatasetKind::Cifar10);
-        let data_path = config
-            .data
-            .clone()
-            .or_else(|| training.as_ref().and_then(|t| t.1.clone()));
+        // The training run's data path only serves the data set it was trained on.
+        let data_path = config.data.clone().or_else(|| {
+            training
+                .as_ref()
+                .filter(|t| t.0 == kind)
+                .and_then(|t| t.1.clone())
+        });
         progress(&format!("{}: loading {kind} data", path.display()));
         let sets = data::load(kind, data_path.as_deref())?;
         for note in &sets.notes {

@@ -188,6 +188,9 @@ impl fmt::Display for MetricsReport {
         writeln!(f, "{:-<1$}", "", width + 12)?;
         for (name, value) in rows {
             if let Some(value) = value {
+                // A value that rounds to zero prints as 0, not -0.000000 (entropies and NLLs
+                // of certain predictions come out as -1e-17).
+                let value = if value.abs() < 5e-7 { 0.0 } else { value };
                 writeln!(f, "{name:<width$}  {value:>10.6}")?;
             }
         }
