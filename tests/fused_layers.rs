@@ -264,3 +264,39 @@ fn max_pool_lets_the_first_nan_of_a_window_win() {
         }
     }
 }
+
+/// The second and later posterior samples of a step see the same batch: they normalise with
+/// its statistics but leave the running statistics alone (fused CPU path and candle-nn's).
+#[test]
+fn a_pass_without_statistics_normalises_by_the_batch_and_keeps_the_running_statistics() {
+    // Rank 4 takes the fused CPU op; rank 2 goes through candle-nn's layer (as on a GPU).
+    for (dtype, shape) in [(DType::F32, &[4, 3, 5, 5][..]), (DType::F32, &[6, 3][..])] {
+        let (ours, _, maps) = batch_norms(3, dtype, false);
+        let x = random(shape, 7, dtype);
+        let stats = || -> Vec<Vec<f64>> {
+            ["running_mean", "running_var"]
+                .iter()
+                .map(|n| {
+                    let t = var_of(&maps[0], n)
+                        .as_tensor()
+                        .to_dtype(DType::F64)
+                        .unwrap();
+                    t.to_vec1::<f64>().unwrap()
+                })
+                .collect()
+        };
+        let before = stats();
+        let kept = ours
+            .forward_pass(&x, &mut Pass::train(&mut seeded(0)).without_statistics())
+            .unwrap();
+        assert_eq!(stats(), before, "{shape:?}: running statistics changed");
+        let updated = ours
+            .forward_pass(&x, &mut Pass::train(&mut seeded(0)))
+            .unwrap();
+        assert_ne!(stats(), before, "{shape:?}: a training pass updates them");
+        assert!(
+            max_rel_err(&kept, &updated) < 1e-6,
+            "{dtype:?}: same batch statistics"
+        );
+    }
+}

@@ -62,7 +62,7 @@ impl BatchNorm2d {
         x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4
     }
 
-    fn forward_fused(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_fused(&self, x: &Tensor, train: bool, update_statistics: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != self.channels {
             bail!(
@@ -89,7 +89,9 @@ impl BatchNorm2d {
                     with_slices::<f64, _>("batch norm", &[&x], |d| channel_moments(d[0], c, h * w))?
                 }
             };
-            self.update_running(&mean, &var, count)?;
+            if update_statistics {
+                self.update_running(&mean, &var, count)?;
+            }
             (mean, var)
         } else {
             (
@@ -140,9 +142,23 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
 impl BayesianModule for BatchNorm2d {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         if self.fused_path(x) {
-            return self.forward_fused(x, pass.is_train());
+            return self.forward_fused(x, pass.is_train(), pass.updates_statistics());
         }
+        // candle-nn's layer updates the running statistics in every training pass: put them
+        // back when this pass must not.
+        let kept = if pass.is_train() && !pass.updates_statistics() {
+            Some((
+                self.running_mean.as_tensor().copy()?,
+                self.running_var.as_tensor().copy()?,
+            ))
+        } else {
+            None
+        };
         let y = self.inner.forward_t(x, pass.is_train())?;
+        if let Some((mean, var)) = kept {
+            self.running_mean.set(&mean)?;
+            self.running_var.set(&var)?;
+        }
         if self.relu {
             y.relu()
         } else {

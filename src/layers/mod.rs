@@ -36,16 +36,32 @@ use crate::rng::WhviRng;
 /// The caller owns the random generator, so a seed reproduces a run bit for bit on the CPU.
 pub struct Pass<'a> {
     train: bool,
+    statistics: bool,
     rng: Option<&'a mut WhviRng>,
 }
 
 impl<'a> Pass<'a> {
-    /// A training pass: sample from the posterior, dropout on, BatchNorm uses batch statistics.
+    /// A training pass: sample from the posterior, dropout on, BatchNorm uses batch statistics
+    /// and updates its running statistics with them.
     pub fn train(rng: &'a mut WhviRng) -> Self {
         Pass {
             train: true,
+            statistics: true,
             rng: Some(rng),
         }
+    }
+
+    /// The same pass, leaving BatchNorm's running statistics as they are: for the second and
+    /// later posterior samples of one step, which see the same batch (updating once per sample
+    /// would make the running average forget S times as fast).
+    pub fn without_statistics(mut self) -> Self {
+        self.statistics = false;
+        self
+    }
+
+    /// Whether BatchNorm updates its running statistics in this pass.
+    pub fn updates_statistics(&self) -> bool {
+        self.train && self.statistics
     }
 
     /// A prediction pass that draws one posterior sample (one Monte Carlo sample of the
@@ -53,6 +69,7 @@ impl<'a> Pass<'a> {
     pub fn sample(rng: &'a mut WhviRng) -> Self {
         Pass {
             train: false,
+            statistics: false,
             rng: Some(rng),
         }
     }
@@ -61,6 +78,7 @@ impl<'a> Pass<'a> {
     pub fn mean() -> Self {
         Pass {
             train: false,
+            statistics: false,
             rng: None,
         }
     }

@@ -94,7 +94,9 @@ struct ResumeState {
 struct EpochSums {
     loss: f64,
     nll: f64,
-    correct: u64,
+    /// Correct predictions, averaged over the step's posterior samples (so fractional): a
+    /// per-step rounding would bias the accuracy of runs with several samples.
+    correct: f64,
     seen: u64,
     seconds: f64,
 }
@@ -350,13 +352,13 @@ pub fn train(
             let b = labels.dim(0)? as u64;
             state.sums.loss += outcome.loss * b as f64;
             state.sums.nll += outcome.nll * b as f64;
-            state.sums.correct += outcome.correct.round() as u64;
+            state.sums.correct += outcome.correct;
             state.sums.seen += b;
             state.batch_in_epoch += 1;
             progress.batch(
                 state.batch_in_epoch,
                 state.sums.loss / state.sums.seen as f64,
-                state.sums.correct as f64 / state.sums.seen as f64,
+                state.sums.correct / state.sums.seen as f64,
             );
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
@@ -407,7 +409,7 @@ pub fn train(
             train_loss: state.sums.loss / state.sums.seen as f64,
             train_nll: state.sums.nll / state.sums.seen as f64,
             kl: network.kl()?.to_scalar::<f32>()? as f64,
-            train_accuracy: state.sums.correct as f64 / state.sums.seen as f64,
+            train_accuracy: state.sums.correct / state.sums.seen as f64,
             val_accuracy,
             val_nll,
             val_ece,

@@ -56,8 +56,15 @@ pub fn train_step(
         Some(s) => s + term,
         None => Ok(term),
     };
-    for _ in 0..samples {
-        let logits = network.forward_pass(images, &mut Pass::train(rng))?;
+    for sample in 0..samples {
+        // One update of BatchNorm's running statistics per step, not one per sample.
+        let pass = Pass::train(rng);
+        let mut pass = if sample == 0 {
+            pass
+        } else {
+            pass.without_statistics()
+        };
+        let logits = network.forward_pass(images, &mut pass)?;
         let kl = network.kl()?;
         let loss = elbo_loss(&logits, labels, &kl, settings.n_train, settings.beta)?;
         let nll = candle_nn::loss::cross_entropy(&logits, labels)?.detach();
