@@ -168,7 +168,7 @@ pub struct BuildArgs {
     #[arg(long)]
     pub classes: Option<usize>,
     /// Input shape C,H,W (default: the spec's, or the data set's when training).
-    #[arg(long, value_delimiter = ',', num_args = 3)]
+    #[arg(long, value_delimiter = ',')]
     pub input: Option<Vec<usize>>,
 }
 
@@ -202,7 +202,15 @@ impl BuildArgs {
             overrides,
             width: self.width.unwrap_or(1.0),
             classes: self.classes,
-            input: self.input.as_ref().map(|v| [v[0], v[1], v[2]]),
+            input: match self.input.as_deref() {
+                None => None,
+                Some(&[c, h, w]) => Some([c, h, w]),
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "--input takes three numbers C,H,W (e.g. --input 3,32,32), got {other:?}"
+                    )))
+                }
+            },
             conv_sampling: match self.conv_sampling {
                 ConvSamplingArg::Shared => ConvSampling::Shared,
                 ConvSamplingArg::PerExample => ConvSampling::PerExample,

@@ -73,6 +73,11 @@ impl Error {
         }
     }
 
+    /// A candle error's message without candle's backtraces, to embed in another message.
+    pub fn candle_message(e: candle_core::Error) -> String {
+        Error::Candle(e).without_backtrace().to_string()
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -338,5 +338,9 @@ fn a_network_too_large_for_memory_is_refused_before_any_allocation() {
         err.contains("parameters") && err.contains("--width"),
         "{err}"
     );
+    assert!(
+        err.contains("more than 2^64 parameters") && !err.contains(&u64::MAX.to_string()),
+        "a saturated count is not printed as a number: {err}"
+    );
     assert!(params.named_vars().is_empty(), "nothing was allocated");
 }

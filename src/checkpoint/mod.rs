@@ -261,7 +261,10 @@ impl Checkpoint {
         for (name, view) in file.tensors() {
             refuse_non_finite(path, &name, &view)?;
             let tensor = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
-                Error::checkpoint(path, format!("tensor {name} cannot be read: {e}"))
+                Error::checkpoint(
+                    path,
+                    format!("tensor {name} cannot be read: {}", Error::candle_message(e)),
+                )
             })?;
             match name.strip_prefix(OPTIMIZER_PREFIX) {
                 Some(rest) => optimizer.insert(rest.to_string(), tensor),
@@ -309,7 +312,12 @@ impl Checkpoint {
             &checkpoint.meta.options,
             params.var_builder(dtype, device),
         )
-        .map_err(|e| Error::checkpoint(path, format!("does not match its own spec: {e}")))?;
+        .map_err(|e| {
+            Error::checkpoint(
+                path,
+                format!("does not match its own spec: {}", e.without_backtrace()),
+            )
+        })?;
         let stray = params.unrequested();
         if !stray.is_empty() {
             return Err(Error::checkpoint(

@@ -465,10 +465,18 @@ pub fn check_fits_in_memory(rows: &[LayerPlan], copies: u64) -> Result<()> {
     let available = crate::device::available_memory().unwrap_or(u64::MAX);
     if bytes > available {
         let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        // The sums saturate: say so rather than print the saturated value as a count.
+        let count = match params {
+            usize::MAX => "more than 2^64".to_string(),
+            n => n.to_string(),
+        };
+        let size = match bytes {
+            u64::MAX => "more than 2^34".to_string(),
+            b => format!("{:.1}", gib(b)),
+        };
         return Err(Error::invalid(format!(
-            "the network has {params} parameters: {:.1} GiB {}, more than the {:.1} GiB this \
+            "the network has {count} parameters: {size} GiB {}, more than the {:.1} GiB this \
              machine has available; use a smaller --width or smaller layers",
-            gib(bytes),
             if copies > 1 { "to train" } else { "to hold" },
             gib(available)
         )));
