@@ -172,6 +172,31 @@ case_ "(and no backtrace printed)" 1 -- grep -q '^ *[0-9]*: ' "$work/err.txt"
 "$whvi" train --model lenet5 --dataset mnist --data mnist --epochs 1 --batch-size 50 --validation 20 \
     --eval-samples 2 --test-samples 2 --quiet --out mnist-run >/dev/null 2>&1
 case_ "eval an MNIST run --dataset cifar10" 1 -- "$whvi" eval mnist-run/best.safetensors --dataset cifar10 --samples 2
+# 10. Found by reading the code (the panic audit): sizes from flags and metadata.
+case_ "eval --samples 100000000" 1 -- "$whvi" eval "$ck" --samples 100000000 --limit 50
+case_ "zoo vgg16 --width 1e9 (saturated counts)" 0 -- "$whvi" zoo vgg16 --width 1e9
+case_ "zoo lenet5 --width 1e300" 1 -- "$whvi" zoo lenet5 --width 1e300
+case_ "bench layers --reps 0" 1 -- "$whvi" bench layers --reps 0
+case_ "bench train --steps 0" 1 -- "$whvi" bench train --steps 0
+case_ "bench fwht --bytes 2^64-1" 1 -- "$whvi" bench fwht --bytes 18446744073709551615
+case_ "train --time-limit nan" 1 -- train_small --time-limit nan --out nan-limit
+python3 - "$ck" <<'EOF'
+import json, struct, sys
+# Metadata is not covered by the checksum: a stride of 0, and one std for three channels.
+data = open(sys.argv[1], 'rb').read()
+start = 8 + struct.unpack('<Q', data[:8])[0]
+for name, key, edit in (
+    ('stride0.safetensors', 'spec', lambda v: v.replace('"stride":1', '"stride":0', 1)),
+    ('norm.safetensors', 'normalization', lambda v: '{"mean":[0.5,0.5,0.5],"std":[0.25]}'),
+):
+    header = json.loads(data[8:start])
+    header['__metadata__'][key] = edit(header['__metadata__'][key])
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    open(name, 'wb').write(struct.pack('<Q', len(text)) + text + data[start:])
+EOF
+case_ "eval a checkpoint whose spec has stride 0" 1 -- "$whvi" eval stride0.safetensors --samples 2 --limit 50
+case_ "eval one with 1 std for 3 channels" 1 -- "$whvi" eval norm.safetensors --samples 2 --limit 50
 
 echo "-- $failures failing case(s)"
 [[ $failures -eq 0 ]]

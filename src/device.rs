@@ -71,6 +71,22 @@ pub fn available_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// Refuses to go on when an allocation of `bytes` (`None`: more than 64 bits can count) would
+/// not fit in the memory available, so that the process reports it instead of aborting on a
+/// failed allocation. `what` names the allocation, `remedy` says what to change.
+pub fn check_memory(bytes: Option<u64>, what: impl std::fmt::Display, remedy: &str) -> Result<()> {
+    let available = available_memory().unwrap_or(u64::MAX);
+    if bytes.is_some_and(|b| b <= available) {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    let size = bytes.map_or("more than 2^34".to_string(), |b| format!("{:.1}", gib(b)));
+    Err(Error::invalid(format!(
+        "{what} needs {size} GiB, more than the {:.1} GiB this machine has available; {remedy}",
+        gib(available)
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,7 +191,33 @@ fn bad_files_give_errors_that_say_what_is_wrong() {
     });
     let err = load_error(&bad_spec);
     assert!(
-        err.contains("metadata 'spec' does not parse at line 2"),
+        err.contains("metadata 'spec' does not parse") && err.contains("at line 2"),
+        "{err}"
+    );
+
+    // Metadata is not covered by the checksum: what it says is checked as a spec file would be.
+    let stride = dir.join("stride.safetensors");
+    rewrite(&path, &stride, |_, m| {
+        let spec = m["spec"].replacen("\"stride\":1", "\"stride\":0", 1);
+        assert_ne!(spec, m["spec"], "the spec has a stride to edit");
+        m.insert("spec".into(), spec);
+    });
+    let err = load_error(&stride);
+    assert!(
+        err.contains("features[0]") && err.contains("stride"),
+        "{err}"
+    );
+
+    let normalization = dir.join("normalization.safetensors");
+    rewrite(&path, &normalization, |_, m| {
+        m.insert(
+            "normalization".into(),
+            "{\"mean\": [0.5], \"std\": []}".into(),
+        );
+    });
+    let err = load_error(&normalization);
+    assert!(
+        err.contains("normalization") && err.contains("1 means and 0 standard deviations"),
         "{err}"
     );
 

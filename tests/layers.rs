@@ -713,3 +713,58 @@ fn the_fused_backward_repeats_bit_for_bit_at_three_threads() {
         assert!(gradients() == first, "run {run} gave other gradient bits");
     }
 }
+
+/// Sizes a layer cannot take are errors, not panics or overflowed shapes.
+#[test]
+fn layers_refuse_sizes_they_cannot_take() {
+    let params = Params::new(0);
+    let vb = || params.var_builder(DType::F32, &CPU);
+    let too_wide = (1usize << 63) + 1;
+    let err = WhviLinear::new(too_wide, 4, Prior::HeLike, vb())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("d_in <= 2^30"), "{err}");
+    let err = WhviConv2d::new(
+        1 << 40,
+        4,
+        1 << 20,
+        1,
+        0,
+        ConvSampling::Shared,
+        Prior::HeLike,
+        vb(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("too many"), "{err}");
+    // A zero fan-in made the He variance infinite and the KL NaN.
+    for (d_in, d_out) in [(0, 3), (3, 0)] {
+        let err = MeanFieldLinear::new(d_in, d_out, Prior::HeLike, vb())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("sizes >= 1"), "{err}");
+    }
+    let err = MeanFieldConv2d::new(
+        0,
+        4,
+        3,
+        1,
+        1,
+        MeanFieldConvMode::default(),
+        Prior::HeLike,
+        vb(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("sizes >= 1"), "{err}");
+    // Off the fused path (f16) a zero window reached candle's division by the stride.
+    let x = Tensor::zeros((1, 1, 4, 4), DType::F16, &CPU).unwrap();
+    let err = MaxPool2d::new(0)
+        .forward_pass(&x, &mut Pass::mean())
+        .unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
+    let net = Sequential::new().with(MaxPool2d::new(2));
+    let err = net.forward_range(&x, 0..3, &mut Pass::mean()).unwrap_err();
+    assert!(err.to_string().contains("has layers 0..1"), "{err}");
+    assert!(params.named_vars().is_empty(), "nothing was allocated");
+}

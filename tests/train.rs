@@ -302,7 +302,62 @@ fn weights(path: &Path) -> Vec<(String, Vec<u64>)> {
 }
 
 #[test]
+fn settings_out_of_range_are_refused_with_the_flag_named() {
+    for limit in [f64::NAN, -1.0, 0.0, f64::INFINITY] {
+        let config = TrainConfig {
+            time_limit_minutes: Some(limit),
+            ..TrainConfig::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("--time-limit"), "{limit}: {err}");
+    }
+    let config = TrainConfig {
+        time_limit_minutes: Some(0.5),
+        ..TrainConfig::default()
+    };
+    config.validate().unwrap();
+}
+
+#[test]
+fn resume_after_the_data_shrank_is_refused_not_a_panic() {
+    let root = write_dataset(&temp_root("shrunk"), 64);
+    let run = config(&root, "run");
+    let flag = Arc::new(AtomicBool::new(false));
+    let mut stopper = StopAfter {
+        batches: 7, // batch 7 of 8 in the first epoch
+        seen: 0,
+        flag: flag.clone(),
+    };
+    let err = train(&run, Start::New, &Device::Cpu, &mut stopper, flag).unwrap_err();
+    assert!(matches!(err, whvi::Error::Interrupted(_)), "{err}");
+    // 5 x 40 images, 64 of them held out: 4 batches of 32 an epoch, fewer than the run had done.
+    write_dataset(&root, 40);
+    let err = train(
+        &run,
+        Start::Resume,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("after batch 7") && err.contains("now has 4 batches"),
+        "{err}"
+    );
+}
+
+/// Run at 3 threads, not a power of two, so that a reduction grouped by work stealing would show.
+#[test]
 fn interrupted_and_resumed_run_equals_uninterrupted_run() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(resume_at_the_current_thread_count);
+}
+
+fn resume_at_the_current_thread_count() {
     let root = write_dataset(&temp_root("resume"), 64);
     let straight = config(&root, "straight");
     train(

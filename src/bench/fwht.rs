@@ -118,6 +118,17 @@ pub fn run(
         None => LOG2_DS.to_vec(),
     };
     let batches: Vec<usize> = config.bytes.map_or(BATCH_BYTES.to_vec(), |b| vec![b]);
+    if let Some(bytes) = config.bytes {
+        if bytes == 0 {
+            return Err(Error::invalid("bench fwht: --bytes must be at least 1"));
+        }
+        // The batch, its pristine copy and the two buffers of the memcpy baseline.
+        crate::device::check_memory(
+            (bytes as u64).checked_mul(4),
+            format_args!("bench fwht with batches of {bytes} bytes"),
+            "use a smaller --bytes",
+        )?;
+    }
     if config.reps == 0 {
         return Err(Error::invalid("bench fwht: --reps must be at least 1"));
     }

@@ -11,7 +11,7 @@ use crate::layers::{
 };
 use crate::params::Params;
 use crate::rng::seeded;
-use crate::Result;
+use crate::{Error, Result};
 
 /// One measured layer and size.
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +63,11 @@ pub fn bench_layers(
     config: &LayerBenchConfig,
     mut report: impl FnMut(&LayerTiming),
 ) -> Result<Vec<LayerTiming>> {
+    if config.reps == 0 || config.batch == 0 {
+        return Err(Error::invalid(
+            "bench layers: the batch and the repetitions must be at least 1",
+        ));
+    }
     let device = Device::Cpu;
     let threads = rayon::current_num_threads();
     let mut out = Vec::new();

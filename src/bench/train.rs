@@ -12,7 +12,7 @@ use crate::params::Params;
 use crate::rng::seeded;
 use crate::train::{train_step, trainable, StepSettings};
 use crate::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Which layers of the network are WHVI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -83,6 +83,17 @@ pub fn bench_train(
     config: &TrainBenchConfig,
     mut report: impl FnMut(&TrainTiming),
 ) -> Result<Vec<TrainTiming>> {
+    if config.steps == 0 || config.batch == 0 {
+        return Err(Error::invalid(
+            "bench train: the batch and the steps must be at least 1",
+        ));
+    }
+    let image_bytes = (config.batch as u64).checked_mul(3 * 32 * 32 * 4);
+    crate::device::check_memory(
+        image_bytes,
+        "the benchmark's batch of images",
+        "use a smaller --batch",
+    )?;
     let device = &config.device;
     let mut rng = seeded(0);
     let images = standard_normal((config.batch, 3, 32, 32), DType::F32, device, &mut rng)?;

@@ -132,15 +132,9 @@ impl CheckpointMeta {
             ));
         }
         fn parse<T: DeserializeOwned>(path: &Path, key: &str, text: &str) -> Result<T> {
+            // serde_json's message ends with the line and column where they mean something.
             serde_json::from_str(text).map_err(|e| {
-                Error::checkpoint(
-                    path,
-                    format!(
-                        "metadata '{key}' does not parse at line {}, column {}: {e}",
-                        e.line(),
-                        e.column()
-                    ),
-                )
+                Error::checkpoint(path, format!("metadata '{key}' does not parse: {e}"))
             })
         }
         let number = |key: &str| -> Result<u64> {

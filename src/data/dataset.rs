@@ -56,7 +56,15 @@ impl ImageDataset {
                 "image shape {channels}x{height}x{width} (CxHxW) has a zero dimension"
             )));
         }
-        let image_len = channels * height * width;
+        let image_len = channels
+            .checked_mul(height)
+            .and_then(|n| n.checked_mul(width))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "image shape {channels}x{height}x{width} (CxHxW) has more pixels than 64 \
+                     bits count"
+                ))
+            })?;
         if Some(images.len()) != labels.len().checked_mul(image_len) {
             return Err(Error::invalid(format!(
                 "{} pixel bytes do not make {} images of {channels}x{height}x{width}",
@@ -252,6 +260,18 @@ impl ImageDataset {
                 self.height, self.width
             )));
         }
+        let image_len = channels
+            .checked_mul(height)
+            .and_then(|n| n.checked_mul(width));
+        let bytes = image_len.and_then(|n| n.checked_mul(self.len()));
+        crate::device::check_memory(
+            bytes.map(|b| b as u64),
+            format_args!(
+                "converting {} images to {channels}x{height}x{width}",
+                self.len()
+            ),
+            "convert to a smaller size",
+        )?;
         let plane = height * width;
         let mut images = vec![0u8; self.len() * channels * plane];
         let mut resized = vec![0u8; plane];
@@ -340,9 +360,27 @@ mod tests {
         assert!(ImageDataset::new(vec![0; 4], vec![0, 2], 1, 1, 2, classes(2)).is_err());
         assert!(ImageDataset::new(vec![], vec![], 0, 1, 2, classes(2)).is_err());
         assert!(ImageDataset::new(vec![], vec![], 1, 1, 1, vec![]).is_err());
+        // A shape whose pixel count wraps to 0 in 64 bits is not an image of no pixels.
+        let err = ImageDataset::new(vec![], vec![0], 1, 1 << 32, 1 << 32, classes(1)).unwrap_err();
+        assert!(
+            err.to_string().contains("more pixels than 64 bits"),
+            "{err}"
+        );
         let ok = ImageDataset::new(vec![1, 2, 3, 4], vec![0, 1], 1, 1, 2, classes(2)).unwrap();
         assert_eq!(ok.image(1), &[3, 4]);
         assert_eq!(ok.class_counts(), vec![1, 1]);
+    }
+
+    #[test]
+    fn converting_to_a_size_beyond_memory_is_refused_before_allocating() {
+        let data = ImageDataset::new(vec![1, 2, 3, 4], vec![0, 1], 1, 1, 2, classes(2)).unwrap();
+        let err = data
+            .convert(3, 1 << 20, 1 << 20, Resize::Bilinear)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("this machine has available"),
+            "{err}"
+        );
     }
 
     #[test]

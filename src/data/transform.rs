@@ -11,9 +11,26 @@ use crate::{Error, Result};
 ///
 /// Means and standard deviations are on the `[0, 1]` pixel scale.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "NormalizationFields")]
 pub struct Normalization {
     mean: Vec<f32>,
     std: Vec<f32>,
+}
+
+/// What a stored normalisation holds, checked by [`Normalization::new`] on the way in (a
+/// checkpoint's metadata is not covered by its checksum).
+#[derive(Deserialize)]
+struct NormalizationFields {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+impl TryFrom<NormalizationFields> for Normalization {
+    type Error = Error;
+
+    fn try_from(fields: NormalizationFields) -> Result<Self> {
+        Normalization::new(fields.mean, fields.std)
+    }
 }
 
 impl Normalization {

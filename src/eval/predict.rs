@@ -72,6 +72,14 @@ pub fn predict(
         1
     };
     let (n, k) = (data.len(), network.num_classes());
+    let values = samples.checked_mul(n).and_then(|v| v.checked_mul(k));
+    // The f32 block below and its f64 copy in SampleProbs.
+    let bytes = values.and_then(|v| u64::try_from(v).ok()?.checked_mul(12));
+    crate::device::check_memory(
+        bytes,
+        format_args!("keeping {samples} posterior samples of {n} images x {k} classes"),
+        "ask for fewer samples (--samples) or predict on fewer images",
+    )?;
     let mut per_sample = vec![0f32; samples * n * k];
     let batches = Batches::new(
         data,

@@ -27,7 +27,17 @@ struct GaussianWeights {
 }
 
 impl GaussianWeights {
-    fn new(shape: &[usize], fan_in: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
+    /// `shape` is `[out, in, ...]`; the fan-in is the product of all but the first.
+    fn new(shape: &[usize], prior: Prior, vb: VarBuilder) -> Result<Self> {
+        let fan_in = shape[1..]
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .filter(|&n| n > 0);
+        let (Some(fan_in), true) = (fan_in, shape[0] > 0) else {
+            candle_core::bail!(
+                "a mean-field layer needs sizes >= 1 whose product fits in 64 bits, got {shape:?}"
+            );
+        };
         let he_var = 2.0 / fan_in as f64;
         let mu = vb.get_with_hints(
             shape,
@@ -88,7 +98,7 @@ impl MeanFieldLinear {
     /// A `d_in -> d_out` layer; parameters `mu`, `log_sigma` `[d_out, d_in]` and `bias`.
     pub fn new(d_in: usize, d_out: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
         Ok(MeanFieldLinear {
-            weights: GaussianWeights::new(&[d_out, d_in], d_in, prior, vb)?,
+            weights: GaussianWeights::new(&[d_out, d_in], prior, vb)?,
             d_in,
             d_out,
         })
@@ -161,7 +171,7 @@ impl MeanFieldConv2d {
     ) -> Result<Self> {
         let shape = [out_channels, in_channels, kernel, kernel];
         Ok(MeanFieldConv2d {
-            weights: GaussianWeights::new(&shape, in_channels * kernel * kernel, prior, vb)?,
+            weights: GaussianWeights::new(&shape, prior, vb)?,
             in_channels,
             out_channels,
             kernel,

@@ -26,10 +26,6 @@ impl MaxPool2d {
 
 impl BayesianModule for MaxPool2d {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
-        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-        if !fused {
-            return x.max_pool2d(self.size);
-        }
         let (_, _, h, w) = x.dims4()?;
         if self.size == 0 || h < self.size || w < self.size {
             bail!(
@@ -37,6 +33,10 @@ impl BayesianModule for MaxPool2d {
                  fewer pooling stages",
                 self.size
             );
+        }
+        let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if !fused {
+            return x.max_pool2d(self.size);
         }
         x.contiguous()?.apply_op1(MaxPoolOp { size: self.size })
     }

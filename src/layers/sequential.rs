@@ -116,8 +116,14 @@ impl Sequential {
         range: std::ops::Range<usize>,
         pass: &mut Pass,
     ) -> Result<Tensor> {
+        let Some(layers) = self.layers.get(range.clone()) else {
+            candle_core::bail!(
+                "forward_range {range:?}: the network has layers 0..{}",
+                self.layers.len()
+            );
+        };
         let mut x = x.clone();
-        for layer in &self.layers[range] {
+        for layer in layers {
             x = layer.forward_pass(&x, pass)?;
         }
         Ok(x)

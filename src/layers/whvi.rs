@@ -48,7 +48,10 @@ impl WhviBlocks {
         if d_in == 0 || d_out == 0 {
             candle_core::bail!("a WHVI matrix needs d_in, d_out >= 1 (got {d_out} x {d_in})");
         }
-        let d = d_in.next_power_of_two();
+        // The FWHT takes rows of at most 2^30.
+        let Some(d) = d_in.checked_next_power_of_two().filter(|&d| d <= 1 << 30) else {
+            candle_core::bail!("a WHVI matrix takes d_in <= 2^30 (got {d_in})");
+        };
         let blocks = d_out.div_ceil(d);
         let mu_std = (2.0 / (d as f64 * d_in as f64)).sqrt();
         let s_init = Init::Randn {
@@ -382,12 +385,13 @@ impl WhviConv2d {
         if kernel == 0 || stride == 0 {
             candle_core::bail!("WhviConv2d: kernel size and stride must be >= 1");
         }
-        let blocks = WhviBlocks::new(
-            in_channels * kernel * kernel,
-            out_channels,
-            prior,
-            vb.clone(),
-        )?;
+        let fan_in = kernel.checked_mul(kernel);
+        let Some(fan_in) = fan_in.and_then(|k2| in_channels.checked_mul(k2)) else {
+            candle_core::bail!(
+                "WhviConv2d: {in_channels} x {kernel}^2 inputs per filter is too many"
+            );
+        };
+        let blocks = WhviBlocks::new(fan_in, out_channels, prior, vb.clone())?;
         let bias = Some(vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?);
         let hadamard_rows = blocks.hadamard_rows(vb.device())?;
         Ok(WhviConv2d {

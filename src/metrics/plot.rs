@@ -487,7 +487,7 @@ impl Figure for Corruption<'_> {
                 .build_cartesian_2d(x_range.clone(), 0.0..top)?;
             chart
                 .configure_mesh()
-                .x_labels((s_max - s_min) as usize + 1)
+                .x_labels(((s_max - s_min) as usize + 1).min(21))
                 .y_labels(10)
                 .x_label_formatter(&|v| format!("{v:.0}"))
                 .y_label_formatter(&|v| format!("{v:.2}"))

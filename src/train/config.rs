@@ -153,6 +153,13 @@ impl TrainConfig {
                 self.diagonal_lr_scale
             )));
         }
+        if let Some(t) = self.time_limit_minutes {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(Error::invalid(format!(
+                    "--time-limit must be a positive number of minutes, got {t}"
+                )));
+            }
+        }
         self.schedule.validate()?;
         Ok(())
     }

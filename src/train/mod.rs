@@ -282,7 +282,15 @@ pub fn train(
             config.batch_size
         )));
     }
-    let total_steps = (batches_per_epoch * config.epochs) as u64;
+    if state.batch_in_epoch > batches_per_epoch {
+        return Err(Error::invalid(format!(
+            "--resume: the run stopped after batch {} of an epoch, but an epoch of the training \
+             set now has {batches_per_epoch} batches ({n_train} images): the data at the run's \
+             path changed; resume with the data it was trained on",
+            state.batch_in_epoch
+        )));
+    }
+    let total_steps = (batches_per_epoch as u64).saturating_mul(config.epochs as u64);
     let augment = if config.augment {
         Augment::for_kind(config.dataset)
     } else {

@@ -11,4 +11,4 @@ pub use network::{
     check_fits_in_memory, plan, summary, BayesPolicy, BuildOptions, LayerKind, LayerPlan, Method,
     Network,
 };
-pub use spec::{ConvSpec, Feature, ModelSpec, PoolMarker, BUILTIN};
+pub use spec::{ConvSpec, Feature, ModelSpec, PoolMarker, BUILTIN, MAX_SIZE};

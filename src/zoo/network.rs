@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::spec::ModelSpec;
+use super::spec::{ModelSpec, MAX_SIZE};
 use crate::layers::{
     Activation, BatchNorm2d, BayesianModule, Conv2d, ConvSampling, Flatten, Linear, MaxPool2d,
     McDropout, MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear, Pass, Prior, ReluAppliedBefore,
@@ -250,6 +250,7 @@ fn scaled(width: usize, multiplier: f64) -> usize {
 
 /// Lays out the layers of `spec` under `options`, checking that the geometry works.
 pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> {
+    spec.validate(&spec.name)?;
     if !(options.width > 0.0 && options.width.is_finite()) {
         return Err(Error::invalid(format!(
             "width multiplier must be a positive number, got {}",
@@ -269,9 +270,9 @@ pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> 
         )));
     }
     let [mut c, mut h, mut w] = options.input.unwrap_or(spec.input);
-    if c == 0 || h == 0 || w == 0 {
+    if c == 0 || h == 0 || w == 0 || [c, h, w].iter().any(|&d| d > MAX_SIZE) {
         return Err(Error::invalid(format!(
-            "input shape [{c}, {h}, {w}] has a zero dimension"
+            "input shape [{c}, {h}, {w}] has a zero dimension or one over {MAX_SIZE}"
         )));
     }
     let mut rows: Vec<LayerPlan> = Vec::new();
@@ -343,7 +344,16 @@ pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> 
             }
         }
     }
-    let mut features = c * h * w;
+    let mut features = [c, h, w]
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: the features reach the head as {c}x{h}x{w} values, more than 64 bits \
+                 count; use a smaller --width",
+                spec.name
+            ))
+        })?;
     push("flatten".to_string(), LayerKind::Flatten, vec![features]);
     let dense: Vec<(String, usize)> = spec
         .head
@@ -458,30 +468,23 @@ fn insert_dropout(rows: Vec<LayerPlan>, p: f64) -> Vec<LayerPlan> {
 /// with AdamW: weights, gradients and two moments), would not fit in the memory available now,
 /// instead of letting the allocation abort the process.
 pub fn check_fits_in_memory(rows: &[LayerPlan], copies: u64) -> Result<()> {
+    // Row counts saturate: usize::MAX means more than can be counted.
     let params = rows
         .iter()
-        .fold(0usize, |total, row| total.saturating_add(row.params()));
-    let bytes = (params as u64).saturating_mul(4).saturating_mul(copies);
-    let available = crate::device::available_memory().unwrap_or(u64::MAX);
-    if bytes > available {
-        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
-        // The sums saturate: say so rather than print the saturated value as a count.
-        let count = match params {
-            usize::MAX => "more than 2^64".to_string(),
-            n => n.to_string(),
-        };
-        let size = match bytes {
-            u64::MAX => "more than 2^34".to_string(),
-            b => format!("{:.1}", gib(b)),
-        };
-        return Err(Error::invalid(format!(
-            "the network has {count} parameters: {size} GiB {}, more than the {:.1} GiB this \
-             machine has available; use a smaller --width or smaller layers",
-            if copies > 1 { "to train" } else { "to hold" },
-            gib(available)
-        )));
-    }
-    Ok(())
+        .try_fold(0usize, |total, row| total.checked_add(row.params()))
+        .filter(|&p| p != usize::MAX);
+    let bytes = params.and_then(|p| (p as u64).checked_mul(4)?.checked_mul(copies));
+    let count = params.map_or("more than 2^64".to_string(), |p| p.to_string());
+    let purpose = if copies > 1 {
+        "training it"
+    } else {
+        "holding it"
+    };
+    crate::device::check_memory(
+        bytes,
+        format_args!("the network has {count} parameters: {purpose}"),
+        "use a smaller --width or smaller layers",
+    )
 }
 
 /// A network from the zoo, ready to train or predict.
@@ -699,7 +702,7 @@ pub fn summary(spec: &ModelSpec, options: &BuildOptions) -> Result<String> {
         "{:<14} {:<14} {:<16} {:>12} {:>14} {:>14}",
         "layer", "posterior", "output", "params", "deterministic", "mean-field"
     );
-    let (mut total, mut det, mut mf) = (0, 0, 0);
+    let (mut total, mut det, mut mf) = (0usize, 0usize, 0usize);
     for row in &rows {
         let shape = row
             .output
@@ -716,9 +719,10 @@ pub fn summary(spec: &ModelSpec, options: &BuildOptions) -> Result<String> {
                 row.params_with(Method::MeanField)
             },
         );
-        total += p;
-        det += d;
-        mf += m;
+        // Counts saturate at usize::MAX for networks too large to build (zoo --width 1e9).
+        total = total.saturating_add(p);
+        det = det.saturating_add(d);
+        mf = mf.saturating_add(m);
         let posterior = if row.is_weight_layer() || matches!(row.kind, LayerKind::Dropout(_)) {
             row.method.name()
         } else {

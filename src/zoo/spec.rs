@@ -42,6 +42,10 @@ pub struct ConvSpec {
     pub padding: Option<usize>,
 }
 
+/// The largest size (input side, channels, kernel, stride, head width) a spec may give: far
+/// beyond any network that fits in memory, small enough that the geometry never overflows.
+pub const MAX_SIZE: usize = 1 << 24;
+
 fn default_kernel() -> usize {
     3
 }
@@ -141,10 +145,19 @@ impl ModelSpec {
             .collect()
     }
 
-    fn validate(&self, origin: &str) -> Result<()> {
+    /// Checks what the geometry needs: no zero sizes, paddings smaller than their kernels,
+    /// sizes small enough to compute with. Spec files are checked when read; checkpoints' and
+    /// hand-built specs when planned.
+    pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |what: String| Err(Error::invalid(format!("model spec {origin}: {what}")));
         if self.input.contains(&0) {
             return bad(format!("input shape {:?} has a zero dimension", self.input));
+        }
+        if self.input.iter().any(|&d| d > MAX_SIZE) {
+            return bad(format!(
+                "input shape {:?} has a dimension over {MAX_SIZE}",
+                self.input
+            ));
         }
         if self.classes < 2 {
             return bad(format!(
@@ -159,10 +172,26 @@ impl ModelSpec {
                         "features[{i}]: channels, kernel and stride must be >= 1"
                     ));
                 }
+                if [c.conv, c.kernel, c.stride].iter().any(|&v| v > MAX_SIZE) {
+                    return bad(format!(
+                        "features[{i}]: channels, kernel and stride must be at most {MAX_SIZE}"
+                    ));
+                }
+                if c.padding() >= c.kernel {
+                    return bad(format!(
+                        "features[{i}]: padding {} of a {k}x{k} kernel must be less than {k} \
+                         (more padding only adds outputs that see no input)",
+                        c.padding(),
+                        k = c.kernel
+                    ));
+                }
             }
         }
         if self.head.contains(&0) {
             return bad("head widths must be >= 1".to_string());
+        }
+        if self.head.iter().any(|&d| d > MAX_SIZE) {
+            return bad(format!("head widths must be at most {MAX_SIZE}"));
         }
         Ok(())
     }
