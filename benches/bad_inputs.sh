@@ -197,6 +197,18 @@ for name, key, edit in (
 EOF
 case_ "eval a checkpoint whose spec has stride 0" 1 -- "$whvi" eval stride0.safetensors --samples 2 --limit 50
 case_ "eval one with 1 std for 3 channels" 1 -- "$whvi" eval norm.safetensors --samples 2 --limit 50
+# 11. The published evaluation sets (issue 17): files of the wrong kind, shape or format.
+mkdir -p c10c && cp "$ck" c10c/labels.npy
+case_ "eval --corruptions cifar10-c:missing" 1 -- "$whvi" eval "$ck" --corruptions cifar10-c:nowhere
+case_ "eval cifar10-c: a checkpoint as labels.npy" 1 -- "$whvi" eval "$ck" --corruptions cifar10-c:c10c --samples 2 --limit 50
+case_ "eval --corruptions cifar10-c:DIR,jpeg" 1 -- "$whvi" eval "$ck" --corruptions cifar10-c:c10c,jpeg
+case_ "eval --ood svhn without a file" 1 -- "$whvi" eval "$ck" --ood svhn
+case_ "eval --ood svhn:a checkpoint" 1 "$ck" -- "$whvi" eval "$ck" --ood "svhn:$ck" --samples 2 --limit 50
+case_ "eval --save-samples without --save-probs" 1 -- "$whvi" eval "$ck" --save-samples
+case_ "eval --save-probs over the checkpoint" 1 "$ck" -- "$whvi" eval "$ck" --save-probs "$ck"
+case_ "corrupt --corruptions frost" 1 -- "$whvi" corrupt --out frost --corruptions frost
+case_ "train --dataset cifar100 without data" 1 -- "$whvi" train --dataset cifar100 --out c100
+case_ "train --dataset cifar100 on a CIFAR-10 dir" 1 -- "$whvi" train --dataset cifar100 --data c10c --out c100
 
 echo "-- $failures failing case(s)"
 [[ $failures -eq 0 ]]

@@ -6,7 +6,8 @@
 #
 #   benches/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default: 600 s, every target)
 #
-# Targets: checkpoint, cifar10_batch, cifar10_tar, cifar10_tar_gz, idx, npy, model_spec
+# Targets: checkpoint, cifar10_batch, cifar10_tar, cifar10_tar_gz, idx, npy, model_spec,
+# svhn_mat, cifar100, cifar10_c
 # (benches/fuzz/fuzz_targets/). FUZZ_JOBS=2 runs two targets at a time. The corpus grows
 # across runs in $CARGO_TARGET_DIR/fuzz-corpus; a crashing input is left in
 # $CARGO_TARGET_DIR/fuzz-artifacts/TARGET/ and its path printed: turn it into a regression
@@ -18,7 +19,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 seconds="${1:-600}"
 shift || true
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(checkpoint cifar10_batch cifar10_tar cifar10_tar_gz idx npy model_spec)
+[[ ${#targets[@]} -gt 0 ]] || targets=(checkpoint cifar10_batch cifar10_tar cifar10_tar_gz idx npy model_spec svhn_mat cifar100 cifar10_c)
 target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 corpus="$target_dir/fuzz-corpus"
 artifacts="$target_dir/fuzz-artifacts"

@@ -34,6 +34,9 @@ pub enum Command {
     /// Evaluate checkpoints: calibration, dataset shift, OOD detection; a table side by side
     /// for several checkpoints.
     Eval(EvalArgs),
+    /// Write corrupted copies of the CIFAR-10 test set in the CIFAR-10-C layout
+    /// (<corruption>.npy, labels.npy), made by whvi's on-the-fly corruptions.
+    Corrupt(CorruptArgs),
     /// Print what a checkpoint holds.
     Info {
         /// The checkpoint (.safetensors).
@@ -342,8 +345,9 @@ pub struct TrainArgs {
     /// Data set.
     #[arg(long, value_enum, default_value_t = DatasetKind::Cifar10)]
     pub dataset: DatasetKind,
-    /// Data directory or archive (CIFAR-10: cifar-10-binary.tar.gz or its extracted folder;
-    /// MNIST / Fashion-MNIST: the folder of idx files). Without it: the embedded CIFAR-10
+    /// Data directory or archive (CIFAR-10 / CIFAR-100: cifar-10-binary.tar.gz /
+    /// cifar-100-binary.tar.gz or its extracted folder; MNIST / Fashion-MNIST: the folder of
+    /// idx files). Without it: the embedded CIFAR-10
     /// sample, or Debian's Fashion-MNIST.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -444,16 +448,10 @@ impl TrainArgs {
         // Without data, CIFAR-10 means the small embedded sample: a few-minute quick start
         // with a CPU-sized network instead of the full-data defaults.
         let quick = self.data.is_none() && self.dataset == DatasetKind::Cifar10;
-        let model = self.model.clone().unwrap_or_else(|| {
-            if quick || self.dataset != DatasetKind::Cifar10 {
-                if self.dataset == DatasetKind::Cifar10 {
-                    "vgg11".into()
-                } else {
-                    "lenet5".into()
-                }
-            } else {
-                defaults.model.clone()
-            }
+        let model = self.model.clone().unwrap_or_else(|| match self.dataset {
+            DatasetKind::Mnist | DatasetKind::FashionMnist => "lenet5".into(),
+            _ if quick => "vgg11".into(),
+            _ => defaults.model.clone(),
         });
         let mut build = self.build.to_options()?;
         if self.build.width.is_none() && quick {
@@ -557,16 +555,25 @@ pub struct EvalArgs {
     /// Evaluate only the first N test images.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Corruptions at severities 1-5: `all` or a comma list (gaussian-noise, shot-noise,
+    /// Corrupted sets at severities 1-5: `cifar10-c:DIR` (every file of a CIFAR-10-C
+    /// directory), `all` or a comma list made on the fly (gaussian-noise, shot-noise,
     /// impulse-noise, defocus-blur, contrast, brightness, pixelate, jpeg).
     #[arg(long, value_delimiter = ',')]
     pub corruptions: Vec<String>,
-    /// Images per corrupted set (the first N of the test set).
+    /// Images per corrupted set and severity (the first N).
     #[arg(long, default_value_t = 1000)]
     pub corruption_images: usize,
-    /// Out-of-distribution set: noise, cifar10[:PATH], mnist:DIR or fashion-mnist[:DIR].
+    /// Out-of-distribution set: noise, svhn:PATH (test_32x32.mat), cifar10[:PATH],
+    /// cifar100:PATH, mnist:DIR or fashion-mnist[:DIR].
     #[arg(long)]
     pub ood: Option<String>,
+    /// Save the predictive probabilities and labels of every set as .npy files in DIR/RUN-STEM/
+    /// (clean.probs.npy, clean.labels.npy, fog-3.probs.npy, ood-svhn.probs.npy, ...).
+    #[arg(long, value_name = "DIR")]
+    pub save_probs: Option<PathBuf>,
+    /// With --save-probs, also save the per-sample probabilities [T, N, K] (SET.samples.npy).
+    #[arg(long)]
+    pub save_samples: bool,
     /// Write the JSON report here (an array of reports for several checkpoints). Never over
     /// an input; over an existing file only with --force.
     #[arg(long)]
@@ -590,15 +597,7 @@ pub struct EvalArgs {
 
 impl EvalArgs {
     pub fn to_config(&self) -> Result<whvi::eval::EvalConfig> {
-        use whvi::eval::{Corruption, OodSource};
-        let corruptions = if self.corruptions.iter().any(|c| c == "all") {
-            Corruption::ALL.to_vec()
-        } else {
-            self.corruptions
-                .iter()
-                .map(|c| Corruption::parse(c))
-                .collect::<Result<Vec<_>>>()?
-        };
+        use whvi::eval::{OodSource, ShiftSource};
         Ok(whvi::eval::EvalConfig {
             checkpoints: self.checkpoints.clone(),
             dataset: self.dataset,
@@ -607,9 +606,11 @@ impl EvalArgs {
             batch_size: self.batch_size,
             seed: self.seed,
             limit: self.limit,
-            corruptions,
+            shift: ShiftSource::parse(&self.corruptions)?,
             corruption_images: self.corruption_images,
             ood: self.ood.as_deref().map(OodSource::parse).transpose()?,
+            save_probs: self.save_probs.clone(),
+            save_samples: self.save_samples,
             plots: self.plots.clone(),
             temperature_scaling: !self.no_temperature,
             report: self.report.clone(),
@@ -621,4 +622,23 @@ impl EvalArgs {
             },
         })
     }
+}
+
+#[derive(Args)]
+pub struct CorruptArgs {
+    /// The directory to write (created if missing; existing corruption files are replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// CIFAR-10 data (archive or directory); without it, the embedded sample's test images.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// `all` or a comma list of corruptions made on the fly.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub corruptions: Vec<String>,
+    /// Only the first N test images (all 10,000 by default).
+    #[arg(long)]
+    pub images: Option<usize>,
+    /// Seed of the noise: the same as `whvi eval --seed` gives the same images.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }

@@ -104,6 +104,30 @@ fn run(cli: Cli) -> whvi::Result<()> {
             }
             Ok(())
         }
+        Command::Corrupt(args) => {
+            let shift = whvi::eval::ShiftSource::parse(&args.corruptions)?;
+            let Some(whvi::eval::ShiftSource::OnTheFly(corruptions)) = shift else {
+                return Err(whvi::Error::invalid(
+                    "--corruptions takes `all` or names of corruptions made on the fly",
+                ));
+            };
+            let test =
+                whvi::data::load(whvi::data::DatasetKind::Cifar10, args.data.as_deref())?.test;
+            let test = match args.images {
+                Some(n) => test.first(n)?,
+                None => test,
+            };
+            whvi::eval::write_cifar10c(&args.out, &test, &corruptions, args.seed, &mut |line| {
+                eprintln!("{line}")
+            })?;
+            println!(
+                "wrote {} corruptions x 5 severities x {} images to {}",
+                corruptions.len(),
+                test.len(),
+                args.out.display()
+            );
+            Ok(())
+        }
         Command::Info { checkpoint } => {
             print!("{}", whvi::checkpoint::describe(&checkpoint)?);
             Ok(())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use rand::Rng;
 use whvi::data::DatasetKind;
-use whvi::eval::{comparison_table, evaluate, Corruption, EvalConfig, OodSource};
+use whvi::eval::{comparison_table, evaluate, Corruption, EvalConfig, OodSource, ShiftSource};
 use whvi::optim::LrSchedule;
 use whvi::rng::seeded;
 use whvi::train::{train, OptimizerKind, Progress, QuietProgress, Start, TrainConfig};
@@ -126,9 +126,11 @@ fn eval_config(checkpoint: &Path) -> EvalConfig {
         batch_size: 50,
         seed: 0,
         limit: None,
-        corruptions: vec![Corruption::GaussianNoise],
+        shift: Some(ShiftSource::OnTheFly(vec![Corruption::GaussianNoise])),
         corruption_images: 20,
         ood: Some(OodSource::Noise),
+        save_probs: None,
+        save_samples: false,
         plots: None,
         temperature_scaling: true,
         report: None,
@@ -175,6 +177,26 @@ fn evaluation_of_the_checkpoint(root: &Path, checkpoint: &Path) {
     );
     assert!(report.metrics.ood_auroc_entropy.is_some());
     assert!(comparison_table(&reports).contains("ECE(T)"));
+    // Another copy of the data set, too small for the run's 64 validation images: the
+    // evaluation goes on without temperature scaling and says why.
+    let small = write_dataset(&root.join("small"), 12);
+    let mut notes = Vec::new();
+    let reports = evaluate(
+        &EvalConfig {
+            data: Some(small),
+            ..eval_config(checkpoint)
+        },
+        &Device::Cpu,
+        &mut |line| notes.push(line.to_string()),
+    )
+    .unwrap();
+    assert!(reports[0].temperature_scaling.is_none());
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("no temperature scaling") && n.contains("--data")),
+        "{notes:?}"
+    );
 
     let error = |config: EvalConfig| {
         evaluate(&config, &Device::Cpu, &mut |_| {})
@@ -411,7 +433,10 @@ fn resume_at_the_current_thread_count() {
         never(),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("set for 5 classes"), "{err}");
+    assert!(
+        err.to_string().contains("--classes 5") && err.to_string().contains("has 10 classes"),
+        "{err}"
+    );
     let mut input = config(&root, "input");
     input.build.input = Some([1, 28, 28]);
     let err = train(

@@ -62,6 +62,26 @@ def npy(descr, shape, data, version=1):
     return b"\x93NUMPY" + bytes([version, 0]) + size + header + data
 
 
+def mat_element(kind, data):
+    """A MATLAB 5 data element: type, length, data padded to 8 bytes."""
+    return struct.pack("<II", kind, len(data)) + data + bytes(-len(data) % 8)
+
+
+def mat_matrix(name, dims, array_class, kind, data):
+    body = mat_element(6, bytes([array_class]) + bytes(7))
+    body += mat_element(5, b"".join(struct.pack("<i", d) for d in dims))
+    body += mat_element(1, name.encode())
+    body += mat_element(kind, data)
+    return mat_element(14, body)
+
+
+def svhn_mat():
+    """An uncompressed SVHN-layout file: X uint8 [32, 32, 3, 1], y double [1, 1] = 10."""
+    header = b"MATLAB 5.0 MAT-file, fuzz seed".ljust(116) + bytes(8) + b"\x00\x01IM"
+    x = mat_matrix("X", [32, 32, 3, 1], 9, 2, bytes(i % 256 for i in range(3072)))
+    return header + x + mat_matrix("y", [1, 1], 6, 9, struct.pack("<d", 10.0))
+
+
 def main(seed_dir, checkpoint, repo):
     seeds = Path(seed_dir)
     write(seeds / "checkpoint" / "lenet5.safetensors", Path(checkpoint).read_bytes())
@@ -78,6 +98,15 @@ def main(seed_dir, checkpoint, repo):
     write(seeds / "npy" / "labels_i64", npy("<i8", [4], struct.pack("<4q", 0, 1, 2, 1)))
     write(seeds / "npy" / "labels_u1_v2", npy("|u1", [3], bytes([2, 0, 1]), version=2))
     write(seeds / "npy" / "bool", npy("|b1", [2], bytes([1, 0])))
+    write(seeds / "svhn_mat" / "scipy_compressed", Path(repo, "tests/data/svhn_tiny.mat").read_bytes())
+    write(seeds / "svhn_mat" / "plain", svhn_mat())
+    record100 = bytes([2, 11]) + bytes(i % 256 for i in range(RECORD - 1))
+    names = b"".join(f"class{i}\n".encode() for i in range(100))
+    write(seeds / "cifar100" / "with_names", split(record100 * 2, names))
+    write(seeds / "cifar100" / "standard_names", split(record100, b""))
+    labels = npy("|u1", [5], bytes([0, 1, 2, 3, 4]))
+    fog = npy("|u1", [5, 32, 32, 3], bytes(i % 251 for i in range(5 * 3072)))
+    write(seeds / "cifar10_c" / "five_images", split(labels, fog))
     for spec in sorted(Path(repo, "models").glob("*.toml")):
         write(seeds / "model_spec" / spec.name, spec.read_bytes())
 

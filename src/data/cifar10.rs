@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
-use super::{read_maybe_gz, ImageDataset, TrainTest};
+use super::{read_maybe_gz, ArchiveMembers, ImageDataset, TrainTest};
 use crate::{Error, Result};
 
 /// The CIFAR-10 class names, indexed by label.
@@ -127,54 +127,18 @@ pub fn load_dir(dir: &Path) -> Result<TrainTest> {
 /// Loads CIFAR-10 straight from the gzip-compressed tar archive `cifar-10-binary.tar.gz`,
 /// without extracting it. Members are recognised by file name, whatever their directory.
 pub fn load_tar_gz(archive: &Path) -> Result<TrainTest> {
-    let file = std::fs::File::open(archive)
-        .map_err(|e| Error::data(archive, format!("cannot open ({e}); {HINT}")))?;
-    let damaged = |e: std::io::Error| {
-        Error::data(
-            archive,
-            format!(
-                "cannot read the archive ({e}): it is truncated or not a gzip-compressed tar \
-                 file; {HINT}"
-            ),
-        )
-    };
-    let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(file));
-    let mut tar = tar::Archive::new(gz);
-    let mut members: Vec<(String, Vec<u8>)> = Vec::new();
-    for entry in tar.entries().map_err(damaged)? {
-        let mut entry = entry.map_err(damaged)?;
-        let name = entry
-            .path()
-            .map_err(damaged)?
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
-        let Some(name) = name else { continue };
-        if name == META_FILE || name == TEST_FILE || TRAIN_FILES.contains(&name.as_str()) {
-            let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).map_err(damaged)?;
-            members.retain(|(n, _)| *n != name);
-            members.push((name, bytes));
-        }
-    }
-    let mut take = |name: &str| -> Result<(PathBuf, Vec<u8>)> {
-        let member_path = archive.join(name);
-        match members.iter().position(|(n, _)| n == name) {
-            Some(i) => Ok((member_path, members.swap_remove(i).1)),
-            None => Err(Error::data(
-                archive,
-                format!("has no member {name}: it is not the CIFAR-10 binary version; {HINT}"),
-            )),
-        }
-    };
-    let classes = match take(META_FILE) {
+    let mut members = ArchiveMembers::read(archive, "the CIFAR-10 binary version", HINT, |name| {
+        name == META_FILE || name == TEST_FILE || TRAIN_FILES.contains(&name)
+    })?;
+    let classes = match members.take(META_FILE) {
         Ok((path, bytes)) => parse_meta(&bytes, &path)?,
         Err(_) => default_classes(),
     };
     let train: Vec<(PathBuf, Vec<u8>)> = TRAIN_FILES
         .iter()
-        .map(|name| take(name))
+        .map(|name| members.take(name))
         .collect::<Result<_>>()?;
-    let test = take(TEST_FILE)?;
+    let test = members.take(TEST_FILE)?;
     from_batches(&train, &test, &classes)
 }
 

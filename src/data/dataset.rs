@@ -179,6 +179,14 @@ impl ImageDataset {
         counts
     }
 
+    /// The first `n` images (all of them when there are fewer).
+    pub fn first(&self, n: usize) -> Result<Self> {
+        if n >= self.len() {
+            return Ok(self.clone());
+        }
+        self.subset(&(0..n).collect::<Vec<_>>())
+    }
+
     /// The images at `indices`, in that order (repeats allowed).
     pub fn subset(&self, indices: &[usize]) -> Result<Self> {
         if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {

@@ -1,4 +1,4 @@
-//! Image data: loading CIFAR-10, MNIST and Fashion-MNIST, augmentation, and batching into
+//! Image data: loading CIFAR-10, CIFAR-100, MNIST, Fashion-MNIST and SVHN, augmentation, and batching into
 //! candle tensors.
 //!
 //! Data sets live in memory as bytes ([`ImageDataset`], CHW per image) and become `f32`
@@ -30,13 +30,15 @@
 
 mod batch;
 pub mod cifar10;
+pub mod cifar100;
 mod dataset;
 pub mod idx;
+pub mod svhn;
 mod transform;
 
 use std::fmt;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +58,8 @@ pub const DEFAULT_VALIDATION_SIZE: usize = 5_000;
 pub enum DatasetKind {
     /// CIFAR-10: 32x32 RGB images of 10 object classes.
     Cifar10,
+    /// CIFAR-100: 32x32 RGB images of 100 object classes (the fine labels).
+    Cifar100,
     /// MNIST: 28x28 grey images of handwritten digits.
     Mnist,
     /// Fashion-MNIST: 28x28 grey images of 10 kinds of clothing.
@@ -63,19 +67,22 @@ pub enum DatasetKind {
 }
 
 impl DatasetKind {
-    /// The name used on the command line and in files: `cifar10`, `mnist`, `fashion-mnist`.
+    /// The name used on the command line and in files: `cifar10`, `cifar100`, `mnist`,
+    /// `fashion-mnist`.
     pub fn name(self) -> &'static str {
         match self {
             DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Cifar100 => "cifar100",
             DatasetKind::Mnist => "mnist",
             DatasetKind::FashionMnist => "fashion-mnist",
         }
     }
 
     /// The class names, indexed by label.
-    pub fn classes(self) -> &'static [&'static str; 10] {
+    pub fn classes(self) -> &'static [&'static str] {
         match self {
             DatasetKind::Cifar10 => &cifar10::CLASSES,
+            DatasetKind::Cifar100 => &cifar100::CLASSES,
             DatasetKind::Mnist => &idx::MNIST_CLASSES,
             DatasetKind::FashionMnist => &idx::FASHION_MNIST_CLASSES,
         }
@@ -84,7 +91,7 @@ impl DatasetKind {
     /// The image shape `(channels, height, width)`.
     pub fn shape(self) -> (usize, usize, usize) {
         match self {
-            DatasetKind::Cifar10 => (3, 32, 32),
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => (3, 32, 32),
             DatasetKind::Mnist | DatasetKind::FashionMnist => (1, 28, 28),
         }
     }
@@ -115,6 +122,8 @@ pub struct TrainTest {
 /// - CIFAR-10: `cifar-10-binary.tar.gz`, the extracted `cifar-10-batches-bin` directory, or
 ///   its parent (see [`cifar10::load`]). `None` gives the small sample embedded in the binary
 ///   ([`cifar10::embedded_sample`]).
+/// - CIFAR-100: `cifar-100-binary.tar.gz`, the extracted `cifar-100-binary` directory, or its
+///   parent (see [`cifar100::load`]). Required.
 /// - MNIST: the directory with the four idx files (see [`idx::load_mnist`]). Required.
 /// - Fashion-MNIST: the directory with the four idx files; `None` looks in
 ///   [`idx::FASHION_MNIST_SYSTEM_DIR`], where Debian's `dataset-fashion-mnist` puts them.
@@ -122,6 +131,11 @@ pub fn load(kind: DatasetKind, path: Option<&Path>) -> Result<TrainTest> {
     match (kind, path) {
         (DatasetKind::Cifar10, Some(path)) => cifar10::load(path),
         (DatasetKind::Cifar10, None) => cifar10::embedded_sample(),
+        (DatasetKind::Cifar100, Some(path)) => cifar100::load(path),
+        (DatasetKind::Cifar100, None) => Err(Error::invalid(format!(
+            "CIFAR-100 has no default location: pass its archive or directory; {}",
+            cifar100::HINT
+        ))),
         (DatasetKind::Mnist, Some(dir)) => idx::load_mnist(dir),
         (DatasetKind::Mnist, None) => Err(Error::invalid(format!(
             "MNIST has no default location: pass the directory that holds its four idx files; {}",
@@ -152,4 +166,74 @@ fn read_maybe_gz(path: &Path, hint: &str) -> Result<Vec<u8>> {
         )
     })?;
     Ok(bytes)
+}
+
+/// The members of a gzip-compressed tar archive that a reader wants, by file name whatever
+/// their directory (a later member of the same name replaces an earlier one).
+struct ArchiveMembers<'a> {
+    archive: &'a Path,
+    what: &'static str,
+    hint: &'static str,
+    members: Vec<(String, Vec<u8>)>,
+}
+
+impl<'a> ArchiveMembers<'a> {
+    /// Reads the members whose file name `wanted` accepts. `what` names the expected content
+    /// ("the CIFAR-10 binary version") and `hint` what to do about a damaged archive.
+    fn read(
+        archive: &'a Path,
+        what: &'static str,
+        hint: &'static str,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let file = std::fs::File::open(archive)
+            .map_err(|e| Error::data(archive, format!("cannot open ({e}); {hint}")))?;
+        let damaged = |e: std::io::Error| {
+            Error::data(
+                archive,
+                format!(
+                    "cannot read the archive ({e}): it is truncated or not a gzip-compressed \
+                     tar file; {hint}"
+                ),
+            )
+        };
+        let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(file));
+        let mut tar = tar::Archive::new(gz);
+        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+        for entry in tar.entries().map_err(damaged)? {
+            let mut entry = entry.map_err(damaged)?;
+            let name = entry
+                .path()
+                .map_err(damaged)?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
+            let Some(name) = name.filter(|n| wanted(n)) else {
+                continue;
+            };
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).map_err(damaged)?;
+            members.retain(|(n, _)| *n != name);
+            members.push((name, bytes));
+        }
+        Ok(ArchiveMembers {
+            archive,
+            what,
+            hint,
+            members,
+        })
+    }
+
+    /// Takes member `name` out, with a path for messages (`ARCHIVE/name`).
+    fn take(&mut self, name: &str) -> Result<(PathBuf, Vec<u8>)> {
+        match self.members.iter().position(|(n, _)| n == name) {
+            Some(i) => Ok((self.archive.join(name), self.members.swap_remove(i).1)),
+            None => Err(Error::data(
+                self.archive,
+                format!(
+                    "has no member {name}: it is not {}; {}",
+                    self.what, self.hint
+                ),
+            )),
+        }
+    }
 }

@@ -5,9 +5,11 @@
 //! [`EvalReport`] per checkpoint whose top-level keys are those of `whvi metrics`
 //! ([`MetricsReport`]) for the clean test set.
 
+mod cifar10c;
 mod corrupt;
 mod predict;
 
+pub use cifar10c::{write_cifar10c, Cifar10C, LABELS_FILE as CIFAR10C_LABELS_FILE};
 pub use corrupt::{corrupt_dataset, Corruption};
 pub use predict::{mean_logits, predict, PredictOptions};
 
@@ -18,15 +20,17 @@ use candle_core::{DType, Device};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use cifar10c::corruption_rng;
+
 use crate::checkpoint::{write_atomic, Checkpoint, CheckpointMeta, Checksum, LoadedModel};
 use crate::data::{self, DatasetKind, ImageDataset, Normalization, Resize};
 use crate::metrics::{
     self, apply_temperature, compute_report, fit_temperature_from_probs, plot_corruption,
-    plot_ood_histogram, plot_reliability, CorruptionPoint, Logits, MetricsReport, OodScore,
-    Predictions, ReliabilityDiagram,
+    plot_ood_histogram, plot_reliability, CorruptionPoint, Logits, MetricsReport, NpyArray,
+    OodScore, Predictions, ReliabilityDiagram,
 };
 use crate::output::check_output;
-use crate::rng::{seeded, WhviRng};
+use crate::rng::{seeded_stream, WhviRng};
 use crate::zoo::{BayesPolicy, Method};
 use crate::{Error, Result};
 
@@ -44,10 +48,16 @@ pub enum OodSource {
         /// Where it is (`None`: its default location).
         path: Option<PathBuf>,
     },
+    /// The SVHN test set (`test_32x32.mat`, or the directory holding it).
+    Svhn {
+        /// Where it is.
+        path: PathBuf,
+    },
 }
 
 impl OodSource {
-    /// Parses `noise`, `KIND` or `KIND:PATH` (KIND one of cifar10, mnist, fashion-mnist).
+    /// Parses `noise`, `svhn:PATH`, `KIND` or `KIND:PATH` (KIND one of cifar10, cifar100,
+    /// mnist, fashion-mnist).
     pub fn parse(text: &str) -> Result<Self> {
         if text == "noise" {
             return Ok(OodSource::Noise);
@@ -56,17 +66,78 @@ impl OodSource {
             Some((k, p)) => (k, Some(PathBuf::from(p))),
             None => (text, None),
         };
-        let kind = match kind {
-            "cifar10" => DatasetKind::Cifar10,
-            "mnist" => DatasetKind::Mnist,
-            "fashion-mnist" => DatasetKind::FashionMnist,
-            other => {
+        let kind = match (kind, path) {
+            ("svhn", Some(path)) => return Ok(OodSource::Svhn { path }),
+            ("cifar10", path) => (DatasetKind::Cifar10, path),
+            ("cifar100", path) => (DatasetKind::Cifar100, path),
+            ("mnist", path) => (DatasetKind::Mnist, path),
+            ("fashion-mnist", path) => (DatasetKind::FashionMnist, path),
+            (other, _) => {
                 return Err(Error::invalid(format!(
-                    "--ood {other}: use noise, cifar10[:PATH], mnist:PATH or fashion-mnist[:DIR]"
+                    "--ood {other}: use noise, svhn:PATH, cifar10[:PATH], cifar100:PATH, \
+                     mnist:PATH or fashion-mnist[:DIR]"
                 )))
             }
         };
-        Ok(OodSource::Dataset { kind, path })
+        Ok(OodSource::Dataset {
+            kind: kind.0,
+            path: kind.1,
+        })
+    }
+
+    /// The name of the set in reports and file names (`svhn`, `noise`, `cifar100`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OodSource::Noise => "noise",
+            OodSource::Dataset { kind, .. } => kind.name(),
+            OodSource::Svhn { .. } => "svhn",
+        }
+    }
+
+    /// The file or directory it reads, if any.
+    fn path(&self) -> Option<&Path> {
+        match self {
+            OodSource::Noise => None,
+            OodSource::Dataset { path, .. } => path.as_deref(),
+            OodSource::Svhn { path } => Some(path),
+        }
+    }
+}
+
+/// Where corrupted test sets come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShiftSource {
+    /// Made from the test set on the fly, at severities 1-5.
+    OnTheFly(Vec<Corruption>),
+    /// Read from a directory in the published CIFAR-10-C layout: every corruption file in it.
+    Cifar10C(PathBuf),
+}
+
+impl ShiftSource {
+    /// Parses the values of `--corruptions`: `cifar10-c:DIR` alone, `all` (every corruption
+    /// made on the fly) or corruption names. No value means no corrupted sets (`None`).
+    pub fn parse(values: &[String]) -> Result<Option<Self>> {
+        if let Some(dir) = values.iter().find_map(|v| v.strip_prefix("cifar10-c:")) {
+            if values.len() > 1 {
+                return Err(Error::invalid(
+                    "--corruptions cifar10-c:DIR evaluates every file in DIR; give it alone",
+                ));
+            }
+            return Ok(Some(ShiftSource::Cifar10C(PathBuf::from(dir))));
+        }
+        if values.is_empty() {
+            return Ok(None);
+        }
+        let corruptions = if values.iter().any(|v| v == "all") {
+            Corruption::ON_THE_FLY.to_vec()
+        } else {
+            values
+                .iter()
+                .map(|v| Corruption::parse(v))
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(Some(ShiftSource::OnTheFly(corruptions)))
     }
 }
 
@@ -87,9 +158,9 @@ pub struct EvalConfig {
     pub seed: u64,
     /// Evaluate only the first N test images (all when `None`).
     pub limit: Option<usize>,
-    /// Corruptions to evaluate (empty: none).
-    pub corruptions: Vec<Corruption>,
-    /// Images per corrupted set (the first N of the test set), to keep CPU runs short.
+    /// Corrupted test sets to evaluate (`None`: none).
+    pub shift: Option<ShiftSource>,
+    /// Images per corrupted set and severity (the first N), to keep CPU runs short.
     pub corruption_images: usize,
     /// An out-of-distribution set.
     pub ood: Option<OodSource>,
@@ -98,6 +169,11 @@ pub struct EvalConfig {
     /// Fit a temperature on the training run's validation split and report the test metrics
     /// after scaling as well.
     pub temperature_scaling: bool,
+    /// Write the predictive probabilities of every set evaluated into this directory, as
+    /// `.npy` files (see [`evaluate`]).
+    pub save_probs: Option<PathBuf>,
+    /// With `save_probs`, also write the per-sample probabilities `[T, N, K]`.
+    pub save_samples: bool,
     /// Write the JSON report here (one object, or an array for several checkpoints),
     /// atomically. Never over one of the inputs; over an existing file only with `overwrite`.
     pub report: Option<PathBuf>,
@@ -122,34 +198,53 @@ impl EvalConfig {
                 return Err(Error::invalid(format!("{name} must be at least 1")));
             }
         }
-        if !self.corruptions.is_empty() && self.corruption_images == 0 {
+        if self.shift.is_some() && self.corruption_images == 0 {
             return Err(Error::invalid(
                 "--corruption-images must be at least 1 when corruptions are asked for",
             ));
         }
-        if let Some(OodSource::Dataset { kind, path }) = &self.ood {
-            match path {
+        if let Some(ShiftSource::Cifar10C(dir)) = &self.shift {
+            if !dir.is_dir() {
+                return Err(Error::data(dir, "the CIFAR-10-C directory is not there"));
+            }
+        }
+        match &self.ood {
+            Some(OodSource::Dataset {
+                kind: kind @ (DatasetKind::Mnist | DatasetKind::Cifar100),
+                path: None,
+            }) => {
+                let what = match kind {
+                    DatasetKind::Mnist => "DIR (the four idx files)",
+                    _ => "PATH (the archive or the extracted directory)",
+                };
+                return Err(Error::invalid(format!(
+                    "--ood {kind} needs its location: --ood {kind}:{what}"
+                )));
+            }
+            Some(source) => match source.path() {
                 Some(path) if !path.exists() => {
                     return Err(Error::data(path, "the --ood data set is not there"))
                 }
-                None if *kind == DatasetKind::Mnist => {
-                    return Err(Error::invalid(
-                        "--ood mnist needs its directory: --ood mnist:DIR (the four idx files)",
-                    ))
-                }
                 _ => {}
-            }
+            },
+            None => {}
         }
+        if self.save_samples && self.save_probs.is_none() {
+            return Err(Error::invalid("--save-samples needs --save-probs DIR"));
+        }
+        let mut inputs: Vec<&Path> = self.checkpoints.iter().map(PathBuf::as_path).collect();
+        inputs.extend(self.data.as_deref());
+        inputs.extend(self.ood.as_ref().and_then(OodSource::path));
         if let Some(report) = &self.report {
-            let mut inputs: Vec<&Path> = self.checkpoints.iter().map(PathBuf::as_path).collect();
-            inputs.extend(self.data.as_deref());
-            if let Some(OodSource::Dataset {
-                path: Some(path), ..
-            }) = &self.ood
-            {
-                inputs.push(path);
-            }
             check_output(report, &inputs, self.overwrite, "--report")?;
+        }
+        if let Some(dir) = &self.save_probs {
+            if inputs.iter().any(|input| input == dir) {
+                return Err(Error::invalid(format!(
+                    "--save-probs {} is one of the inputs; choose a new directory",
+                    dir.display()
+                )));
+            }
         }
         Ok(())
     }
@@ -194,23 +289,47 @@ pub struct CorruptionResult {
     pub corruption: Corruption,
     /// Severity 1-5.
     pub severity: usize,
+    /// Images evaluated.
+    pub images: usize,
     /// Accuracy.
     pub accuracy: f64,
     /// NLL.
     pub nll: f64,
+    /// Brier score.
+    pub brier: f64,
     /// ECE-15.
     pub ece15: f64,
 }
 
-/// Means over every corruption and severity.
+/// Means over every corruption and severity (uncertainty-baselines' `corrupted_*` metrics).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CorruptionSummary {
     /// Mean accuracy.
+    #[serde(rename = "corrupted_accuracy")]
     pub accuracy: f64,
     /// Mean NLL.
+    #[serde(rename = "corrupted_nll")]
     pub nll: f64,
+    /// Mean Brier score.
+    #[serde(rename = "corrupted_brier")]
+    pub brier: f64,
     /// Mean ECE-15.
+    #[serde(rename = "corrupted_ece15")]
     pub ece15: f64,
+}
+
+impl CorruptionSummary {
+    /// The means of `results` (`None` when there are none).
+    pub fn of(results: &[CorruptionResult]) -> Option<Self> {
+        let n = results.len() as f64;
+        let mean = |f: fn(&CorruptionResult) -> f64| results.iter().map(f).sum::<f64>() / n;
+        (!results.is_empty()).then(|| CorruptionSummary {
+            accuracy: mean(|c| c.accuracy),
+            nll: mean(|c| c.nll),
+            brier: mean(|c| c.brier),
+            ece15: mean(|c| c.ece15),
+        })
+    }
 }
 
 /// The evaluation of one checkpoint.
@@ -227,8 +346,11 @@ pub struct EvalReport {
     pub seed: u64,
     /// Per corruption and severity.
     pub corruptions: Vec<CorruptionResult>,
-    /// Means over the corruptions.
+    /// Means over the corruptions, at the top level as `corrupted_accuracy`, ...
+    #[serde(flatten)]
     pub corruption_mean: Option<CorruptionSummary>,
+    /// The corrupted sets' source.
+    pub shift: Option<ShiftSource>,
     /// The OOD set used.
     pub ood: Option<OodSource>,
     /// Temperature scaling, when the checkpoint records its validation split.
@@ -243,13 +365,6 @@ fn labels_of(data: &ImageDataset) -> Vec<usize> {
     data.labels().iter().map(|&l| usize::from(l)).collect()
 }
 
-fn first(data: &ImageDataset, n: Option<usize>) -> Result<ImageDataset> {
-    match n {
-        Some(n) if n < data.len() => data.subset(&(0..n).collect::<Vec<_>>()),
-        _ => Ok(data.clone()),
-    }
-}
-
 fn uniform_noise(
     n: usize,
     (c, h, w): (usize, usize, usize),
@@ -260,7 +375,8 @@ fn uniform_noise(
     ImageDataset::new(images, vec![0; n], c, h, w, classes.to_vec())
 }
 
-/// Loads the OOD images in the model's input shape.
+/// Loads the OOD images in the model's input shape, labelled with the model's classes (the
+/// labels are never used: OOD detection only looks at the predictions).
 fn ood_images(
     source: &OodSource,
     shape: (usize, usize, usize),
@@ -268,22 +384,31 @@ fn ood_images(
     n: usize,
     rng: &mut WhviRng,
 ) -> Result<ImageDataset> {
-    match source {
-        OodSource::Noise => uniform_noise(n, shape, classes, rng),
-        OodSource::Dataset { kind, path } => {
-            let test = first(&data::load(*kind, path.as_deref())?.test, Some(n))?;
-            let (c, h, w) = shape;
-            if test.shape() == shape {
-                return Ok(test);
-            }
-            let resize = if test.height() <= h && test.width() <= w {
-                Resize::Pad
-            } else {
-                Resize::Bilinear
-            };
-            test.convert(c, h, w, resize)
-        }
-    }
+    let images = match source {
+        OodSource::Noise => return uniform_noise(n, shape, classes, rng),
+        OodSource::Dataset { kind, path } => data::load(*kind, path.as_deref())?.test,
+        OodSource::Svhn { path } => data::svhn::load(path)?,
+    };
+    let images = images.first(n)?;
+    let (c, h, w) = shape;
+    let images = if images.shape() == shape {
+        images
+    } else {
+        let resize = if images.height() <= h && images.width() <= w {
+            Resize::Pad
+        } else {
+            Resize::Bilinear
+        };
+        images.convert(c, h, w, resize)?
+    };
+    ImageDataset::new(
+        images.images().to_vec(),
+        vec![0; images.len()],
+        c,
+        h,
+        w,
+        classes.to_vec(),
+    )
 }
 
 /// A short name for a checkpoint in tables: its network, method and run folder.
@@ -322,19 +447,29 @@ fn plot_prefix(path: &Path) -> String {
     }
 }
 
-/// The validation images a training run held out, from the run's recorded configuration
-/// (`None` when it used none or does not record it).
+/// The validation images a training run held out, from the run's recorded configuration:
+/// `Err` with the reason when it used none, does not record it, or held out more images than
+/// these training data can give (another copy of the data set, such as the embedded sample).
 fn held_out_validation(
     training: &serde_json::Value,
     train: &ImageDataset,
-) -> Result<Option<ImageDataset>> {
+) -> std::result::Result<ImageDataset, String> {
     let field = |name: &str| training.get(name).and_then(|v| v.as_u64());
     match (field("validation"), field("seed")) {
         (Some(n), Some(seed)) if n > 0 => {
-            let (_, val) = crate::train::validation_split(train, n as usize, seed)?;
-            Ok((!val.is_empty()).then_some(val))
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            if n > train.len() / 2 {
+                return Err(format!(
+                    "the run held out {n} validation images, more than these training data \
+                     ({} images) can give: pass the data it was trained on with --data",
+                    train.len()
+                ));
+            }
+            crate::train::validation_split(train, n, seed)
+                .map(|(_, val)| val)
+                .map_err(|e| e.to_string())
         }
-        _ => Ok(None),
+        _ => Err("the run held out no validation images".into()),
     }
 }
 
@@ -358,6 +493,17 @@ fn temperature_report(
 }
 
 /// Evaluates every checkpoint of `config` on `device`; `progress` receives a line per stage.
+///
+/// Each set draws its posterior samples (and its corruption noise) from a generator of its
+/// own, seeded from `config.seed` and the set's name, so a set's numbers do not depend on
+/// which other sets are evaluated, and a corruption read from files written by
+/// [`write_cifar10c`] with the same seed gives the numbers of the same corruption made on the
+/// fly.
+///
+/// With `save_probs`, each checkpoint's predictions go into `DIR/RUN-STEM/`:
+/// `SET.probs.npy` (float64 `[N, K]`, the mean predictive), `SET.labels.npy` (int64 `[N]`)
+/// and, with `save_samples`, `SET.samples.npy` (float32 `[T, N, K]`), for SET `clean`,
+/// `CORRUPTION-SEVERITY` (e.g. `fog-3`) and `ood-NAME` (no labels). `whvi metrics` reads them.
 pub fn evaluate(
     config: &EvalConfig,
     device: &Device,
@@ -373,190 +519,382 @@ pub fn evaluate(
             Checkpoint::load_with(path, device, DType::F32, config.checksum)?,
         ));
     }
+    let shift = match &config.shift {
+        Some(ShiftSource::Cifar10C(dir)) => {
+            let opened = Cifar10C::open(dir)?;
+            opened
+                .notes()
+                .iter()
+                .for_each(|n| progress(&format!("note: {n}")));
+            Some(opened)
+        }
+        _ => None,
+    };
     let mut reports = Vec::new();
-    for (path, LoadedModel { network, meta, .. }) in models {
-        let started = Instant::now();
-        let training: Option<(DatasetKind, Option<PathBuf>)> =
-            meta.training.as_ref().and_then(|t| {
-                let kind = serde_json::from_value(t.get("dataset")?.clone()).ok()?;
-                let data = serde_json::from_value(t.get("data")?.clone()).ok()?;
-                Some((kind, data))
-            });
-        let training_kind = training.as_ref().map(|t| t.0);
-        let kind = config
-            .dataset
-            .or(training_kind)
-            .unwrap_or(DatasetKind::Cifar10);
-        // The training run's data path only serves the data set it was trained on.
-        let data_path = config.data.clone().or_else(|| {
-            training
-                .as_ref()
-                .filter(|t| t.0 == kind)
-                .and_then(|t| t.1.clone())
-        });
-        progress(&format!("{}: loading {kind} data", path.display()));
-        let sets = data::load(kind, data_path.as_deref())?;
-        for note in &sets.notes {
-            progress(&format!("note: {note}"));
+    for (path, model) in models {
+        reports.push(evaluate_one(config, path, model, shift.as_ref(), progress)?);
+    }
+    if let (Some(dir), true) = (&config.plots, reports.len() > 1 && config.shift.is_some()) {
+        let points = methods_under_shift(&reports);
+        for ext in ["png", "svg"] {
+            metrics::plot_methods_under_shift(
+                &points,
+                &dir.join(format!("shift-by-method.{ext}")),
+            )?;
         }
-        let test = first(&sets.test, config.limit)?;
-        if test.is_empty() {
-            return Err(Error::invalid("the test set holds no images"));
-        }
-        let normalization = meta
-            .normalization
-            .clone()
-            .unwrap_or_else(|| Normalization::for_kind(kind));
-        let options = PredictOptions {
-            samples: config.samples,
-            batch_size: config.batch_size,
-            keep_samples: true,
-        };
-        let mut rng = seeded(config.seed);
-        progress(&format!(
-            "{}: predicting {} images x {} samples",
-            path.display(),
-            test.len(),
-            config.samples
-        ));
-        let preds = predict(&network, &test, &normalization, options, &mut rng, |_| {})?;
-        let labels = labels_of(&test);
-        let ood_preds = match &config.ood {
-            Some(source) => {
-                let ood = ood_images(source, test.shape(), test.classes(), test.len(), &mut rng)?;
-                progress(&format!(
-                    "{}: predicting {} OOD images",
-                    path.display(),
-                    ood.len()
-                ));
-                Some(predict(
-                    &network,
-                    &ood,
-                    &normalization,
-                    options,
-                    &mut rng,
-                    |_| {},
-                )?)
-            }
-            None => None,
-        };
-        let report = compute_report(&preds, &labels, ood_preds.as_ref())?;
-        let temperature_scaling = match (config.temperature_scaling, &meta.training) {
-            (true, Some(training)) if training_kind == Some(kind) => {
-                let validation = held_out_validation(training, &sets.train)?;
-                match validation {
-                    Some(val) => {
-                        progress(&format!(
-                            "{}: fitting a temperature on {} validation images",
-                            path.display(),
-                            val.len()
-                        ));
-                        let val_preds =
-                            predict(&network, &val, &normalization, options, &mut rng, |_| {})?;
-                        Some(temperature_report(
-                            &val_preds,
-                            &labels_of(&val),
-                            &preds,
-                            &labels,
-                        )?)
-                    }
-                    None => None,
-                }
-            }
-            _ => None,
-        };
-
-        let mut corruptions = Vec::new();
-        let corrupted_base = first(&test, Some(config.corruption_images))?;
-        for &corruption in &config.corruptions {
-            for severity in 1..=5 {
-                progress(&format!(
-                    "{}: {} severity {severity}",
-                    path.display(),
-                    corruption.name()
-                ));
-                let shifted = corrupt_dataset(&corrupted_base, corruption, severity, &mut rng)?;
-                let p = predict(
-                    &network,
-                    &shifted,
-                    &normalization,
-                    PredictOptions {
-                        keep_samples: false,
-                        ..options
-                    },
-                    &mut rng,
-                    |_| {},
-                )?;
-                let l = labels_of(&shifted);
-                corruptions.push(CorruptionResult {
-                    corruption,
-                    severity,
-                    accuracy: metrics::accuracy(p.mean(), &l)?,
-                    nll: metrics::nll(p.mean(), &l)?,
-                    ece15: metrics::ece(p.mean(), &l, metrics::DEFAULT_BINS)?,
-                });
-            }
-        }
-        let corruption_mean = (!corruptions.is_empty()).then(|| {
-            let n = corruptions.len() as f64;
-            CorruptionSummary {
-                accuracy: corruptions.iter().map(|c| c.accuracy).sum::<f64>() / n,
-                nll: corruptions.iter().map(|c| c.nll).sum::<f64>() / n,
-                ece15: corruptions.iter().map(|c| c.ece15).sum::<f64>() / n,
-            }
-        });
-
-        if let Some(dir) = &config.plots {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            let prefix = plot_prefix(path);
-            let diagram = ReliabilityDiagram::new(preds.mean(), &labels, metrics::DEFAULT_BINS)?;
-            for ext in ["png", "svg"] {
-                plot_reliability(
-                    &diagram,
-                    &format!("{} — T = {}", label(path, &meta), config.samples),
-                    &dir.join(format!("{prefix}-reliability.{ext}")),
-                )?;
-                if let Some(ood) = &ood_preds {
-                    let in_scores = metrics::ood_scores(&preds, OodScore::Entropy)?;
-                    let out_scores = metrics::ood_scores(ood, OodScore::Entropy)?;
-                    plot_ood_histogram(
-                        &in_scores,
-                        &out_scores,
-                        "predictive entropy (nats)",
-                        &dir.join(format!("{prefix}-ood.{ext}")),
-                    )?;
-                }
-                if !corruptions.is_empty() {
-                    let points: Vec<CorruptionPoint> = corruptions
-                        .iter()
-                        .map(|c| CorruptionPoint {
-                            name: c.corruption.name().to_string(),
-                            severity: c.severity as u32,
-                            accuracy: c.accuracy,
-                            ece: c.ece15,
-                        })
-                        .collect();
-                    plot_corruption(&points, &dir.join(format!("{prefix}-shift.{ext}")))?;
-                }
-            }
-        }
-        reports.push(EvalReport {
-            metrics: report,
-            checkpoint: path.clone(),
-            samples: config.samples,
-            seed: config.seed,
-            corruptions,
-            corruption_mean,
-            ood: config.ood.clone(),
-            temperature_scaling,
-            meta,
-            seconds: started.elapsed().as_secs_f64(),
-        });
     }
     if let Some(report) = &config.report {
         write_report(report, &reports)?;
     }
     Ok(reports)
+}
+
+/// Each report's accuracy and ECE-15 at each severity, averaged over its corruptions, as one
+/// series per checkpoint.
+fn methods_under_shift(reports: &[EvalReport]) -> Vec<CorruptionPoint> {
+    let mut points = Vec::new();
+    for r in reports {
+        for severity in 1..=5 {
+            let at: Vec<&CorruptionResult> = r
+                .corruptions
+                .iter()
+                .filter(|c| c.severity == severity)
+                .collect();
+            if at.is_empty() {
+                continue;
+            }
+            let n = at.len() as f64;
+            points.push(CorruptionPoint {
+                name: label(&r.checkpoint, &r.meta),
+                severity: severity as u32,
+                accuracy: at.iter().map(|c| c.accuracy).sum::<f64>() / n,
+                ece: at.iter().map(|c| c.ece15).sum::<f64>() / n,
+            });
+        }
+    }
+    points
+}
+
+/// The data set and its location a checkpoint is evaluated on.
+fn test_data_of(
+    config: &EvalConfig,
+    meta: &CheckpointMeta,
+) -> (DatasetKind, Option<PathBuf>, bool) {
+    let training: Option<(DatasetKind, Option<PathBuf>)> = meta.training.as_ref().and_then(|t| {
+        let kind = serde_json::from_value(t.get("dataset")?.clone()).ok()?;
+        let data = serde_json::from_value(t.get("data")?.clone()).ok()?;
+        Some((kind, data))
+    });
+    let training_kind = training.as_ref().map(|t| t.0);
+    let kind = config
+        .dataset
+        .or(training_kind)
+        .unwrap_or(DatasetKind::Cifar10);
+    // The training run's data path only serves the data set it was trained on.
+    let path = config.data.clone().or_else(|| {
+        training
+            .as_ref()
+            .filter(|t| t.0 == kind)
+            .and_then(|t| t.1.clone())
+    });
+    (kind, path, training_kind == Some(kind))
+}
+
+/// What every set of one checkpoint's evaluation shares.
+struct Evaluation<'a> {
+    config: &'a EvalConfig,
+    network: &'a crate::zoo::Network,
+    normalization: Normalization,
+    /// Where the predictions are saved (`None`: they are not).
+    probs_dir: Option<PathBuf>,
+}
+
+impl Evaluation<'_> {
+    /// Predicts `data` with the set's own generator and saves the predictions when asked.
+    fn predict(&self, set: &str, data: &ImageDataset, keep_samples: bool) -> Result<Predictions> {
+        let options = PredictOptions {
+            samples: self.config.samples,
+            batch_size: self.config.batch_size,
+            keep_samples: keep_samples || self.config.save_samples,
+        };
+        let mut rng = seeded_stream(self.config.seed, &format!("predict/{set}"));
+        let preds = predict(
+            self.network,
+            data,
+            &self.normalization,
+            options,
+            &mut rng,
+            |_| {},
+        )?;
+        if let Some(dir) = &self.probs_dir {
+            let labels = (!set.starts_with("ood-")).then(|| data.labels());
+            save_predictions(dir, set, &preds, labels, self.config.save_samples)?;
+        }
+        Ok(preds)
+    }
+
+    /// Accuracy, NLL, Brier and ECE-15 of one corrupted set.
+    fn corrupted(
+        &self,
+        corruption: Corruption,
+        severity: usize,
+        data: &ImageDataset,
+    ) -> Result<CorruptionResult> {
+        let set = format!("{}-{severity}", corruption.name());
+        let mean = self.predict(&set, data, false)?;
+        let (p, l) = (mean.mean(), labels_of(data));
+        Ok(CorruptionResult {
+            corruption,
+            severity,
+            images: data.len(),
+            accuracy: metrics::accuracy(p, &l)?,
+            nll: metrics::nll(p, &l)?,
+            brier: metrics::brier(p, &l)?,
+            ece15: metrics::ece(p, &l, metrics::DEFAULT_BINS)?,
+        })
+    }
+
+    /// Every corrupted set of `source`, each severity of each corruption.
+    fn shift(
+        &self,
+        source: &ShiftSource,
+        files: Option<&Cifar10C>,
+        test: &ImageDataset,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<CorruptionResult>> {
+        let limit = self.config.corruption_images;
+        let mut results = Vec::new();
+        match (source, files) {
+            (ShiftSource::Cifar10C(_), Some(files)) => {
+                if test.shape() != (3, 32, 32) {
+                    return Err(Error::invalid(
+                        "CIFAR-10-C holds 3x32x32 images; this model takes another shape",
+                    ));
+                }
+                for corruption in files.corruptions() {
+                    progress(&format!(
+                        "{}: {} (CIFAR-10-C files)",
+                        files.dir().display(),
+                        corruption.name()
+                    ));
+                    let sets = files.load(corruption, limit, test.classes())?;
+                    for (severity, set) in (1..).zip(&sets) {
+                        results.push(self.corrupted(corruption, severity, set)?);
+                    }
+                }
+            }
+            (ShiftSource::OnTheFly(corruptions), _) => {
+                let base = test.first(limit)?;
+                for &corruption in corruptions {
+                    for severity in 1..=5 {
+                        progress(&format!("{} severity {severity}", corruption.name()));
+                        let mut rng = corruption_rng(self.config.seed, corruption, severity);
+                        let set = corrupt_dataset(&base, corruption, severity, &mut rng)?;
+                        results.push(self.corrupted(corruption, severity, &set)?);
+                    }
+                }
+            }
+            (ShiftSource::Cifar10C(dir), None) => {
+                return Err(Error::data(dir, "the CIFAR-10-C directory was not opened"))
+            }
+        }
+        Ok(results)
+    }
+}
+
+/// Writes one set's predictions as `.npy` files into `dir` (see [`evaluate`]).
+fn save_predictions(
+    dir: &Path,
+    set: &str,
+    preds: &Predictions,
+    labels: Option<&[u8]>,
+    samples: bool,
+) -> Result<()> {
+    let mean = preds.mean();
+    let probs = NpyArray::new(&[mean.n(), mean.k()], mean.as_slice())?;
+    metrics::write_npy(dir.join(format!("{set}.probs.npy")), &probs)?;
+    if let Some(labels) = labels {
+        let labels: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+        metrics::write_npy(
+            dir.join(format!("{set}.labels.npy")),
+            &NpyArray::new(&[labels.len()], &labels)?,
+        )?;
+    }
+    if let (true, Some(s)) = (samples, preds.samples()) {
+        let values: Vec<f32> = (0..s.t())
+            .flat_map(|t| s.sample(t))
+            .map(|&v| v as f32)
+            .collect();
+        metrics::write_npy(
+            dir.join(format!("{set}.samples.npy")),
+            &NpyArray::new(&[s.t(), s.n(), s.k()], &values)?,
+        )?;
+    }
+    Ok(())
+}
+
+/// Evaluates one loaded checkpoint on every set `config` asks for.
+fn evaluate_one(
+    config: &EvalConfig,
+    path: &Path,
+    model: LoadedModel,
+    shift_files: Option<&Cifar10C>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<EvalReport> {
+    let LoadedModel { network, meta, .. } = model;
+    let started = Instant::now();
+    let (kind, data_path, trained_on_it) = test_data_of(config, &meta);
+    progress(&format!("{}: loading {kind} data", path.display()));
+    let sets = data::load(kind, data_path.as_deref())?;
+    for note in &sets.notes {
+        progress(&format!("note: {note}"));
+    }
+    let test = match config.limit {
+        Some(n) => sets.test.first(n)?,
+        None => sets.test.clone(),
+    };
+    if test.is_empty() {
+        return Err(Error::invalid("the test set holds no images"));
+    }
+    let probs_dir = match &config.save_probs {
+        Some(dir) => {
+            let dir = dir.join(plot_prefix(path));
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            Some(dir)
+        }
+        None => None,
+    };
+    let eval = Evaluation {
+        config,
+        network: &network,
+        normalization: meta
+            .normalization
+            .clone()
+            .unwrap_or_else(|| Normalization::for_kind(kind)),
+        probs_dir,
+    };
+    progress(&format!(
+        "{}: predicting {} images x {} samples",
+        path.display(),
+        test.len(),
+        config.samples
+    ));
+    let preds = eval.predict("clean", &test, true)?;
+    let labels = labels_of(&test);
+    let ood_preds = match &config.ood {
+        Some(source) => {
+            let mut rng = seeded_stream(config.seed, "ood-images");
+            let ood = ood_images(source, test.shape(), test.classes(), test.len(), &mut rng)?;
+            progress(&format!(
+                "{}: predicting {} OOD images ({})",
+                path.display(),
+                ood.len(),
+                source.name()
+            ));
+            Some(eval.predict(&format!("ood-{}", source.name()), &ood, true)?)
+        }
+        None => None,
+    };
+    let report = compute_report(&preds, &labels, ood_preds.as_ref())?;
+    let temperature_scaling = match (&meta.training, config.temperature_scaling && trained_on_it) {
+        (Some(training), true) => match held_out_validation(training, &sets.train) {
+            Ok(val) => {
+                progress(&format!(
+                    "{}: fitting a temperature on {} validation images",
+                    path.display(),
+                    val.len()
+                ));
+                let val_preds = eval.predict("validation", &val, false)?;
+                Some(temperature_report(
+                    &val_preds,
+                    &labels_of(&val),
+                    &preds,
+                    &labels,
+                )?)
+            }
+            Err(reason) => {
+                progress(&format!("note: no temperature scaling: {reason}"));
+                None
+            }
+        },
+        _ => None,
+    };
+    let corruptions = match &config.shift {
+        Some(source) => eval.shift(source, shift_files, &test, progress)?,
+        None => Vec::new(),
+    };
+    if let Some(dir) = &config.plots {
+        let title = format!("{} — T = {}", label(path, &meta), config.samples);
+        let prefix = dir.join(plot_prefix(path));
+        write_plots(
+            &prefix,
+            &title,
+            &preds,
+            &labels,
+            ood_preds.as_ref(),
+            &corruptions,
+        )?;
+    }
+    Ok(EvalReport {
+        metrics: report,
+        checkpoint: path.to_path_buf(),
+        samples: config.samples,
+        seed: config.seed,
+        corruption_mean: CorruptionSummary::of(&corruptions),
+        corruptions,
+        shift: config.shift.clone(),
+        ood: config.ood.clone(),
+        temperature_scaling,
+        meta,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The reliability diagram, and the OOD histogram and the shift plot when measured, as PNG
+/// and SVG files named `PREFIX-reliability.png` and so on.
+fn write_plots(
+    prefix: &Path,
+    title: &str,
+    preds: &Predictions,
+    labels: &[usize],
+    ood: Option<&Predictions>,
+    corruptions: &[CorruptionResult],
+) -> Result<()> {
+    if let Some(dir) = prefix.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let named = |what: &str, ext: &str| {
+        let mut name = prefix.as_os_str().to_owned();
+        name.push(format!("-{what}.{ext}"));
+        PathBuf::from(name)
+    };
+    let diagram = ReliabilityDiagram::new(preds.mean(), labels, metrics::DEFAULT_BINS)?;
+    for ext in ["png", "svg"] {
+        plot_reliability(&diagram, title, &named("reliability", ext))?;
+        if let Some(ood) = ood {
+            let in_scores = metrics::ood_scores(preds, OodScore::Entropy)?;
+            let out_scores = metrics::ood_scores(ood, OodScore::Entropy)?;
+            plot_ood_histogram(
+                &in_scores,
+                &out_scores,
+                "predictive entropy (nats)",
+                &named("ood", ext),
+            )?;
+        }
+        if !corruptions.is_empty() {
+            let points: Vec<CorruptionPoint> = corruptions
+                .iter()
+                .map(|c| CorruptionPoint {
+                    name: c.corruption.name().to_string(),
+                    severity: c.severity as u32,
+                    accuracy: c.accuracy,
+                    ece: c.ece15,
+                })
+                .collect();
+            plot_corruption(&points, &named("shift", ext))?;
+        }
+    }
+    Ok(())
 }
 
 /// A side-by-side table of the reports: accuracy, NLL, Brier, ECE-15, and the mean ECE over

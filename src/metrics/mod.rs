@@ -31,7 +31,10 @@ pub use calibration::{
 pub use cli::{run_metrics, MetricsArgs};
 pub use npy::{load_labels, load_predictions, read_npy, write_npy, NpyArray, NpyDtype, NpyElement};
 pub use ood::{auroc, average_precision, fpr_at_tpr, ood_detection, OodMetrics};
-pub use plot::{plot_corruption, plot_ood_histogram, plot_reliability, CorruptionPoint};
+pub use plot::{
+    plot_corruption, plot_methods_under_shift, plot_ood_histogram, plot_reliability,
+    CorruptionPoint,
+};
 pub use report::{compute_report, MetricsReport};
 pub use temperature::{
     apply_temperature, fit_temperature, fit_temperature_from_probs, Logits, TemperatureFit,

@@ -219,6 +219,17 @@ impl NpyArray {
         out
     }
 
+    /// The data of a uint8 array (in C order); another element type is an error.
+    pub fn into_u8(self) -> Result<Vec<u8>> {
+        match self.dtype {
+            NpyDtype::U8 => Ok(self.data),
+            other => Err(Error::invalid(format!(
+                "expected a uint8 array ('|u1'), found '{}'",
+                other.descr()
+            ))),
+        }
+    }
+
     /// The values as `f64`; the array must hold floats.
     pub fn to_f64(&self) -> Result<Vec<f64>> {
         match self.dtype {
@@ -294,10 +305,9 @@ pub fn read_npy(path: impl AsRef<Path>) -> Result<NpyArray> {
     parse(&bytes).map_err(|m| Error::data(path, format!("not a valid .npy file: {m}")))
 }
 
-/// Writes `array` as an `.npy` file.
+/// Writes `array` as an `.npy` file, atomically (a crash leaves the old file or the new one).
 pub fn write_npy(path: impl AsRef<Path>, array: &NpyArray) -> Result<()> {
-    let path = path.as_ref();
-    std::fs::write(path, array.to_bytes()).map_err(|e| Error::io(path, e))
+    crate::output::write_atomic(path.as_ref(), |w| w.write_all(&array.to_bytes()))
 }
 
 /// Loads predictive probabilities: a float array `[N, K]` (averaged probabilities) or

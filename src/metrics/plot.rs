@@ -90,6 +90,34 @@ pub fn plot_ood_histogram(
 /// Draws accuracy and ECE against corruption severity to `path` (`.png` or `.svg`): one line
 /// per corruption and, in black, their mean at each severity.
 pub fn plot_corruption(points: &[CorruptionPoint], path: &Path) -> Result<()> {
+    check_finite(points)?;
+    render(
+        path,
+        (1400, 650),
+        &Corruption {
+            points,
+            mean_label: Some("mean over corruptions"),
+        },
+    )
+}
+
+/// Draws accuracy and ECE against severity to `path` for several methods: `points` hold one
+/// series per method (its name in [`CorruptionPoint::name`]), each usually the mean over
+/// the corruptions at each severity; no overall mean is drawn.
+pub fn plot_methods_under_shift(points: &[CorruptionPoint], path: &Path) -> Result<()> {
+    check_finite(points)?;
+    render(
+        path,
+        (1400, 650),
+        &Corruption {
+            points,
+            mean_label: None,
+        },
+    )
+}
+
+/// Refuses an empty set of points or one that is not finite.
+fn check_finite(points: &[CorruptionPoint]) -> Result<()> {
     if points.is_empty() {
         return Err(Error::invalid("corruption plot: no points to plot"));
     }
@@ -102,7 +130,7 @@ pub fn plot_corruption(points: &[CorruptionPoint], path: &Path) -> Result<()> {
             p.name, p.severity, p.accuracy, p.ece
         )));
     }
-    render(path, (1400, 650), &Corruption { points })
+    Ok(())
 }
 
 type DrawResult<DB> =
@@ -432,6 +460,8 @@ impl Figure for OodHistogram<'_> {
 
 struct Corruption<'a> {
     points: &'a [CorruptionPoint],
+    /// The legend entry of the black mean line (`None`: no mean line).
+    mean_label: Option<&'static str>,
 }
 
 impl Figure for Corruption<'_> {
@@ -506,17 +536,20 @@ impl Figure for Corruption<'_> {
                 chart.draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?;
                 chart.draw_series(line.iter().map(|&xy| Circle::new(xy, 3, color.filled())))?;
             }
-            let mean_line = mean(value);
-            chart.draw_series(LineSeries::new(mean_line.clone(), BLACK.stroke_width(4)))?;
-            chart.draw_series(
-                mean_line
-                    .iter()
-                    .map(|&xy| Circle::new(xy, 5, BLACK.filled())),
-            )?;
+            if self.mean_label.is_some() {
+                let mean_line = mean(value);
+                chart.draw_series(LineSeries::new(mean_line.clone(), BLACK.stroke_width(4)))?;
+                chart.draw_series(
+                    mean_line
+                        .iter()
+                        .map(|&xy| Circle::new(xy, 5, BLACK.filled())),
+                )?;
+            }
         }
 
         // The legend, in its own column so it never covers the data.
-        let entries = std::iter::once(("mean over corruptions", BLACK.to_rgba(), 4)).chain(
+        let mean_entry = self.mean_label.map(|label| (label, BLACK.to_rgba(), 4));
+        let entries = mean_entry.into_iter().chain(
             names
                 .iter()
                 .enumerate()

@@ -114,15 +114,11 @@ pub struct TrainOutcome {
     pub test_report: Option<metrics::MetricsReport>,
 }
 
-/// The data decide a trained network's input shape and classes: a --classes or --input
-/// given for training, or a spec's class count, that disagrees with them is refused rather
-/// than silently replaced.
-fn check_matches_data(
-    spec: &ModelSpec,
-    options: &BuildOptions,
-    input: [usize; 3],
-    classes: usize,
-) -> Result<()> {
+/// The data decide a trained network's input shape and classes (a spec's class count is only
+/// the default for building without data, so the zoo's heads fit CIFAR-100 as they fit
+/// CIFAR-10): a --classes or --input given for training that disagrees with them is refused
+/// rather than silently replaced.
+fn check_matches_data(options: &BuildOptions, input: [usize; 3], classes: usize) -> Result<()> {
     if let Some(asked) = options.input.filter(|asked| *asked != input) {
         return Err(Error::invalid(format!(
             "--input {} but the training images are {}x{}x{}; leave --input out when \
@@ -133,11 +129,10 @@ fn check_matches_data(
             input[2]
         )));
     }
-    let asked = options.classes.unwrap_or(spec.classes);
-    if asked != classes {
+    if let Some(asked) = options.classes.filter(|asked| *asked != classes) {
         return Err(Error::invalid(format!(
-            "the network is set for {asked} classes (--classes or the spec's `classes`) but \
-             the training set has {classes}; make them agree"
+            "--classes {asked} but the training set has {classes} classes; leave --classes \
+             out when training (the data set decides it)"
         )));
     }
     Ok(())
@@ -210,7 +205,7 @@ pub fn train(
     let spec = ModelSpec::lookup(&config.model)?;
     let mut options = config.build.clone();
     let (c, h, w) = train_set.shape();
-    check_matches_data(&spec, &options, [c, h, w], train_set.num_classes())?;
+    check_matches_data(&options, [c, h, w], train_set.num_classes())?;
     options.input = Some([c, h, w]);
     options.classes = Some(train_set.num_classes());
     crate::zoo::check_fits_in_memory(&crate::zoo::plan(&spec, &options)?, 4)?;
