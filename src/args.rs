@@ -578,7 +578,7 @@ pub struct EvalArgs {
     /// an input; over an existing file only with --force.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Let --report replace an existing file.
+    /// Let --report replace an existing file, and --save-probs replace saved predictions.
     #[arg(long)]
     pub force: bool,
     /// Read checkpoints whose tensor data do not match their checksum (a damaged file).

@@ -127,6 +127,10 @@ fn svhn_reads_plain_and_compressed_files_in_image_order() {
             }
         }
     }
+    // Other variables are skipped.
+    let mut file = svhn_file(&[4.0], false);
+    file.extend(matrix("extra", &[2, 2], 6, 9, &[0u8; 32]));
+    assert_eq!(svhn::parse(&file).unwrap().labels(), &[4]);
     // The directory holding test_32x32.mat.
     fs::write(dir.join(svhn::TEST_FILE), svhn_file(&[3.0], true)).unwrap();
     assert_eq!(svhn::load(&dir).unwrap().labels(), &[3]);
@@ -416,6 +420,19 @@ fn cifar10c_files_written_by_whvi_give_the_numbers_of_the_same_corruptions_on_th
         ..config(&checkpoint, Some(ShiftSource::Cifar10C(files.clone())))
     });
     assert!(fewer.corruptions.iter().all(|c| c.images == 5));
+    // --limit caps the corrupted sets too, read from files or made on the fly.
+    let limited = |shift| {
+        run(&EvalConfig {
+            limit: Some(8),
+            ..config(&checkpoint, Some(shift))
+        })
+    };
+    let (files_8, fly_8) = (
+        limited(ShiftSource::Cifar10C(files.clone())),
+        limited(ShiftSource::OnTheFly(corruptions.clone())),
+    );
+    assert!(files_8.corruptions.iter().all(|c| c.images == 8));
+    assert_eq!(files_8.corruptions, fly_8.corruptions);
     fs::remove_dir_all(dir).unwrap();
 }
 
@@ -532,6 +549,31 @@ fn saved_predictions_reproduce_the_report_and_svhn_and_cifar100_are_ood_sets() {
         ..config(&checkpoint, None)
     });
     assert!(report.metrics.ood_auroc_entropy.is_some());
+    // Saved predictions are not replaced unless asked.
+    let again = EvalConfig {
+        save_probs: Some(out.clone()),
+        ..config(&checkpoint, None)
+    };
+    let err = error_text(evaluate(&again, &Device::Cpu, &mut |_| {}));
+    assert!(
+        err.contains("holds saved predictions already") && err.contains("--force"),
+        "{err}"
+    );
+    run(&EvalConfig {
+        overwrite: true,
+        ..again.clone()
+    });
+    let twin = dir.join("twin");
+    let err = error_text(evaluate(
+        &EvalConfig {
+            checkpoints: vec![checkpoint.clone(), checkpoint.clone()],
+            save_probs: Some(twin),
+            ..config(&checkpoint, None)
+        },
+        &Device::Cpu,
+        &mut |_| {},
+    ));
+    assert!(err.contains("two checkpoints"), "{err}");
     let err = error_text(OodSource::parse("svhn"));
     assert!(err.contains("svhn:PATH"), "{err}");
     let err = error_text(evaluate(

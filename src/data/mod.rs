@@ -168,6 +168,9 @@ fn read_maybe_gz(path: &Path, hint: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The largest archive member read (CIFAR-100's `train.bin`, the largest, is 154 MB).
+const MAX_MEMBER_BYTES: u64 = 1 << 30;
+
 /// The members of a gzip-compressed tar archive that a reader wants, by file name whatever
 /// their directory (a later member of the same name replaces an earlier one).
 struct ArchiveMembers<'a> {
@@ -201,7 +204,7 @@ impl<'a> ArchiveMembers<'a> {
         let mut tar = tar::Archive::new(gz);
         let mut members: Vec<(String, Vec<u8>)> = Vec::new();
         for entry in tar.entries().map_err(damaged)? {
-            let mut entry = entry.map_err(damaged)?;
+            let entry = entry.map_err(damaged)?;
             let name = entry
                 .path()
                 .map_err(damaged)?
@@ -211,7 +214,20 @@ impl<'a> ArchiveMembers<'a> {
                 continue;
             };
             let mut bytes = Vec::new();
-            entry.read_to_end(&mut bytes).map_err(damaged)?;
+            entry
+                .take(MAX_MEMBER_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(damaged)?;
+            if bytes.len() as u64 > MAX_MEMBER_BYTES {
+                return Err(Error::data(
+                    archive,
+                    format!(
+                        "member {name} is larger than {} MiB, far beyond any file of {what}: \
+                         the archive is damaged; {hint}",
+                        MAX_MEMBER_BYTES >> 20
+                    ),
+                ));
+            }
             members.retain(|(n, _)| *n != name);
             members.push((name, bytes));
         }

@@ -32,7 +32,7 @@ const HEADER_BYTES: usize = 128;
 const MI_MATRIX: u32 = 14;
 const MI_COMPRESSED: u32 = 15;
 /// The largest variable a reader accepts decompressed (the SVHN training set's X is 604 MB).
-const MAX_VARIABLE_BYTES: u64 = 4 << 30;
+const MAX_VARIABLE_BYTES: u64 = 1 << 30;
 
 /// Loads SVHN images and labels from `path`, a `*_32x32.mat` file or a directory holding
 /// `test_32x32.mat`.
@@ -115,13 +115,6 @@ enum Numbers {
 }
 
 impl Numbers {
-    fn len(&self) -> usize {
-        match self {
-            Numbers::Bytes(b) => b.len(),
-            Numbers::Floats(v) => v.len(),
-        }
-    }
-
     fn to_f64(&self) -> Vec<f64> {
         match self {
             Numbers::Bytes(b) => b.iter().map(|&v| f64::from(v)).collect(),
@@ -271,20 +264,45 @@ fn matrix(data: &[u8]) -> std::result::Result<Option<Variable>, String> {
         .collect::<std::result::Result<_, _>>()?;
     let (_, name, at) = element(data, at)?;
     let name = String::from_utf8_lossy(name).into_owned();
+    // Only SVHN's two variables are kept, so other variables cost no memory.
+    if name != "X" && name != "y" {
+        return Ok(None);
+    }
     let (kind, real, _) = element(data, at)?;
     let count = dims
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
         .ok_or_else(|| format!("'{name}' has dimensions {dims:?}, too many elements"))?;
-    let data = numbers(kind, real, &name)?;
-    let found = data.len();
+    // Checked before converting, so that a small element type cannot grow 8-fold first.
+    let found = real.len()
+        / type_size(kind).ok_or_else(|| format!("'{name}' has data of unknown MAT type {kind}"))?;
+    if found == count && kind != 2 {
+        crate::device::check_memory(
+            u64::try_from(count).ok().and_then(|n| n.checked_mul(8)),
+            format_args!("reading '{name}' ({count} values)"),
+            "check that the file is an SVHN file",
+        )
+        .map_err(|e| e.to_string())?;
+    }
     if found != count {
         return Err(format!(
             "'{name}' has dimensions {dims:?} ({count} elements) but holds {found} values: \
              truncated or damaged"
         ));
     }
+    let data = numbers(kind, real, &name)?;
     Ok(Some(Variable { name, dims, data }))
+}
+
+/// The bytes per value of MAT numeric type `kind` (`None` for another type).
+fn type_size(kind: u32) -> Option<usize> {
+    match kind {
+        1 | 2 => Some(1),
+        3 | 4 => Some(2),
+        5..=7 => Some(4),
+        9 | 12 | 13 => Some(8),
+        _ => None,
+    }
 }
 
 /// The values of a numeric data element of MAT type `kind`; uint8 data come back as bytes.

@@ -177,7 +177,7 @@ pub struct EvalConfig {
     /// Write the JSON report here (one object, or an array for several checkpoints),
     /// atomically. Never over one of the inputs; over an existing file only with `overwrite`.
     pub report: Option<PathBuf>,
-    /// Let `report` replace an existing file.
+    /// Let `report` replace an existing file, and `save_probs` replace saved predictions.
     pub overwrite: bool,
     /// Whether the checkpoints' checksums are verified.
     pub checksum: Checksum,
@@ -239,10 +239,39 @@ impl EvalConfig {
             check_output(report, &inputs, self.overwrite, "--report")?;
         }
         if let Some(dir) = &self.save_probs {
-            if inputs.iter().any(|input| input == dir) {
+            self.check_probs_dirs(dir, &inputs)?;
+        }
+        Ok(())
+    }
+}
+
+impl EvalConfig {
+    /// Refuses a `--save-probs` directory that is an input, two checkpoints whose predictions
+    /// would go to the same folder, and a folder that holds predictions already (unless
+    /// `overwrite`).
+    fn check_probs_dirs(&self, dir: &Path, inputs: &[&Path]) -> Result<()> {
+        if inputs.contains(&dir) {
+            return Err(Error::invalid(format!(
+                "--save-probs {} is one of the inputs; choose a new directory",
+                dir.display()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for checkpoint in &self.checkpoints {
+            let folder = dir.join(plot_prefix(checkpoint));
+            if !seen.insert(folder.clone()) {
                 return Err(Error::invalid(format!(
-                    "--save-probs {} is one of the inputs; choose a new directory",
-                    dir.display()
+                    "two checkpoints would save their predictions in {}: evaluate them in \
+                     separate runs or rename one",
+                    folder.display()
+                )));
+            }
+            let holds_files = std::fs::read_dir(&folder).is_ok_and(|mut d| d.next().is_some());
+            if holds_files && !self.overwrite {
+                return Err(Error::invalid(format!(
+                    "{} holds saved predictions already; pass --force to replace them or \
+                     choose another --save-probs directory",
+                    folder.display()
                 )));
             }
         }
@@ -666,9 +695,10 @@ impl Evaluation<'_> {
         let mut results = Vec::new();
         match (source, files) {
             (ShiftSource::Cifar10C(_), Some(files)) => {
-                if test.shape() != (3, 32, 32) {
+                if test.shape() != (3, 32, 32) || test.num_classes() != 10 {
                     return Err(Error::invalid(
-                        "CIFAR-10-C holds 3x32x32 images; this model takes another shape",
+                        "CIFAR-10-C holds 3x32x32 images of the 10 CIFAR-10 classes; evaluate a \
+                         CIFAR-10 model on it",
                     ));
                 }
                 for corruption in files.corruptions() {
@@ -677,7 +707,8 @@ impl Evaluation<'_> {
                         files.dir().display(),
                         corruption.name()
                     ));
-                    let sets = files.load(corruption, limit, test.classes())?;
+                    // --limit caps the corrupted sets as it caps the clean one.
+                    let sets = files.load(corruption, limit.min(test.len()), test.classes())?;
                     for (severity, set) in (1..).zip(&sets) {
                         results.push(self.corrupted(corruption, severity, set)?);
                     }

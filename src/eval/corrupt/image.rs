@@ -156,8 +156,9 @@ pub(super) fn zoom_about_centre(image: &[f32], (h, w): (usize, usize), factor: f
     out
 }
 
-/// Motion blur of every plane: a one-sided Gaussian (standard deviation `sigma`) over
-/// `2·ceil(radius) + 1` pixels behind each pixel along `angle_degrees`, edge pixels repeated.
+/// Motion blur of every plane: a one-sided Gaussian (standard deviation `sigma`) over the
+/// `2·ceil(radius) + 1` pixels from each pixel along `angle_degrees` (ImageMagick's
+/// direction), edge pixels repeated.
 pub(super) fn motion_blur(
     image: &mut [f32],
     (h, w): (usize, usize),
@@ -187,8 +188,8 @@ pub(super) fn motion_blur(
                 plane[y * w + x] = taps
                     .iter()
                     .map(|&(k, dy, dx)| {
-                        let yy = Border::Nearest.index(y as isize - dy, h);
-                        let xx = Border::Nearest.index(x as isize - dx, w);
+                        let yy = Border::Nearest.index(y as isize + dy, h);
+                        let xx = Border::Nearest.index(x as isize + dx, w);
                         k * source[yy * w + xx]
                     })
                     .sum();
@@ -323,7 +324,8 @@ mod tests {
         let mut spike = vec![0f32; 9 * 9];
         spike[4 * 9 + 4] = 1.0;
         motion_blur(&mut spike, (9, 9), 2.0, 1.0, 0.0);
-        assert!(spike[4 * 9 + 5] > 0.0 && spike[4 * 9 + 3] == 0.0 && spike[5 * 9 + 4] == 0.0);
+        // Each pixel reads the ones ahead of it, so the spike spreads to the pixels behind.
+        assert!(spike[4 * 9 + 3] > 0.0 && spike[4 * 9 + 5] == 0.0 && spike[5 * 9 + 4] == 0.0);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! | defocus-blur | a disk of radius r on a 17x17 grid, smoothed by a 3x3 Gaussian of sd a (mirrored borders) | (r, a) = (0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1) |
 //! | glass-blur | Gaussian blur of sd σ, 8-bit, each pixel given the value of a neighbour up to d above and left (k sweeps from the bottom right), blur again | (σ, d, k) = (0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2) |
 //! | motion-blur | one-sided Gaussian of sd σ over 2·ceil(r)+1 pixels at an angle drawn in ±45° | (r, σ) = (6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5) |
-//! | zoom-blur | mean of the image and its magnifications by 1, 1.01, ... 1 + 0.05·s about the centre | 5·s + 1 magnifications |
+//! | zoom-blur | mean of the image and its magnifications by 1, 1.01, 1.02, ... about the centre | 7, 12, 16, 21, 26 magnifications |
 //! | snow | flakes `N(m, v²)` magnified by z, below t set to 0, 8-bit, motion-blurred (r, σ, angle in -135..-45°), added twice (once turned 180°) over `b·x + (1-b)·max(x, 1.5·luma + 0.5)` | (m, v, z, t, r, σ, b) = (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8) |
 //! | fog | `(x + c·F)·M / (M + c)`, F a diamond-square fractal of roughness decay d, M the image's maximum | (c, d) = (0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75) |
 //! | brightness | HSV value raised by c, hue and saturation kept | c = 0.05, 0.1, 0.15, 0.2, 0.3 |
@@ -237,7 +237,8 @@ impl Corruption {
         rng: &mut WhviRng,
     ) -> Result<()> {
         check_severity(severity)?;
-        if image.len() != c * h * w || image.is_empty() {
+        let len = c.checked_mul(h).and_then(|n| n.checked_mul(w));
+        if len != Some(image.len()) || image.is_empty() {
             return Err(Error::invalid(format!(
                 "{}: an image of {} values is not {c}x{h}x{w}",
                 self.name(),
@@ -291,7 +292,9 @@ impl Corruption {
                 image::motion_blur(image, plane, radius, sigma, angle);
             }
             Corruption::ZoomBlur => {
-                let steps = 1 + 5 * severity;
+                // The published np.arange(1, 1 + 0.05·s + 0.01, 0.01): its float rounding
+                // gives one more magnification at severities 1 and 2.
+                let steps = [7, 12, 16, 21, 26][s];
                 let mut sum = image.to_vec();
                 for i in 0..steps {
                     let zoomed = image::zoom_about_centre(image, plane, 1.0 + 0.01 * i as f32);
@@ -305,7 +308,7 @@ impl Corruption {
             Corruption::Fog => {
                 let (thickness, decay) =
                     [(0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75)][s];
-                fog(image, (c, h, w), thickness, decay, rng);
+                fog(image, (c, h, w), thickness, decay, rng)?;
             }
             Corruption::Brightness => {
                 let lift = [0.05, 0.1, 0.15, 0.2, 0.3][s];
@@ -435,8 +438,8 @@ fn glass_blur(
         .for_each(|v| *v = (v.clamp(0.0, 1.0) * 255.0).floor() / 255.0);
     let (hi, wi) = (h as isize, w as isize);
     for _ in 0..rounds {
-        for y in (delta + 1..hi - delta).rev() {
-            for x in (delta + 1..wi - delta).rev() {
+        for y in (delta + 1..=hi - delta).rev() {
+            for x in (delta + 1..=wi - delta).rev() {
                 let dx = rng.random_range(-delta as i64..delta as i64) as isize;
                 let dy = rng.random_range(-delta as i64..delta as i64) as isize;
                 let (to, from) = ((y * wi + x) as usize, ((y + dy) * wi + x + dx) as usize);
@@ -501,8 +504,15 @@ fn fog(
     thickness: f32,
     decay: f64,
     rng: &mut WhviRng,
-) {
+) -> Result<()> {
+    // The fractal is square: a long thin image would need a huge one.
+    const MAX_SIDE: usize = 4096;
     let n = h.max(w).next_power_of_two();
+    if n > MAX_SIDE {
+        return Err(Error::invalid(format!(
+            "fog: images up to {MAX_SIDE} pixels a side, got {h}x{w}"
+        )));
+    }
     let haze = image::plasma_fractal(n, decay, rng);
     let max = image.iter().copied().fold(0f32, f32::max);
     for plane in image.chunks_exact_mut(h * w) {
@@ -513,6 +523,7 @@ fn fog(
             }
         }
     }
+    Ok(())
 }
 
 /// A random affine warp (three control points moved up to `affine` pixels), then a smooth
@@ -918,6 +929,15 @@ mod tests {
             .apply(&mut image, (3, 16, 15), 2, &mut seeded(0))
             .unwrap_err();
         assert!(err.to_string().contains("not 3x16x15"), "{err}");
+        let err = Corruption::Pixelate
+            .apply(&mut image, (usize::MAX, 2, 2), 2, &mut seeded(0))
+            .unwrap_err();
+        assert!(err.to_string().contains("is not"), "{err}");
+        let mut long = vec![0.5f32; 5000];
+        let err = Corruption::Fog
+            .apply(&mut long, (1, 1, 5000), 2, &mut seeded(0))
+            .unwrap_err();
+        assert!(err.to_string().contains("4096 pixels a side"), "{err}");
         assert_eq!(
             image,
             gradient_image(),
