@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
-use super::{read_maybe_gz, ArchiveMembers, ImageDataset, TrainTest};
+use super::{
+    find_binary_layout, read_maybe_gz, ArchiveMembers, BinaryLayout, ImageDataset, TrainTest,
+};
 use crate::{Error, Result};
 
 /// The CIFAR-10 class names, indexed by label.
@@ -69,17 +71,10 @@ pub fn load(path: &Path) -> Result<TrainTest> {
     if !path.exists() {
         return Err(Error::data(path, format!("does not exist; {HINT}")));
     }
-    if path.is_file() {
-        return load_tar_gz(path);
-    }
-    if path.join(TRAIN_FILES[0]).exists() {
-        return load_dir(path);
-    }
-    if path.join(DIR_NAME).is_dir() {
-        return load_dir(&path.join(DIR_NAME));
-    }
-    if path.join(ARCHIVE_NAME).is_file() {
-        return load_tar_gz(&path.join(ARCHIVE_NAME));
+    match find_binary_layout(path, &[TRAIN_FILES[0]], DIR_NAME, ARCHIVE_NAME) {
+        Some(BinaryLayout::Archive(archive)) => return load_tar_gz(&archive),
+        Some(BinaryLayout::Dir(dir)) => return load_dir(&dir),
+        None => {}
     }
     Err(Error::data(
         path,

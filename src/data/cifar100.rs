@@ -10,7 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{read_maybe_gz, ArchiveMembers, ImageDataset, TrainTest};
+use super::{
+    find_binary_layout, read_maybe_gz, ArchiveMembers, BinaryLayout, ImageDataset, TrainTest,
+};
 use crate::{Error, Result};
 
 /// The 100 fine class names of CIFAR-100, indexed by fine label.
@@ -145,17 +147,10 @@ pub fn load(path: &Path) -> Result<TrainTest> {
     if !path.exists() {
         return Err(Error::data(path, format!("does not exist; {HINT}")));
     }
-    if path.is_file() {
-        return load_tar_gz(path);
-    }
-    if path.join(TRAIN_FILE).exists() || path.join(TEST_FILE).exists() {
-        return load_dir(path);
-    }
-    if path.join(DIR_NAME).is_dir() {
-        return load_dir(&path.join(DIR_NAME));
-    }
-    if path.join(ARCHIVE_NAME).is_file() {
-        return load_tar_gz(&path.join(ARCHIVE_NAME));
+    match find_binary_layout(path, &[TRAIN_FILE, TEST_FILE], DIR_NAME, ARCHIVE_NAME) {
+        Some(BinaryLayout::Archive(archive)) => return load_tar_gz(&archive),
+        Some(BinaryLayout::Dir(dir)) => return load_dir(&dir),
+        None => {}
     }
     Err(Error::data(
         path,

@@ -168,6 +168,34 @@ fn read_maybe_gz(path: &Path, hint: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Where a data set in its binary version is: the archive, or the directory of its files.
+enum BinaryLayout {
+    Archive(PathBuf),
+    Dir(PathBuf),
+}
+
+/// Finds a binary-version data set at `path`: an archive file, a directory holding one of
+/// `markers`, one holding the extracted `dir_name`, or one holding `archive_name` (in that
+/// order). `None` when `path` is none of these.
+fn find_binary_layout(
+    path: &Path,
+    markers: &[&str],
+    dir_name: &str,
+    archive_name: &str,
+) -> Option<BinaryLayout> {
+    if path.is_file() {
+        Some(BinaryLayout::Archive(path.to_path_buf()))
+    } else if markers.iter().any(|m| path.join(m).exists()) {
+        Some(BinaryLayout::Dir(path.to_path_buf()))
+    } else if path.join(dir_name).is_dir() {
+        Some(BinaryLayout::Dir(path.join(dir_name)))
+    } else if path.join(archive_name).is_file() {
+        Some(BinaryLayout::Archive(path.join(archive_name)))
+    } else {
+        None
+    }
+}
+
 /// The largest archive member read (CIFAR-100's `train.bin`, the largest, is 154 MB).
 const MAX_MEMBER_BYTES: u64 = 1 << 30;
 

@@ -106,9 +106,10 @@ pub fn plot_corruption(points: &[CorruptionPoint], path: &Path) -> Result<()> {
 /// the corruptions at each severity; no overall mean is drawn.
 pub fn plot_methods_under_shift(points: &[CorruptionPoint], path: &Path) -> Result<()> {
     check_finite(points)?;
+    // Wider than the per-corruption plot: method labels carry the run name.
     render(
         path,
-        (1400, 650),
+        (1600, 650),
         &Corruption {
             points,
             mean_label: None,
