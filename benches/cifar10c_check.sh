@@ -20,7 +20,7 @@ whvi="${CARGO_TARGET_DIR:-$repo/target}/release/whvi"
 cargo build --release --bin whvi --manifest-path "$repo/Cargo.toml" --quiet
 mkdir -p "$work"
 "$whvi" corrupt --data "$data" --out "$work/CIFAR-10-C" --images "$images" --seed 0
-common=(--seed 0 --corruption-images "$images" --report)
+common=(--data "$data" --seed 0 --corruption-images "$images" --report)
 "$whvi" eval "${checkpoints[@]}" --corruptions "cifar10-c:$work/CIFAR-10-C" "${common[@]}" \
     "$work/files.json" --force "$@"
 "$whvi" eval "${checkpoints[@]}" --corruptions all "${common[@]}" "$work/fly.json" --force "$@"

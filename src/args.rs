@@ -556,8 +556,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub limit: Option<usize>,
     /// Corrupted sets at severities 1-5: `cifar10-c:DIR` (every file of a CIFAR-10-C
-    /// directory), `all` or a comma list made on the fly (gaussian-noise, shot-noise,
-    /// impulse-noise, defocus-blur, contrast, brightness, pixelate, jpeg).
+    /// directory), `all` (the 14 made on the fly) or a comma list of them: gaussian-noise,
+    /// shot-noise, impulse-noise, defocus-blur, glass-blur, motion-blur, zoom-blur, snow, fog,
+    /// brightness, contrast, elastic-transform, pixelate, jpeg; extras speckle-noise,
+    /// gaussian-blur, saturate.
     #[arg(long, value_delimiter = ',')]
     pub corruptions: Vec<String>,
     /// Images per corrupted set and severity (the first N).

@@ -90,10 +90,12 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 println!("{}\n{}", report.checkpoint.display(), report.metrics);
                 if let Some(mean) = &report.corruption_mean {
                     println!(
-                        "corrupted sets (mean of {}): accuracy {:.4}, NLL {:.4}, ECE-15 {:.4}\n",
+                        "corrupted sets (mean of {}): accuracy {:.4}, NLL {:.4}, Brier {:.4}, \
+                         ECE-15 {:.4}\n",
                         report.corruptions.len(),
                         mean.accuracy,
                         mean.nll,
+                        mean.brier,
                         mean.ece15
                     );
                 }
