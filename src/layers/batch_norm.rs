@@ -166,10 +166,6 @@ impl BayesianModule for BatchNorm2d {
         }
     }
 
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-
     fn num_params(&self) -> usize {
         // weight and bias are trained; the running statistics are buffers.
         2 * self.channels

@@ -30,10 +30,6 @@ impl BayesianModule for Linear {
         self.inner.forward(x)
     }
 
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-
     fn num_params(&self) -> usize {
         self.d_in * self.d_out + self.d_out
     }
@@ -84,10 +80,6 @@ impl BayesianModule for Conv2d {
             padding: config.padding,
         };
         conv::conv2d(x, self.inner.weight(), self.inner.bias(), geo)
-    }
-
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
     }
 
     fn num_params(&self) -> usize {

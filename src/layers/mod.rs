@@ -104,9 +104,11 @@ pub trait BayesianModule: Send + Sync {
     /// The forward pass; samples or uses the posterior mean as `pass` says.
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor>;
 
-    /// KL(q || p) of this layer's posterior from its prior, a scalar; `None` for layers without
-    /// a posterior (deterministic layers, activations), whose KL is zero.
-    fn kl(&self) -> Result<Option<Tensor>>;
+    /// KL(q || p) of this layer's posterior from its prior, a scalar; `None` (the default) for
+    /// layers without a posterior (deterministic layers, activations), whose KL is zero.
+    fn kl(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 
     /// The number of trainable parameters (variational parameters count: 4·D per WHVI block).
     fn num_params(&self) -> usize;

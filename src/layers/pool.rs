@@ -41,10 +41,6 @@ impl BayesianModule for MaxPool2d {
         x.contiguous()?.apply_op1(MaxPoolOp { size: self.size })
     }
 
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-
     fn num_params(&self) -> usize {
         0
     }

@@ -23,10 +23,6 @@ impl BayesianModule for Activation {
         }
     }
 
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-
     fn num_params(&self) -> usize {
         0
     }
@@ -43,10 +39,6 @@ pub struct Flatten;
 impl BayesianModule for Flatten {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
         x.flatten_from(1)
-    }
-
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
     }
 
     fn num_params(&self) -> usize {
@@ -66,10 +58,6 @@ pub struct ReluAppliedBefore;
 impl BayesianModule for ReluAppliedBefore {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
         Ok(x.clone())
-    }
-
-    fn kl(&self) -> Result<Option<Tensor>> {
-        Ok(None)
     }
 
     fn num_params(&self) -> usize {
