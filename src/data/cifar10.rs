@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 
 use super::{
-    find_binary_layout, read_maybe_gz, ArchiveMembers, BinaryLayout, ImageDataset, TrainTest,
+    find_binary_layout, parse_class_names, read_maybe_gz, ArchiveMembers, BinaryLayout,
+    ImageDataset, TrainTest,
 };
 use crate::{Error, Result};
 
@@ -253,25 +254,7 @@ fn default_classes() -> Vec<String> {
 
 /// Reads class names from `batches.meta.txt`: the first 10 non-blank lines.
 fn parse_meta(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
-    let text = String::from_utf8_lossy(bytes);
-    let names: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    if names.len() != CLASSES.len() {
-        return Err(Error::data(
-            path,
-            format!(
-                "names {} classes, CIFAR-10 has {}: the file is damaged or from another data \
-                 set (delete it to use the standard names); {HINT}",
-                names.len(),
-                CLASSES.len()
-            ),
-        ));
-    }
-    Ok(names)
+    parse_class_names(bytes, path, CLASSES.len(), "CIFAR-10", HINT)
 }
 
 /// Records in each official batch file.

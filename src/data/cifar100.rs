@@ -11,7 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    find_binary_layout, read_maybe_gz, ArchiveMembers, BinaryLayout, ImageDataset, TrainTest,
+    find_binary_layout, parse_class_names, read_maybe_gz, ArchiveMembers, BinaryLayout,
+    ImageDataset, TrainTest,
 };
 use crate::{Error, Result};
 
@@ -205,24 +206,7 @@ fn default_classes() -> Vec<String> {
 
 /// The 100 fine class names of `fine_label_names.txt`, one per non-blank line.
 fn parse_names(bytes: &[u8], path: &Path) -> Result<Vec<String>> {
-    let names: Vec<String> = String::from_utf8_lossy(bytes)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect();
-    if names.len() != CLASSES.len() {
-        return Err(Error::data(
-            path,
-            format!(
-                "names {} classes, CIFAR-100 has {} fine classes: the file is damaged or from \
-                 another data set (delete it to use the standard names); {HINT}",
-                names.len(),
-                CLASSES.len()
-            ),
-        ));
-    }
-    Ok(names)
+    parse_class_names(bytes, path, CLASSES.len(), "CIFAR-100", HINT)
 }
 
 fn from_files(

@@ -168,6 +168,34 @@ fn read_maybe_gz(path: &Path, hint: &str) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The class names of a names file (one per non-blank line), which must hold `expected` of
+/// them; `what` names the data set in the message ("CIFAR-10 has 10").
+fn parse_class_names(
+    bytes: &[u8],
+    path: &Path,
+    expected: usize,
+    what: &str,
+    hint: &str,
+) -> Result<Vec<String>> {
+    let names: Vec<String> = String::from_utf8_lossy(bytes)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    if names.len() != expected {
+        return Err(Error::data(
+            path,
+            format!(
+                "names {} classes, {what} has {expected}: the file is damaged or from another \
+                 data set (delete it to use the standard names); {hint}",
+                names.len()
+            ),
+        ));
+    }
+    Ok(names)
+}
+
 /// Where a data set in its binary version is: the archive, or the directory of its files.
 enum BinaryLayout {
     Archive(PathBuf),
