@@ -1,4 +1,5 @@
-//! Compiles the CUDA FWHT kernels to PTX when the `cuda` feature is on.
+//! Compiles the CUDA FWHT kernels to PTX when the `cuda` feature is on, and lists the shipped
+//! checkpoints of `models/pretrained/` for `whvi::checkpoint::pretrained` to embed.
 //!
 //! nvcc is looked up in `$CUDA_HOME/bin`, then on `PATH`. `CUDA_COMPUTE_CAP` (e.g. 90) picks
 //! the virtual architecture (default 80: the PTX is JIT-compiled for any newer GPU).
@@ -9,9 +10,13 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const KERNEL: &str = "src/fwht/kernels/fwht.cu";
+const PRETRAINED: &str = "models/pretrained";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    if let Err(message) = list_pretrained() {
+        panic!("whvi: listing the shipped checkpoints failed: {message}");
+    }
     println!("cargo:rerun-if-changed={KERNEL}");
     for var in ["CUDA_HOME", "CUDA_COMPUTE_CAP", "WHVI_PTX_VERSION"] {
         println!("cargo:rerun-if-env-changed={var}");
@@ -23,6 +28,36 @@ fn main() {
         // A build script reports failure by panicking; the message is what the user reads.
         panic!("whvi: building the CUDA kernels failed: {message}");
     }
+}
+
+/// Writes `$OUT_DIR/pretrained.rs`: one `(name, bytes)` entry per `NAME.safetensors` in
+/// `models/pretrained/`, sorted by name, so that dropping a file there ships it.
+fn list_pretrained() -> Result<(), String> {
+    println!("cargo:rerun-if-changed={PRETRAINED}");
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
+    let mut files: Vec<(String, PathBuf)> = match std::fs::read_dir(root.join(PRETRAINED)) {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter_map(|path| {
+                let name = path.file_name()?.to_str()?.strip_suffix(".safetensors")?;
+                Some((name.to_string(), path.clone()))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    files.sort();
+    let mut code =
+        String::from("/// The shipped checkpoints: (name, file bytes), sorted by name.\n");
+    code.push_str("static SHIPPED: &[(&str, &[u8])] = &[\n");
+    for (name, path) in &files {
+        code.push_str(&format!(
+            "    ({name:?}, include_bytes!({:?})),\n",
+            path.display().to_string()
+        ));
+    }
+    code.push_str("];\n");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
+    std::fs::write(out_dir.join("pretrained.rs"), code).map_err(|e| e.to_string())
 }
 
 fn compile_ptx() -> Result<(), String> {

@@ -11,7 +11,7 @@ public mirror they were taken from, written back in the official binary record f
 (1 label byte + 1024 R + 1024 G + 1024 B bytes, row-major) by make_bin.py.
 
 Selection (no randomness): walk data_batch_1.bin .. data_batch_5.bin in file order and keep the
-first 200 records of each class (2,000 train images); walk test_batch.bin and keep the first
+first 100 records of each class (1,000 train images); walk test_batch.bin and keep the first
 50 records of each class (500 test images). Kept records stay in file order, which make_bin.py
 already shuffled with a fixed seed. Each set is gzip-compressed (level 9, mtime 0, so the
 output is byte-for-byte reproducible).
@@ -47,7 +47,7 @@ def write(path, payload):
 
 
 def main(src, dst):
-    train = pick([os.path.join(src, f"data_batch_{i}.bin") for i in range(1, 6)], 200)
+    train = pick([os.path.join(src, f"data_batch_{i}.bin") for i in range(1, 6)], 100)
     test = pick([os.path.join(src, "test_batch.bin")], 50)
     write(os.path.join(dst, "cifar10_sample_train.bin.gz"), train)
     write(os.path.join(dst, "cifar10_sample_test.bin.gz"), test)

@@ -37,11 +37,16 @@ pub enum Command {
     /// Write corrupted copies of the CIFAR-10 test set in the CIFAR-10-C layout
     /// (<corruption>.npy, labels.npy), made by whvi's on-the-fly corruptions.
     Corrupt(CorruptArgs),
-    /// Print what a checkpoint holds.
+    /// Print what a checkpoint holds (and its model card, for a published one).
     Info {
-        /// The checkpoint (.safetensors).
+        /// The checkpoint (.safetensors, or pretrained:NAME).
         checkpoint: PathBuf,
     },
+    /// Write a published checkpoint's model card as a Hugging Face model-card README.md.
+    Card(CardArgs),
+    /// Make a checkpoint ready to ship: weights only, in f16/bf16/f32, with a model card built
+    /// from its `whvi eval --report`.
+    Publish(PublishArgs),
     /// Calibration and uncertainty metrics of saved probabilities (.npy).
     Metrics(whvi::metrics::MetricsArgs),
     /// Benchmarks; one JSON line per configuration.
@@ -49,23 +54,23 @@ pub enum Command {
     Bench(Bench),
 }
 
-/// An element type of `whvi bench fwht --device ...`.
+/// A float element type (`whvi bench fwht --dtype`, `whvi publish --dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BenchDtype {
+pub enum FloatDtype {
     /// 32-bit float.
     F32,
-    /// bfloat16 (computed in f32).
+    /// bfloat16 (arithmetic in f32).
     Bf16,
-    /// IEEE half (computed in f32).
+    /// IEEE half (arithmetic in f32).
     F16,
 }
 
-impl From<BenchDtype> for candle_core::DType {
-    fn from(dtype: BenchDtype) -> Self {
+impl From<FloatDtype> for candle_core::DType {
+    fn from(dtype: FloatDtype) -> Self {
         match dtype {
-            BenchDtype::F32 => candle_core::DType::F32,
-            BenchDtype::Bf16 => candle_core::DType::BF16,
-            BenchDtype::F16 => candle_core::DType::F16,
+            FloatDtype::F32 => candle_core::DType::F32,
+            FloatDtype::Bf16 => candle_core::DType::BF16,
+            FloatDtype::F16 => candle_core::DType::F16,
         }
     }
 }
@@ -80,7 +85,7 @@ pub enum Bench {
         device: String,
         /// Element types on a GPU (default: f32 and bf16).
         #[arg(long = "dtype", value_enum, num_args = 1..)]
-        dtypes: Vec<BenchDtype>,
+        dtypes: Vec<FloatDtype>,
         /// Only this many threads (default: 1 and all available).
         #[arg(long)]
         threads: Option<usize>,
@@ -528,6 +533,9 @@ impl TrainArgs {
 pub struct ZooArgs {
     /// A network name or spec file; omit to list the zoo.
     pub model: Option<String>,
+    /// List the shipped checkpoints (`pretrained:NAME`) with their metrics instead.
+    #[arg(long, conflicts_with = "model")]
+    pub pretrained: bool,
     #[command(flatten)]
     pub build: BuildArgs,
 }
@@ -643,4 +651,70 @@ pub struct CorruptArgs {
     /// Seed of the noise: the same as `whvi eval --seed` gives the same images.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Args)]
+pub struct CardArgs {
+    /// A published checkpoint (.safetensors, or pretrained:NAME).
+    pub checkpoint: PathBuf,
+    /// Where to write the card (default: README.md next to the checkpoint file).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Replace an existing card.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args)]
+pub struct PublishArgs {
+    /// The trained checkpoint.
+    pub checkpoint: PathBuf,
+    /// The published file to write (models/pretrained/NAME.safetensors ships it with whvi).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The name it is published under (default: the output file's stem).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The `whvi eval --report` JSON of this checkpoint: the card's metrics.
+    #[arg(long)]
+    pub report: PathBuf,
+    /// One line on what the checkpoint is.
+    #[arg(long)]
+    pub summary: String,
+    /// The command that trained it.
+    #[arg(long)]
+    pub training_command: String,
+    /// What the metrics were measured on, and the command that measured them.
+    #[arg(long)]
+    pub evaluation: String,
+    /// How the weights are stored (f16 halves the file; inference runs in f32 from it).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub dtype: FloatDtype,
+    /// Replace an existing output file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl PublishArgs {
+    /// The card's inputs, with the report read and parsed.
+    pub fn card_input(&self) -> Result<whvi::checkpoint::CardInput> {
+        let text = std::fs::read_to_string(&self.report).map_err(|e| Error::io(&self.report, e))?;
+        let report = serde_json::from_str(&text)
+            .map_err(|e| Error::data(&self.report, format!("is not a JSON report ({e})")))?;
+        let name = match &self.name {
+            Some(name) => name.clone(),
+            None => self
+                .out
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        Ok(whvi::checkpoint::CardInput {
+            name,
+            summary: self.summary.clone(),
+            training_command: self.training_command.clone(),
+            evaluation: self.evaluation.clone(),
+            report,
+        })
+    }
 }

@@ -66,6 +66,10 @@ fn run(cli: Cli) -> whvi::Result<()> {
             }
             Ok(())
         }
+        Command::Zoo(args) if args.pretrained => {
+            print!("{}", whvi::checkpoint::pretrained::listing()?);
+            Ok(())
+        }
         Command::Zoo(args) => {
             match &args.model {
                 None => {
@@ -132,6 +136,31 @@ fn run(cli: Cli) -> whvi::Result<()> {
         }
         Command::Info { checkpoint } => {
             print!("{}", whvi::checkpoint::describe(&checkpoint)?);
+            Ok(())
+        }
+        Command::Card(args) => {
+            let out = whvi::checkpoint::card::write_readme(
+                &args.checkpoint,
+                args.out.as_deref(),
+                args.force,
+            )?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Publish(args) => {
+            let card = whvi::checkpoint::publish(
+                &args.checkpoint,
+                &args.out,
+                args.card_input()?,
+                args.dtype.into(),
+                args.force,
+            )?;
+            println!(
+                "wrote {} ({})\n{}",
+                args.out.display(),
+                card.name,
+                card.describe()
+            );
             Ok(())
         }
         Command::Metrics(args) => {

@@ -384,7 +384,7 @@ fn embedded_sample_is_balanced_cifar10() {
     assert_eq!(sets.train.len(), cifar10::SAMPLE_TRAIN_LEN);
     assert_eq!(sets.test.len(), cifar10::SAMPLE_TEST_LEN);
     assert_eq!(sets.train.shape(), (3, 32, 32));
-    assert_eq!(sets.train.class_counts(), vec![200; 10]);
+    assert_eq!(sets.train.class_counts(), vec![100; 10]);
     assert_eq!(sets.test.class_counts(), vec![50; 10]);
     assert_eq!(sets.train.classes(), &cifar10::CLASSES);
     // Real photographs: no image is blank, and the pixels use the whole range.

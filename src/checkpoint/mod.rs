@@ -10,6 +10,10 @@
 //! Writes are atomic: the file is written under a temporary name in the same directory, synced,
 //! then renamed over the target, so a crash or Ctrl-C never leaves a broken checkpoint and never
 //! destroys the previous one.
+//!
+//! Wherever a checkpoint path is taken, `pretrained:NAME` names a checkpoint shipped inside
+//! whvi ([`pretrained`]); such files carry a [`ModelCard`] in their metadata, made by
+//! [`publish`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -19,6 +23,11 @@ use safetensors::SafeTensors;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 pub use crate::output::write_atomic;
+
+pub mod card;
+pub mod pretrained;
+
+pub use card::{CardInput, ModelCard};
 
 use crate::params::Params;
 use crate::zoo::{BuildOptions, ModelSpec, Network};
@@ -69,6 +78,8 @@ pub struct CheckpointMeta {
     pub metrics: Option<serde_json::Value>,
     /// State needed to resume training bit for bit (random generators, data order...).
     pub resume: Option<serde_json::Value>,
+    /// The model card of a published checkpoint.
+    pub card: Option<ModelCard>,
 }
 
 impl CheckpointMeta {
@@ -85,6 +96,7 @@ impl CheckpointMeta {
             step: 0,
             metrics: None,
             resume: None,
+            card: None,
         }
     }
 
@@ -105,6 +117,9 @@ impl CheckpointMeta {
         m.insert("step".into(), self.step.to_string());
         m.insert("metrics".into(), json(&self.metrics)?);
         m.insert("resume".into(), json(&self.resume)?);
+        if let Some(card) = &self.card {
+            m.insert("card".into(), json(card)?);
+        }
         Ok(m)
     }
 
@@ -153,6 +168,11 @@ impl CheckpointMeta {
             step: number("step")?,
             metrics: parse(path, "metrics", get("metrics")?)?,
             resume: parse(path, "resume", get("resume")?)?,
+            // Only published checkpoints have a card.
+            card: m
+                .get("card")
+                .map(|text| parse(path, "card", text))
+                .transpose()?,
         })
     }
 }
@@ -215,18 +235,14 @@ impl Checkpoint {
                 t.to_device(&Device::Cpu)?,
             ));
         }
-        let mut info = meta.to_strings()?;
-        let serialise = |info| {
-            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
-                .map_err(|e| Error::checkpoint(path, format!("cannot serialise: {e}")))
-        };
-        // The checksum is taken over the tensors as the file stores them, then written into
-        // the metadata (which it does not cover).
-        let draft = serialise(info.clone())?;
-        let stored = SafeTensors::deserialize(&draft).map_err(|e| not_safetensors(path, e))?;
-        info.insert(CHECKSUM_KEY.into(), tensors_checksum(&stored));
-        let bytes = serialise(info)?;
-        write_atomic(path, |w| w.write_all(&bytes))
+        write_tensors(path, meta, &tensors)
+    }
+
+    /// Loads the shipped checkpoint `name` (see [`pretrained`]) onto `device` in f32: the same
+    /// as [`Checkpoint::load`] of `pretrained:NAME`.
+    pub fn pretrained(name: &str, device: &Device) -> Result<LoadedModel> {
+        pretrained::bytes(name)?;
+        Checkpoint::load(format!("{}{name}", pretrained::PREFIX), device)
     }
 
     /// Reads the metadata only (cheap: no tensor is decoded).
@@ -300,7 +316,18 @@ impl Checkpoint {
                 ),
             ));
         }
-        let params = Params::from_tensors(checkpoint.weights)?;
+        // Published weights may be stored in f16 or bf16; the network runs in `dtype`.
+        let weights = checkpoint
+            .weights
+            .into_iter()
+            .map(|(name, t)| match t.dtype() {
+                DType::F16 | DType::BF16 | DType::F32 | DType::F64 if t.dtype() != dtype => {
+                    Ok((name, t.to_dtype(dtype)?))
+                }
+                _ => Ok((name, t)),
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let params = Params::from_tensors(weights)?;
         let network = Network::build(
             &checkpoint.meta.spec,
             &checkpoint.meta.options,
@@ -335,6 +362,61 @@ impl Checkpoint {
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
         Checkpoint::load_as(path, device, DType::F32)
     }
+}
+
+/// Writes `tensors` (on the CPU) and `meta` to `path` atomically, with the tensors' checksum.
+fn write_tensors(path: &Path, meta: &CheckpointMeta, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut info = meta.to_strings()?;
+    let serialise = |info| {
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
+            .map_err(|e| Error::checkpoint(path, format!("cannot serialise: {e}")))
+    };
+    // The checksum is taken over the tensors as the file stores them, then written into the
+    // metadata (which it does not cover).
+    let draft = serialise(info.clone())?;
+    let stored = SafeTensors::deserialize(&draft).map_err(|e| not_safetensors(path, e))?;
+    info.insert(CHECKSUM_KEY.into(), tensors_checksum(&stored));
+    let bytes = serialise(info)?;
+    write_atomic(path, |w| w.write_all(&bytes))
+}
+
+/// Writes the checkpoint at `source` to `out` for publishing: weights only (no optimiser or
+/// resume state), stored as `dtype` (f32, f16 or bf16), with the card made from `input`.
+/// Refuses to replace an existing `out` unless `overwrite`.
+pub fn publish(
+    source: impl AsRef<Path>,
+    out: impl AsRef<Path>,
+    input: CardInput,
+    dtype: DType,
+    overwrite: bool,
+) -> Result<ModelCard> {
+    let (source, out) = (source.as_ref(), out.as_ref());
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::invalid(format!(
+            "published weights are stored as f32, f16 or bf16, not {dtype:?}"
+        )));
+    }
+    crate::output::check_output(out, &[source], overwrite, "the published checkpoint")?;
+    let checkpoint = Checkpoint::read(source, &Device::Cpu)?;
+    let tensors: Vec<(String, Tensor)> = checkpoint
+        .weights
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    let parameters = tensors.iter().map(|(_, t)| t.elem_count()).sum();
+    let mut meta = checkpoint.meta;
+    meta.resume = None;
+    // The publisher's data path means nothing elsewhere; without it, `whvi eval` uses the
+    // default location of the data set (for CIFAR-10 without one, the embedded sample).
+    if let Some(serde_json::Value::Object(training)) = meta.training.as_mut() {
+        if let Some(data) = training.get_mut("data") {
+            *data = serde_json::Value::Null;
+        }
+    }
+    let card = ModelCard::new(input, &meta, parameters, dtype.as_str())?;
+    meta.card = Some(card.clone());
+    write_tensors(out, &meta, &tensors)?;
+    Ok(card)
 }
 
 /// The metadata of the checkpoint file `bytes` read from `path`.
@@ -431,8 +513,12 @@ fn count_all_ones(data: &[u8], width: usize, exponent: u64) -> usize {
         .count()
 }
 
+/// The bytes of the checkpoint at `path`: a file, or a shipped checkpoint (`pretrained:NAME`).
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    match pretrained::name_of(path) {
+        Some(name) => Ok(pretrained::bytes(name)?.to_vec()),
+        None => std::fs::read(path).map_err(|e| Error::io(path, e)),
+    }
 }
 
 fn not_safetensors(path: &Path, e: safetensors::SafeTensorError) -> Error {
@@ -522,6 +608,9 @@ pub fn describe(path: impl AsRef<Path>) -> Result<String> {
     }
     if let Some(metrics) = &meta.metrics {
         let _ = writeln!(s, "last metrics {metrics}");
+    }
+    if let Some(card) = &meta.card {
+        s.push_str(&card.describe());
     }
     Ok(s)
 }

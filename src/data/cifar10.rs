@@ -143,20 +143,20 @@ static SAMPLE_TRAIN: &[u8] = include_bytes!("cifar10_sample_train.bin.gz");
 /// The gzip-compressed records of the embedded sample's test images.
 static SAMPLE_TEST: &[u8] = include_bytes!("cifar10_sample_test.bin.gz");
 
-/// Training images in the embedded sample: 200 per class.
-pub const SAMPLE_TRAIN_LEN: usize = 2_000;
+/// Training images in the embedded sample: 100 per class.
+pub const SAMPLE_TRAIN_LEN: usize = 1_000;
 /// Test images in the embedded sample: 50 per class.
 pub const SAMPLE_TEST_LEN: usize = 500;
 
 /// The small CIFAR-10 sample built into the binary, so training works without a download:
-/// 2,000 training images (200 per class) and 500 test images (50 per class).
+/// 1,000 training images (100 per class) and 500 test images (50 per class).
 ///
 /// The data are "CIFAR-10 (JPEG copy)": the real CIFAR-10 images and labels, but taken from a
 /// public mirror that re-encoded them once as JPEG, so pixel values differ slightly from the
 /// official files; say so next to any number measured on it. The sample keeps, in file order,
-/// the first 200 images of each class in `data_batch_1.bin` .. `data_batch_5.bin` and the
+/// the first 100 images of each class in `data_batch_1.bin` .. `data_batch_5.bin` and the
 /// first 50 of each class in `test_batch.bin`, stored as gzip-compressed binary-version
-/// records (`src/data/cifar10_sample_{train,test}.bin.gz`, about 7.2 MB together);
+/// records (`src/data/cifar10_sample_{train,test}.bin.gz`, about 4.3 MB together);
 /// `benches/make_cifar10_sample.py` documents and reproduces the exact steps.
 pub fn embedded_sample() -> Result<TrainTest> {
     let decode = |name: &str, gz: &[u8]| -> Result<(PathBuf, Vec<u8>)> {

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use cifar10c::corruption_rng;
 
-use crate::checkpoint::{write_atomic, Checkpoint, CheckpointMeta, Checksum, LoadedModel};
+use crate::checkpoint::{
+    pretrained, write_atomic, Checkpoint, CheckpointMeta, Checksum, LoadedModel,
+};
 use crate::data::{self, DatasetKind, ImageDataset, Normalization, Resize};
 use crate::metrics::{
     self, apply_temperature, compute_report, fit_temperature_from_probs, plot_corruption,
@@ -456,6 +458,9 @@ fn label(path: &Path, meta: &CheckpointMeta) -> String {
 
 /// The name of the folder a checkpoint is in (its run), also for a bare file name.
 fn run_name(path: &Path) -> Option<String> {
+    if let Some(name) = pretrained::name_of(path) {
+        return Some(name.to_string());
+    }
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -466,6 +471,9 @@ fn run_name(path: &Path) -> Option<String> {
 
 /// The file-name prefix of a checkpoint's plots: `RUN-STEM`, or `STEM` outside any folder.
 fn plot_prefix(path: &Path) -> String {
+    if let Some(name) = pretrained::name_of(path) {
+        return name.to_string();
+    }
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -1,0 +1,211 @@
+//! Published checkpoints: `whvi publish` (weights only, f16, a model card from an eval report),
+//! the card as a model-card README, and the checkpoints shipped as `pretrained:NAME`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use whvi::checkpoint::{card, pretrained, publish, CardInput, Checkpoint, CheckpointMeta};
+use whvi::eval::{evaluate, EvalConfig};
+use whvi::layers::Pass;
+use whvi::params::Params;
+use whvi::rng::seeded;
+use whvi::zoo::{BuildOptions, Method, ModelSpec, Network};
+
+const CPU: Device = Device::Cpu;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("whvi-pretrained-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A WHVI LeNet-5 saved with optimiser and resume state and a recorded data path.
+fn trained_lenet(dir: &Path) -> (PathBuf, Network) {
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let options = BuildOptions {
+        method: Method::Whvi,
+        width: 0.5,
+        ..BuildOptions::default()
+    };
+    let params = Params::new(3);
+    let network = Network::build(&spec, &options, params.var_builder(DType::F32, &CPU)).unwrap();
+    let classes: Vec<String> = (0..10).map(|i| format!("class{i}")).collect();
+    let mut meta = CheckpointMeta::new(spec, options, classes);
+    meta.seed = Some(3);
+    meta.epoch = 2;
+    meta.training =
+        Some(serde_json::json!({"dataset": "fashion-mnist", "data": "/home/me/fmnist"}));
+    meta.resume = Some(serde_json::json!({"rng": [1, 2, 3]}));
+    let path = dir.join("best.safetensors");
+    let state = vec![(
+        "adam.m".to_string(),
+        Tensor::ones(4, DType::F32, &CPU).unwrap(),
+    )];
+    Checkpoint::save(&path, &meta, &params, &state).unwrap();
+    (path, network)
+}
+
+fn card_input(report: serde_json::Value) -> CardInput {
+    CardInput {
+        name: "lenet5-test".into(),
+        summary: "a test network".into(),
+        training_command: "whvi train --model lenet5".into(),
+        evaluation: "nothing real".into(),
+        report,
+    }
+}
+
+fn report() -> serde_json::Value {
+    serde_json::json!([{"accuracy": 0.8812, "nll": 0.33, "ece15": 0.0123, "corrupted_ece15": 0.2,
+                        "ood_auroc_entropy": 0.91, "checkpoint": "x"}])
+}
+
+#[test]
+fn publish_keeps_weights_only_in_f16_with_a_card_from_the_report() {
+    let dir = temp_dir("publish");
+    let (source, original) = trained_lenet(&dir);
+    let out = dir.join("lenet5-test.safetensors");
+    let made = publish(&source, &out, card_input(report()), DType::F16, false).unwrap();
+    let read = Checkpoint::read(&out, &CPU).unwrap();
+    assert!(read.optimizer.is_empty());
+    assert!(read.meta.resume.is_none());
+    assert!(read.weights.values().all(|t| t.dtype() == DType::F16));
+    // The publisher's data path is dropped; the data set stays.
+    let training = read.meta.training.as_ref().unwrap();
+    assert!(training["data"].is_null());
+    assert_eq!(training["dataset"], "fashion-mnist");
+    let card = read.meta.card.clone().unwrap();
+    assert_eq!(card, made);
+    assert_eq!(card.metrics["accuracy"], 0.8812);
+    assert_eq!(card.metrics["corrupted_ece15"], 0.2);
+    assert!(!card.metrics.contains_key("brier"));
+    assert_eq!(card.dataset, "fashion-mnist");
+    assert_eq!(card.weights_dtype, "f16");
+    let stored: usize = read.weights.values().map(Tensor::elem_count).sum();
+    assert_eq!(card.parameters, stored);
+    // Loaded in f32, the f16 network predicts what the f32 one does, to f16 precision.
+    let loaded = Checkpoint::load(&out, &CPU).unwrap();
+    let x =
+        whvi::layers::standard_normal((3, 1, 28, 28), DType::F32, &CPU, &mut seeded(9)).unwrap();
+    let a = original.forward_pass(&x, &mut Pass::mean()).unwrap();
+    let b = loaded.network.forward_pass(&x, &mut Pass::mean()).unwrap();
+    let diff: f32 = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff > 0.0 && diff < 2e-2, "f16 against f32 logits: {diff}");
+    // An existing output is kept without --force.
+    let again = publish(&source, &out, card_input(report()), DType::F16, false);
+    assert!(again.unwrap_err().to_string().contains("--force"));
+}
+
+#[test]
+fn publish_refuses_a_report_that_is_not_one_evaluation() {
+    let dir = temp_dir("bad-report");
+    let (source, _) = trained_lenet(&dir);
+    let out = dir.join("x.safetensors");
+    let two = serde_json::json!([{"accuracy": 0.5}, {"accuracy": 0.6}]);
+    let err = publish(&source, &out, card_input(two), DType::F16, false).unwrap_err();
+    assert!(err.to_string().contains("2 evaluations"), "{err}");
+    let none = serde_json::json!({"nll": 0.5});
+    let err = publish(&source, &out, card_input(none), DType::F16, false).unwrap_err();
+    assert!(err.to_string().contains("accuracy"), "{err}");
+    let bad_name = CardInput {
+        name: "a b/c".into(),
+        ..card_input(report())
+    };
+    let err = publish(&source, &out, bad_name, DType::F16, false).unwrap_err();
+    assert!(err.to_string().contains("a b/c"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn card_is_written_as_a_hub_model_card_readme() {
+    let dir = temp_dir("card");
+    let (source, _) = trained_lenet(&dir);
+    // A checkpoint without a card says how to make one.
+    let err = card::write_readme(&source, None, false).unwrap_err();
+    assert!(err.to_string().contains("whvi publish"), "{err}");
+    let out = dir.join("lenet5-test.safetensors");
+    publish(&source, &out, card_input(report()), DType::F16, false).unwrap();
+    let readme = card::write_readme(&out, None, false).unwrap();
+    assert_eq!(readme, dir.join("README.md"));
+    let text = std::fs::read_to_string(&readme).unwrap();
+    let front = text
+        .strip_prefix("---\n")
+        .unwrap()
+        .split("\n---\n")
+        .next()
+        .unwrap();
+    for line in [
+        "library_name: whvi",
+        "datasets:\n- fashion-mnist",
+        "- accuracy",
+        "- ece15",
+        "- whvi",
+    ] {
+        assert!(
+            front.contains(line),
+            "front matter lacks {line:?}:\n{front}"
+        );
+    }
+    assert!(text.contains("| accuracy | 0.8812 |"), "{text}");
+    assert!(text.contains("whvi eval pretrained:lenet5-test"));
+    let err = card::write_readme(&out, None, false).unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert!(card::write_readme(&out, None, true).is_ok());
+}
+
+#[test]
+fn every_shipped_checkpoint_loads_by_name_with_its_card() {
+    let names: Vec<&str> = pretrained::names().collect();
+    assert!(names.contains(&"vgg11-x0.25-whvi-cifar10"), "{names:?}");
+    for name in names {
+        let model = Checkpoint::pretrained(name, &CPU).unwrap();
+        let card = model.meta.card.as_ref().unwrap();
+        assert_eq!(card.name, name);
+        assert!(card.metrics["accuracy"] > 0.5, "{name}: {:?}", card.metrics);
+        assert!(model.optimizer.is_empty());
+        let path = format!("{}{name}", pretrained::PREFIX);
+        assert!(whvi::checkpoint::describe(&path).unwrap().contains("card "));
+    }
+    let listing = pretrained::listing().unwrap();
+    assert!(listing.contains("vgg11-x0.25-whvi-cifar10"), "{listing}");
+    let err = Checkpoint::pretrained("vgg12", &CPU).err().unwrap();
+    assert!(
+        err.to_string().contains("vgg11-x0.25-whvi-cifar10"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_shipped_cifar10_checkpoint_evaluates_on_the_embedded_sample_without_data() {
+    let config = EvalConfig {
+        checkpoints: vec![PathBuf::from("pretrained:vgg11-x0.25-whvi-cifar10")],
+        dataset: None,
+        data: None,
+        samples: 2,
+        batch_size: 50,
+        seed: 1,
+        limit: Some(100),
+        shift: None,
+        corruption_images: 1,
+        ood: None,
+        save_probs: None,
+        save_samples: false,
+        plots: None,
+        temperature_scaling: false,
+        report: None,
+        overwrite: false,
+        checksum: Default::default(),
+    };
+    let report = evaluate(&config, &CPU, &mut |_| {}).unwrap().remove(0);
+    // A trained network on real CIFAR-10 images: far above the 10% of chance.
+    assert_eq!(report.metrics.n, 100);
+    assert!(report.metrics.accuracy > 0.5, "{}", report.metrics.accuracy);
+}
