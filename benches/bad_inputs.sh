@@ -149,6 +149,10 @@ case_ "info on a damaged checkpoint" 0 -- "$whvi" info flipped.safetensors
 case_ "eval a garbage file" 1 -- "$whvi" eval garbage.safetensors
 case_ "eval a truncated file" 1 -- "$whvi" eval truncated.safetensors
 case_ "eval a missing file" 1 -- "$whvi" eval missing.safetensors
+case_ "eval an unknown pretrained: name" 1 -- "$whvi" eval pretrained:vgg12
+case_ "card of a checkpoint without one" 1 "$ck" -- "$whvi" card "$ck"
+case_ "card of a shipped one without --out" 1 -- "$whvi" card pretrained:vgg11-x0.25-whvi-cifar10
+case_ "publish with a garbage report" 1 "$ck" -- "$whvi" publish "$ck" --out pub.safetensors --report garbage.safetensors --summary s --training-command t --evaluation e
 # 7. Settings the data contradict.
 case_ "train --validation 100000" 1 -- train_small --validation 100000 --out val
 case_ "train --classes 5" 1 -- train_small --classes 5 --out classes
