@@ -47,6 +47,9 @@ pub enum Command {
     /// Make a checkpoint ready to ship: weights only, in f16/bf16/f32, with a model card built
     /// from its `whvi eval --report`.
     Publish(PublishArgs),
+    /// Write the posterior-mean network as a plain state dict with PyTorch's names
+    /// (features.N / classifier.N) and its architecture as a sidecar JSON.
+    Export(ExportArgs),
     /// Calibration and uncertainty metrics of saved probabilities (.npy).
     Metrics(whvi::metrics::MetricsArgs),
     /// Benchmarks; one JSON line per configuration.
@@ -717,4 +720,16 @@ impl PublishArgs {
             report,
         })
     }
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The checkpoint (.safetensors, or pretrained:NAME).
+    pub checkpoint: PathBuf,
+    /// The state dict to write (f32 safetensors); the architecture goes next to it as .json.
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub mean: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    pub force: bool,
 }

@@ -147,6 +147,12 @@ fn run(cli: Cli) -> whvi::Result<()> {
             println!("wrote {}", out.display());
             Ok(())
         }
+        Command::Export(args) => {
+            let sidecar =
+                whvi::checkpoint::export::export_mean(&args.checkpoint, &args.mean, args.force)?;
+            println!("wrote {} and {}", args.mean.display(), sidecar.display());
+            Ok(())
+        }
         Command::Publish(args) => {
             let card = whvi::checkpoint::publish(
                 &args.checkpoint,

@@ -209,3 +209,120 @@ fn a_shipped_cifar10_checkpoint_evaluates_on_the_embedded_sample_without_data() 
     assert_eq!(report.metrics.n, 100);
     assert!(report.metrics.accuracy > 0.5, "{}", report.metrics.accuracy);
 }
+
+/// The exported network run by plain candle ops, as PyTorch would run it from the JSON.
+fn run_export(
+    tensors: &std::collections::HashMap<String, Tensor>,
+    arch: &serde_json::Value,
+    x: &Tensor,
+) -> Tensor {
+    let mut x = x.clone();
+    for section in ["features", "classifier"] {
+        if section == "classifier" {
+            x = x.flatten_from(1).unwrap();
+        }
+        for (i, layer) in arch[section].as_array().unwrap().iter().enumerate() {
+            let t = |name: &str| tensors[&format!("{section}.{i}.{name}")].clone();
+            let n = |key: &str| layer[key].as_u64().unwrap() as usize;
+            x = match layer["type"].as_str().unwrap() {
+                "conv2d" => x
+                    .conv2d(&t("weight"), n("padding"), n("stride"), 1, 1)
+                    .unwrap()
+                    .broadcast_add(&t("bias").reshape((1, (), 1, 1)).unwrap())
+                    .unwrap(),
+                "linear" => x
+                    .matmul(&t("weight").t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t("bias"))
+                    .unwrap(),
+                "batch_norm2d" => {
+                    let c = |name: &str| t(name).reshape((1, (), 1, 1)).unwrap();
+                    let scale = (c("running_var") + 1e-5).unwrap().sqrt().unwrap();
+                    x.broadcast_sub(&c("running_mean"))
+                        .unwrap()
+                        .broadcast_div(&scale)
+                        .unwrap()
+                        .broadcast_mul(&c("weight"))
+                        .unwrap()
+                        .broadcast_add(&c("bias"))
+                        .unwrap()
+                }
+                "relu" => x.relu().unwrap(),
+                "max_pool2d" => x.max_pool2d(2).unwrap(),
+                "dropout" => x,
+                other => panic!("unknown layer type {other}"),
+            };
+        }
+    }
+    x
+}
+
+#[test]
+fn export_writes_the_mean_network_with_pytorch_names() {
+    let dir = temp_dir("export");
+    for method in [Method::Whvi, Method::McDropout, Method::MeanField] {
+        let spec = ModelSpec::lookup("vgg11").unwrap();
+        let options = BuildOptions {
+            method,
+            width: 0.125,
+            ..BuildOptions::default()
+        };
+        let params = Params::new(5);
+        let network =
+            Network::build(&spec, &options, params.var_builder(DType::F32, &CPU)).unwrap();
+        let meta = CheckpointMeta::new(spec, options, (0..10).map(|i| i.to_string()).collect());
+        let source = dir.join(format!("{}.safetensors", method.name()));
+        Checkpoint::save(&source, &meta, &params, &[]).unwrap();
+        let out = dir.join(format!("{}-mean.safetensors", method.name()));
+        let sidecar = whvi::checkpoint::export::export_mean(&source, &out, false).unwrap();
+        let tensors = candle_core::safetensors::load(&out, &CPU).unwrap();
+        let arch: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
+        assert_eq!(arch["features"][0]["type"], "conv2d");
+        assert_eq!(tensors["features.0.weight"].dims(), &[8, 3, 3, 3]);
+        assert!(tensors.contains_key("features.1.running_var"));
+        assert!(tensors
+            .keys()
+            .any(|k| k.starts_with("classifier.") && k.ends_with(".weight")));
+        let x = whvi::layers::standard_normal((2, 3, 32, 32), DType::F32, &CPU, &mut seeded(4))
+            .unwrap();
+        let want = network.forward_pass(&x, &mut Pass::mean()).unwrap();
+        let got = run_export(&tensors, &arch, &x);
+        let diff: f32 = (want.clone() - got)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let size: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(
+            diff <= 1e-4 * size.max(1.0),
+            "{method:?}: logits differ by {diff} (size {size})"
+        );
+        // The deterministic convolutions come out as they are stored.
+        let stored = params.named_vars();
+        let conv = &stored
+            .iter()
+            .find(|(n, _)| n.ends_with("weight") && n.starts_with("conv1"))
+            .unwrap()
+            .1;
+        let exported = &tensors["features.0.weight"];
+        let gap: f32 = (conv.as_tensor() - exported)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(gap < 1e-6, "{method:?}: conv1 weight off by {gap}");
+    }
+    let again = whvi::checkpoint::export::export_mean(
+        &dir.join("whvi.safetensors"),
+        &dir.join("whvi-mean.safetensors"),
+        false,
+    );
+    assert!(again.unwrap_err().to_string().contains("--force"));
+}

@@ -25,6 +25,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub use crate::output::write_atomic;
 
 pub mod card;
+pub mod export;
 pub mod pretrained;
 
 pub use card::{CardInput, ModelCard};

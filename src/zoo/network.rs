@@ -662,6 +662,58 @@ impl Network {
             .forward_range(features, prefix..self.body.len(), pass)?)
     }
 
+    /// The posterior-mean weight and bias of the weight layer `index` of the plan: `[c_out,
+    /// c_in, k, k]` and `[c_out]` for a convolution, `[d_out, d_in]` and `[d_out]` for a dense
+    /// layer; `None` for a layer without weights. They are read off the layer's mean pass
+    /// (its response to zero and to each unit input, less the bias), so every posterior gives
+    /// its dense equivalent without a formula of its own (WHVI: `S1 H diag(mu) H S2`).
+    pub fn mean_weight(&self, index: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(row) = self.plan.get(index) else {
+            return Err(Error::invalid(format!(
+                "{} has {} layers, not {}",
+                self.spec.name,
+                self.plan.len(),
+                index + 1
+            )));
+        };
+        let (inputs, shape) = match row.kind {
+            LayerKind::Dense { d_in, .. } => (d_in, vec![d_in]),
+            LayerKind::Conv { c_in, kernel, .. } => {
+                (c_in * kernel * kernel, vec![c_in, kernel, kernel])
+            }
+            _ => return Ok(None),
+        };
+        let unit = Tensor::eye(inputs, DType::F32, &self.device)?;
+        let probe = Tensor::cat(&[&unit.zeros_like()?.narrow(0, 0, 1)?, &unit], 0)?;
+        let probe = probe.reshape([vec![inputs + 1], shape.clone()].concat())?;
+        let out = self
+            .body
+            .forward_range(&probe, index..index + 1, &mut Pass::mean())?;
+        let response = match row.kind {
+            // The output position whose receptive field starts at the probe's first pixel.
+            LayerKind::Conv {
+                stride, padding, ..
+            } if padding % stride == 0 => {
+                let at = padding / stride;
+                out.narrow(2, at, 1)?.narrow(3, at, 1)?.flatten_from(1)?
+            }
+            LayerKind::Conv { .. } => {
+                return Err(Error::invalid(format!(
+                    "layer {}: a padding that is not a multiple of the stride has no probe                      position",
+                    row.name
+                )))
+            }
+            _ => out,
+        };
+        let bias = response.get(0)?;
+        let weight = response.narrow(0, 1, inputs)?.broadcast_sub(&bias)?.t()?;
+        let out_dim = bias.dim(0)?;
+        let weight = weight
+            .contiguous()?
+            .reshape([vec![out_dim], shape].concat())?;
+        Ok(Some((weight, bias)))
+    }
+
     /// The summed KL of every Bayesian layer (an f32 scalar; 0 for a deterministic network).
     pub fn kl(&self) -> Result<Tensor> {
         Ok(match self.body.kl()? {
