@@ -46,6 +46,18 @@ fn trained_lenet(dir: &Path) -> (PathBuf, Network) {
     (path, network)
 }
 
+/// The largest absolute difference between two tensors of one shape.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 fn card_input(report: serde_json::Value) -> CardInput {
     CardInput {
         name: "lenet5-test".into(),
@@ -90,14 +102,7 @@ fn publish_keeps_weights_only_in_f16_with_a_card_from_the_report() {
         whvi::layers::standard_normal((3, 1, 28, 28), DType::F32, &CPU, &mut seeded(9)).unwrap();
     let a = original.forward_pass(&x, &mut Pass::mean()).unwrap();
     let b = loaded.network.forward_pass(&x, &mut Pass::mean()).unwrap();
-    let diff: f32 = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff: f32 = max_abs_diff(&a, &b);
     assert!(diff > 0.0 && diff < 2e-2, "f16 against f32 logits: {diff}");
     // An existing output is kept without --force.
     let again = publish(&source, &out, card_input(report()), DType::F16, false);
@@ -288,14 +293,7 @@ fn export_writes_the_mean_network_with_pytorch_names() {
             .unwrap();
         let want = network.forward_pass(&x, &mut Pass::mean()).unwrap();
         let got = run_export(&tensors, &arch, &x);
-        let diff: f32 = (want.clone() - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(&want, &got);
         let size: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
         assert!(
             diff <= 1e-4 * size.max(1.0),
@@ -309,14 +307,7 @@ fn export_writes_the_mean_network_with_pytorch_names() {
             .unwrap()
             .1;
         let exported = &tensors["features.0.weight"];
-        let gap: f32 = (conv.as_tensor() - exported)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let gap: f32 = max_abs_diff(conv.as_tensor(), exported);
         assert!(gap < 1e-6, "{method:?}: conv1 weight off by {gap}");
     }
     let again = whvi::checkpoint::export::export_mean(
