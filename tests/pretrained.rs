@@ -317,3 +317,68 @@ fn export_writes_the_mean_network_with_pytorch_names() {
     );
     assert!(again.unwrap_err().to_string().contains("--force"));
 }
+
+#[test]
+fn exported_whvi_weight_is_s1_h_diag_mu_h_s2() {
+    let dir = temp_dir("export-formula");
+    let spec = ModelSpec::lookup("vgg11").unwrap();
+    let options = BuildOptions {
+        method: Method::Whvi,
+        width: 0.125,
+        ..BuildOptions::default()
+    };
+    let params = Params::new(8);
+    let network = Network::build(&spec, &options, params.var_builder(DType::F32, &CPU)).unwrap();
+    let meta = CheckpointMeta::new(spec, options, (0..10).map(|i| i.to_string()).collect());
+    let source = dir.join("whvi.safetensors");
+    Checkpoint::save(&source, &meta, &params, &[]).unwrap();
+    let out = dir.join("mean.safetensors");
+    whvi::checkpoint::export::export_mean(&source, &out, false).unwrap();
+    let exported = candle_core::safetensors::load(&out, &CPU).unwrap();
+    // The head's first dense layer is classifier.0 (no dropout in a WHVI head).
+    let row = network
+        .plan()
+        .iter()
+        .find(|r| matches!(r.kind, whvi::zoo::LayerKind::Dense { .. }))
+        .unwrap();
+    let whvi::zoo::LayerKind::Dense { d_in, d_out } = row.kind else {
+        unreachable!()
+    };
+    let vars: std::collections::HashMap<String, Vec<Vec<f32>>> = params
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(&format!("{}.", row.name)) && !n.ends_with("bias"))
+        .map(|(n, v)| {
+            (
+                n.rsplit('.').next().unwrap().to_string(),
+                v.as_tensor().to_vec2().unwrap(),
+            )
+        })
+        .collect();
+    let d = d_in.next_power_of_two();
+    // Unnormalised Hadamard entries: (-1)^popcount(i & j).
+    let h = |i: usize, j: usize| {
+        if (i & j).count_ones().is_multiple_of(2) {
+            1.0f64
+        } else {
+            -1.0
+        }
+    };
+    let weight = exported["classifier.0.weight"].to_vec2::<f32>().unwrap();
+    assert_eq!((weight.len(), weight[0].len()), (d_out, d_in));
+    let mut worst = 0f64;
+    for (r, got_row) in weight.iter().enumerate() {
+        let (b, i) = (r / d, r % d);
+        for (j, &got) in got_row.iter().enumerate() {
+            let middle: f64 = (0..d)
+                .map(|k| h(i, k) * vars["mu"][b][k] as f64 * h(k, j))
+                .sum();
+            let want = vars["s1"][b][i] as f64 * middle * vars["s2"][b][j] as f64;
+            worst = worst.max((want - got as f64).abs() / (1e-3 + want.abs()));
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "exported WHVI weight off S1 H diag(mu) H S2 by {worst} (relative)"
+    );
+}

@@ -26,6 +26,7 @@ pub use crate::output::write_atomic;
 
 pub mod card;
 pub mod export;
+pub mod hub;
 pub mod pretrained;
 
 pub use card::{CardInput, ModelCard};
@@ -514,12 +515,17 @@ fn count_all_ones(data: &[u8], width: usize, exponent: u64) -> usize {
         .count()
 }
 
-/// The bytes of the checkpoint at `path`: a file, or a shipped checkpoint (`pretrained:NAME`).
+/// The bytes of the checkpoint at `path`: a file, a shipped checkpoint (`pretrained:NAME`) or
+/// a file on the Hugging Face hub (`hf://OWNER/REPO/FILE`).
 fn read_file(path: &Path) -> Result<Vec<u8>> {
-    match pretrained::name_of(path) {
-        Some(name) => Ok(pretrained::bytes(name)?.to_vec()),
-        None => std::fs::read(path).map_err(|e| Error::io(path, e)),
+    if let Some(name) = pretrained::name_of(path) {
+        return Ok(pretrained::bytes(name)?.to_vec());
     }
+    if let Some((owner, repo, file)) = hub::parse(path)? {
+        let local = hub::fetch(path, owner, repo, file)?;
+        return std::fs::read(&local).map_err(|e| Error::io(local, e));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
 fn not_safetensors(path: &Path, e: safetensors::SafeTensorError) -> Error {
