@@ -8,16 +8,16 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use super::{write_atomic, Checkpoint};
 use crate::zoo::LayerKind;
 use crate::{Error, Result};
 
-/// Writes the posterior-mean network of `checkpoint` to `out` (f32 safetensors, PyTorch names)
-/// and its architecture to `out` with the extension `.json`; returns the JSON's path. Refuses
-/// to replace either file unless `overwrite`.
+/// Writes the posterior-mean network of `checkpoint` to `out` as f32 safetensors with PyTorch
+/// names, and its architecture to `out` with the extension `.json`; returns the JSON's path.
+/// Refuses to replace either file unless `overwrite`.
 pub fn export_mean(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<PathBuf> {
     let sidecar = out.with_extension("json");
     for path in [out, sidecar.as_path()] {
@@ -74,19 +74,6 @@ pub fn export_mean(checkpoint: &Path, out: &Path, overwrite: bool) -> Result<Pat
         }
         sections[section].push(layer);
     }
-    let tensors = tensors
-        .into_iter()
-        .map(|(n, t)| {
-            Ok((
-                n,
-                if t.dtype() == DType::I64 {
-                    t
-                } else {
-                    t.to_dtype(DType::F32)?
-                },
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let metadata = [("format".to_string(), "pt".to_string())]
         .into_iter()
         .collect();

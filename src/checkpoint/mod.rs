@@ -243,7 +243,6 @@ impl Checkpoint {
     /// Loads the shipped checkpoint `name` (see [`pretrained`]) onto `device` in f32: the same
     /// as [`Checkpoint::load`] of `pretrained:NAME`.
     pub fn pretrained(name: &str, device: &Device) -> Result<LoadedModel> {
-        pretrained::bytes(name)?;
         Checkpoint::load(format!("{}{name}", pretrained::PREFIX), device)
     }
 
@@ -323,9 +322,7 @@ impl Checkpoint {
             .weights
             .into_iter()
             .map(|(name, t)| match t.dtype() {
-                DType::F16 | DType::BF16 | DType::F32 | DType::F64 if t.dtype() != dtype => {
-                    Ok((name, t.to_dtype(dtype)?))
-                }
+                stored if stored.is_float() && stored != dtype => Ok((name, t.to_dtype(dtype)?)),
                 _ => Ok((name, t)),
             })
             .collect::<Result<BTreeMap<_, _>>>()?;

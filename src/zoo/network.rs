@@ -684,7 +684,8 @@ impl Network {
             _ => return Ok(None),
         };
         let unit = Tensor::eye(inputs, DType::F32, &self.device)?;
-        let probe = Tensor::cat(&[&unit.zeros_like()?.narrow(0, 0, 1)?, &unit], 0)?;
+        let zero = Tensor::zeros((1, inputs), DType::F32, &self.device)?;
+        let probe = Tensor::cat(&[&zero, &unit], 0)?;
         let probe = probe.reshape([vec![inputs + 1], shape.clone()].concat())?;
         let out = self
             .body
@@ -699,9 +700,9 @@ impl Network {
             }
             LayerKind::Conv { .. } => {
                 return Err(Error::invalid(format!(
-                    "layer {}: a padding that is not a multiple of the stride has no probe                      position",
-                    row.name
-                )))
+                "layer {}: a padding that is not a multiple of the stride has no probe position",
+                row.name
+            )))
             }
             _ => out,
         };
