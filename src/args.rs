@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use whvi::bench::train::Head;
 use whvi::data::DatasetKind;
 use whvi::layers::{ConvSampling, Prior};
-use whvi::optim::{KlWarmup, LrSchedule};
+use whvi::optim::LrSchedule;
 use whvi::train::{OptimizerKind, TrainConfig};
 use whvi::zoo::{BayesPolicy, BuildOptions, Method};
 use whvi::{Error, Result};
@@ -152,12 +152,13 @@ pub enum Bench {
 /// Which network and which posterior.
 #[derive(Args, Clone)]
 pub struct BuildArgs {
-    /// Posterior of the Bayesian layers.
-    #[arg(long, value_enum, default_value_t = MethodArg::Whvi)]
-    pub method: MethodArg,
-    /// Which layers are Bayesian: the dense head, all, the last layer only, or none.
-    #[arg(long, value_enum, default_value_t = PolicyArg::Head)]
-    pub bayes: PolicyArg,
+    /// Posterior of the Bayesian layers [default: whvi].
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
+    /// Which layers are Bayesian: the dense head, all, the last layer only, or none
+    /// [default: head].
+    #[arg(long, value_enum)]
+    pub bayes: Option<PolicyArg>,
     /// Per-layer override, e.g. --layer conv5=whvi --layer fc1=deterministic (names as in
     /// `whvi zoo MODEL`).
     #[arg(long = "layer", value_name = "NAME=METHOD")]
@@ -169,12 +170,13 @@ pub struct BuildArgs {
     /// Width multiplier for convolutions and hidden dense layers (e.g. 0.25 for CPU runs).
     #[arg(long)]
     pub width: Option<f64>,
-    /// How WHVI convolutions sample filters: one bank per batch or one per example.
-    #[arg(long, value_enum, default_value_t = ConvSamplingArg::Shared)]
-    pub conv_sampling: ConvSamplingArg,
-    /// Drop probability of MC dropout layers.
-    #[arg(long, default_value_t = 0.2)]
-    pub dropout: f64,
+    /// How WHVI convolutions sample filters: one bank per batch or one per example
+    /// [default: shared].
+    #[arg(long, value_enum)]
+    pub conv_sampling: Option<ConvSamplingArg>,
+    /// Drop probability of MC dropout layers [default: 0.2].
+    #[arg(long)]
+    pub dropout: Option<f64>,
     /// Number of classes (default: the spec's, or the data set's when training).
     #[arg(long)]
     pub classes: Option<usize>,
@@ -184,51 +186,64 @@ pub struct BuildArgs {
 }
 
 impl BuildArgs {
+    /// The options these flags give, with the library's defaults for the rest.
     pub fn to_options(&self) -> Result<BuildOptions> {
-        let overrides = self
-            .overrides
-            .iter()
-            .map(|o| match o.split_once('=') {
-                Some((name, method)) => Ok((name.to_string(), Method::parse(method)?)),
-                None => Err(Error::invalid(format!(
-                    "--layer {o}: expected NAME=METHOD, e.g. --layer fc1=whvi"
-                ))),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut prior = Prior::HeLike;
-        let mut prior_overrides = Vec::new();
-        for text in &self.priors {
-            match text.split_once('=') {
-                Some((name, value)) => {
-                    prior_overrides.push((name.to_string(), Prior::parse(value)?))
-                }
-                None => prior = Prior::parse(text)?,
-            }
-        }
-        Ok(BuildOptions {
-            method: self.method.into(),
-            prior,
-            prior_overrides,
-            policy: self.bayes.into(),
-            overrides,
-            width: self.width.unwrap_or(1.0),
-            classes: self.classes,
-            input: match self.input.as_deref() {
-                None => None,
-                Some(&[c, h, w]) => Some([c, h, w]),
-                Some(other) => {
+        self.apply(BuildOptions::default())
+    }
+
+    /// `base` with the flags given applied over it (layer overrides and per-layer priors are
+    /// added to base's).
+    pub fn apply(&self, base: BuildOptions) -> Result<BuildOptions> {
+        let mut options = base;
+        for o in &self.overrides {
+            match o.split_once('=') {
+                Some((name, method)) => options
+                    .overrides
+                    .push((name.to_string(), Method::parse(method)?)),
+                None => {
                     return Err(Error::invalid(format!(
-                        "--input takes three numbers C,H,W (e.g. --input 3,32,32), got {other:?}"
+                        "--layer {o}: expected NAME=METHOD, e.g. --layer fc1=whvi"
                     )))
                 }
-            },
-            conv_sampling: match self.conv_sampling {
-                ConvSamplingArg::Shared => ConvSampling::Shared,
-                ConvSamplingArg::PerExample => ConvSampling::PerExample,
-            },
-            dropout: self.dropout,
-            ..BuildOptions::default()
-        })
+            }
+        }
+        for text in &self.priors {
+            match text.split_once('=') {
+                Some((name, value)) => options
+                    .prior_overrides
+                    .push((name.to_string(), Prior::parse(value)?)),
+                None => options.prior = Prior::parse(text)?,
+            }
+        }
+        set(&mut options.method, self.method.map(Method::from));
+        set(&mut options.policy, self.bayes.map(BayesPolicy::from));
+        set(&mut options.width, self.width);
+        set(&mut options.dropout, self.dropout);
+        if self.classes.is_some() {
+            options.classes = self.classes;
+        }
+        match self.input.as_deref() {
+            None => {}
+            Some(&[c, h, w]) => options.input = Some([c, h, w]),
+            Some(other) => {
+                return Err(Error::invalid(format!(
+                    "--input takes three numbers C,H,W (e.g. --input 3,32,32), got {other:?}"
+                )))
+            }
+        }
+        let sampling = self.conv_sampling.map(|s| match s {
+            ConvSamplingArg::Shared => ConvSampling::Shared,
+            ConvSamplingArg::PerExample => ConvSampling::PerExample,
+        });
+        set(&mut options.conv_sampling, sampling);
+        Ok(options)
+    }
+}
+
+/// Replaces `field` with the flag's value, when the flag was given.
+fn set<T>(field: &mut T, flag: Option<T>) {
+    if let Some(value) = flag {
+        *field = value;
     }
 }
 
@@ -298,6 +313,16 @@ pub enum OptimizerArg {
     Adamw,
 }
 
+impl From<OptimizerArg> for OptimizerKind {
+    fn from(o: OptimizerArg) -> Self {
+        match o {
+            OptimizerArg::Sgd => OptimizerKind::Sgd,
+            OptimizerArg::Nesterov => OptimizerKind::Nesterov,
+            OptimizerArg::Adamw => OptimizerKind::AdamW,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ScheduleArg {
     Cosine,
@@ -365,43 +390,44 @@ pub struct TrainArgs {
     /// Batch size.
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Optimiser. AdamW is the default: with the KL term's stiff pull on the WHVI means
-    /// (1 / (lambda · N_train) is large for small training sets), SGD at CIFAR learning rates
-    /// can diverge, while Adam's per-parameter scaling stays stable.
-    #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
-    pub optimizer: OptimizerArg,
+    /// Optimiser [default: adamw]. AdamW is the default: with the KL term's stiff pull on the
+    /// WHVI means (1 / (lambda · N_train) is large for small training sets), SGD at CIFAR
+    /// learning rates can diverge, while Adam's per-parameter scaling stays stable.
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
     /// Base learning rate (default 0.05 for SGD, 1e-3 for AdamW).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
-    pub momentum: f64,
-    /// Weight decay (not applied to biases, BatchNorm or variational parameters).
-    #[arg(long, default_value_t = 5e-4)]
-    pub weight_decay: f64,
+    /// SGD momentum [default: 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Weight decay (not applied to biases, BatchNorm or variational parameters)
+    /// [default: 5e-4].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// Learning-rate factor for the WHVI diagonals s1 and s2 (they are O(1) while the means are
-    /// O(1/sqrt(D · d_in)), so they need larger steps).
-    #[arg(long, default_value_t = whvi::train::DEFAULT_DIAGONAL_LR_SCALE)]
-    pub diagonal_lr_scale: f64,
+    /// O(1/sqrt(D · d_in)), so they need larger steps) [default: 10].
+    #[arg(long)]
+    pub diagonal_lr_scale: Option<f64>,
     /// Learning-rate schedule: cosine, step (x gamma every N steps), paper
-    /// (lr · (1 + 5e-4 t)^-0.3) or constant.
-    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
-    pub schedule: ScheduleArg,
+    /// (lr · (1 + 5e-4 t)^-0.3) or constant [default: cosine].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
     /// Step schedule: decay every this many optimisation steps.
     #[arg(long, default_value_t = 10_000)]
     pub step_every: u64,
     /// Step schedule: multiply the learning rate by this at each decay.
     #[arg(long, default_value_t = 0.1)]
     pub step_gamma: f64,
-    /// Linear learning-rate warm-up, in optimisation steps.
+    /// Linear learning-rate warm-up, in optimisation steps [default: 0].
     #[arg(long)]
     pub warmup_steps: Option<u64>,
-    /// KL warm-up: beta rises from 0 to 1 over this many epochs.
-    #[arg(long, default_value_t = 0)]
-    pub kl_warmup: u64,
-    /// Posterior samples per training step.
-    #[arg(long, default_value_t = 1)]
-    pub mc_samples: usize,
+    /// KL warm-up: beta rises from 0 to 1 over this many epochs [default: 0].
+    #[arg(long)]
+    pub kl_warmup: Option<u64>,
+    /// Posterior samples per training step [default: 1].
+    #[arg(long)]
+    pub mc_samples: Option<usize>,
     /// Clip the global gradient norm.
     #[arg(long)]
     pub clip_grad: Option<f64>,
@@ -411,15 +437,15 @@ pub struct TrainArgs {
     /// Turn off random crops and flips.
     #[arg(long)]
     pub no_augment: bool,
-    /// Seed of everything random.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Posterior samples for validation metrics.
-    #[arg(long, default_value_t = 8)]
-    pub eval_samples: usize,
-    /// Posterior samples for the final test report (0: none).
-    #[arg(long, default_value_t = 32)]
-    pub test_samples: usize,
+    /// Seed of everything random [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Posterior samples for validation metrics [default: 8].
+    #[arg(long)]
+    pub eval_samples: Option<usize>,
+    /// Posterior samples for the final test report (0: none) [default: 32].
+    #[arg(long)]
+    pub test_samples: Option<usize>,
     /// Stop after the epoch during which this many minutes have passed.
     #[arg(long, value_name = "MINUTES")]
     pub time_limit: Option<f64>,
@@ -450,75 +476,38 @@ impl TrainArgs {
         }
     }
 
-    /// The run's configuration, and a note when the quick-start preset applies.
+    /// The run's configuration: the library's preset for the data set
+    /// ([`TrainConfig::for_dataset`]) with the flags given applied over it, and a note when
+    /// the quick start (the embedded sample) applies.
     pub fn to_config(&self) -> Result<(TrainConfig, Option<String>)> {
-        let defaults = TrainConfig::default();
-        // Without data, CIFAR-10 means the small embedded sample: a few-minute quick start
-        // with a CPU-sized network instead of the full-data defaults.
-        let quick = self.data.is_none() && self.dataset == DatasetKind::Cifar10;
-        let model = self.model.clone().unwrap_or_else(|| match self.dataset {
-            DatasetKind::Mnist | DatasetKind::FashionMnist => "lenet5".into(),
-            _ if quick => "vgg11".into(),
-            _ => defaults.model.clone(),
-        });
-        let mut build = self.build.to_options()?;
-        if self.build.width.is_none() && quick {
-            build.width = 0.25;
+        let mut config = TrainConfig::for_dataset(self.dataset, self.data.clone());
+        if let Some(optimizer) = self.optimizer {
+            config = config.with_optimizer(optimizer.into());
         }
-        let epochs = self
-            .epochs
-            .unwrap_or(if quick { 6 } else { defaults.epochs });
-        let batch_size = self
-            .batch_size
-            .unwrap_or(if quick { 64 } else { defaults.batch_size });
-        let lr = self.lr.unwrap_or(match self.optimizer {
-            OptimizerArg::Adamw => 1e-3,
-            _ => 0.05,
-        });
-        let schedule = match self.schedule {
-            ScheduleArg::Cosine => LrSchedule::cosine(lr, 0.0),
-            ScheduleArg::Step => LrSchedule::step(lr, self.step_every, self.step_gamma),
-            ScheduleArg::Paper => LrSchedule::whvi_paper(lr),
-            ScheduleArg::Constant => LrSchedule::constant(lr),
-        };
-        let schedule = schedule.with_warmup(self.warmup_steps.unwrap_or(0));
-        let config = TrainConfig {
-            dataset: self.dataset,
-            data: self.data.clone(),
-            model,
-            build,
-            epochs,
-            batch_size,
-            optimizer: match self.optimizer {
-                OptimizerArg::Sgd => OptimizerKind::Sgd,
-                OptimizerArg::Nesterov => OptimizerKind::Nesterov,
-                OptimizerArg::Adamw => OptimizerKind::AdamW,
-            },
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
-            schedule,
-            diagonal_lr_scale: self.diagonal_lr_scale,
-            kl_warmup: KlWarmup {
-                epochs: self.kl_warmup,
-            },
-            mc_samples: self.mc_samples,
-            clip_grad: self.clip_grad,
-            validation: self
-                .validation
-                .unwrap_or(if quick { 200 } else { defaults.validation }),
-            augment: !self.no_augment,
-            seed: self.seed,
-            eval_samples: self.eval_samples,
-            test_samples: self.test_samples,
-            time_limit_minutes: self.time_limit,
-            out: self.out.clone().unwrap_or_else(|| {
-                PathBuf::from(format!(
-                    "runs/{}",
-                    if quick { "quickstart" } else { "train" }
-                ))
-            }),
-        };
-        let note = quick.then(|| {
+        set(&mut config.model, self.model.clone());
+        config.build = self.build.apply(config.build)?;
+        set(&mut config.epochs, self.epochs);
+        set(&mut config.batch_size, self.batch_size);
+        set(&mut config.momentum, self.momentum);
+        set(&mut config.weight_decay, self.weight_decay);
+        set(&mut config.diagonal_lr_scale, self.diagonal_lr_scale);
+        let schedule = self.schedule_of(&config.schedule);
+        set(&mut config.schedule, schedule);
+        set(&mut config.kl_warmup.epochs, self.kl_warmup);
+        set(&mut config.mc_samples, self.mc_samples);
+        if self.clip_grad.is_some() {
+            config.clip_grad = self.clip_grad;
+        }
+        set(&mut config.validation, self.validation);
+        config.augment &= !self.no_augment;
+        set(&mut config.seed, self.seed);
+        set(&mut config.eval_samples, self.eval_samples);
+        set(&mut config.test_samples, self.test_samples);
+        if self.time_limit.is_some() {
+            config.time_limit_minutes = self.time_limit;
+        }
+        set(&mut config.out, self.out.clone());
+        let note = config.uses_embedded_sample().then(|| {
             format!(
                 "no --data: training {} (width {}) for {} epoch{} on the CIFAR-10 (JPEG copy) \
                  sample embedded in whvi; pass --data DIR for the full data set",
@@ -529,6 +518,26 @@ impl TrainArgs {
             )
         });
         Ok((config, note))
+    }
+
+    /// The learning-rate schedule the flags ask for (`None`: `preset` as it is): `--schedule`
+    /// builds a new one, `--lr` and `--warmup-steps` change the preset's.
+    fn schedule_of(&self, preset: &LrSchedule) -> Option<LrSchedule> {
+        if self.schedule.is_none() && self.lr.is_none() && self.warmup_steps.is_none() {
+            return None;
+        }
+        let lr = self.lr.unwrap_or(preset.base_lr);
+        let schedule = match self.schedule {
+            None => LrSchedule {
+                base_lr: lr,
+                ..preset.clone()
+            },
+            Some(ScheduleArg::Cosine) => LrSchedule::cosine(lr, 0.0),
+            Some(ScheduleArg::Step) => LrSchedule::step(lr, self.step_every, self.step_gamma),
+            Some(ScheduleArg::Paper) => LrSchedule::whvi_paper(lr),
+            Some(ScheduleArg::Constant) => LrSchedule::constant(lr),
+        };
+        Some(schedule.with_warmup(self.warmup_steps.unwrap_or(preset.warmup_steps)))
     }
 }
 
@@ -548,6 +557,10 @@ pub struct EvalArgs {
     /// Checkpoints (.safetensors) to evaluate.
     #[arg(required = true, num_args = 1..)]
     pub checkpoints: Vec<PathBuf>,
+    /// Evaluate the checkpoints as one deep ensemble (the mean of their predictive
+    /// distributions) instead of side by side.
+    #[arg(long)]
+    pub ensemble: bool,
     /// Test data set (default: the one the checkpoint was trained on).
     #[arg(long, value_enum)]
     pub dataset: Option<DatasetKind>,
@@ -613,6 +626,7 @@ impl EvalArgs {
         use whvi::eval::{OodSource, ShiftSource};
         Ok(whvi::eval::EvalConfig {
             checkpoints: self.checkpoints.clone(),
+            ensemble: self.ensemble,
             dataset: self.dataset,
             data: self.data.clone(),
             samples: self.samples,

@@ -315,14 +315,20 @@ fn cifar100_bad_records_name_the_file_and_the_record_size() {
 
 /// An untrained lenet5 WHVI network for CIFAR-10's images, saved as a checkpoint.
 fn saved_network(dir: &Path) -> PathBuf {
+    saved_lenet(&dir.join("net.safetensors"), Method::Whvi, [3, 32, 32], 4)
+}
+
+/// An untrained lenet5 with a `method` head for `input` images, its weights drawn from `seed`,
+/// saved at `path`.
+fn saved_lenet(path: &Path, method: Method, input: [usize; 3], seed: u64) -> PathBuf {
     let spec = ModelSpec::lookup("lenet5").unwrap();
     let options = BuildOptions {
-        method: Method::Whvi,
+        method,
         width: 0.5,
-        input: Some([3, 32, 32]),
+        input: Some(input),
         ..BuildOptions::default()
     };
-    let params = Params::new(4);
+    let params = Params::new(seed);
     whvi::zoo::Network::build(
         &spec,
         &options,
@@ -330,20 +336,20 @@ fn saved_network(dir: &Path) -> PathBuf {
     )
     .unwrap();
     let classes = cifar10::CLASSES.iter().map(|c| c.to_string()).collect();
-    let path = dir.join("net.safetensors");
     Checkpoint::save(
-        &path,
+        path,
         &CheckpointMeta::new(spec, options, classes),
         &params,
         &[],
     )
     .unwrap();
-    path
+    path.to_path_buf()
 }
 
 fn config(checkpoint: &Path, shift: Option<ShiftSource>) -> EvalConfig {
     EvalConfig {
         checkpoints: vec![checkpoint.to_path_buf()],
+        ensemble: false,
         dataset: None,
         data: None,
         samples: 3,
@@ -585,6 +591,101 @@ fn saved_predictions_reproduce_the_report_and_svhn_and_cifar100_are_ood_sets() {
         &mut |_| {},
     ));
     assert!(err.contains("--save-probs"), "{err}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_ensemble_predicts_the_mean_of_its_members_and_pools_their_samples() {
+    let dir = scratch("ensemble");
+    let whvi = saved_lenet(&dir.join("whvi.safetensors"), Method::Whvi, [3, 32, 32], 4);
+    let det_a = saved_lenet(
+        &dir.join("a.safetensors"),
+        Method::Deterministic,
+        [3, 32, 32],
+        5,
+    );
+    let det_b = saved_lenet(
+        &dir.join("b.safetensors"),
+        Method::Deterministic,
+        [3, 32, 32],
+        6,
+    );
+    let out = dir.join("probs");
+    let single = |path: &Path| {
+        let report = run(&EvalConfig {
+            save_probs: Some(out.clone()),
+            ..config(path, None)
+        });
+        let run = dir.file_name().unwrap().to_string_lossy();
+        let name = format!("{run}-{}", path.file_stem().unwrap().to_string_lossy());
+        let probs = metrics::load_predictions(out.join(name).join("clean.probs.npy")).unwrap();
+        (report, probs)
+    };
+    let (_, whvi_probs) = single(&whvi);
+    let (_, a_probs) = single(&det_a);
+    let ensemble = |members: &[&PathBuf]| {
+        let mut config = config(members[0], None);
+        config.checkpoints = members.iter().map(|p| p.to_path_buf()).collect();
+        config.ensemble = true;
+        config.save_probs = Some(out.clone());
+        config.save_samples = true;
+        config.overwrite = true;
+        run(&config)
+    };
+
+    // A WHVI member (T = 3 samples) and a deterministic one (1 pass, weighed as 3).
+    let mixed = ensemble(&[&whvi, &det_a]);
+    assert_eq!(mixed.members, vec![whvi.clone(), det_a.clone()]);
+    let run = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let saved = out.join(format!("{run}-whvi-ensemble-of-2"));
+    let pooled = metrics::load_predictions(saved.join("clean.probs.npy")).unwrap();
+    let mean: Vec<f64> = (whvi_probs.mean().as_slice().iter())
+        .zip(a_probs.mean().as_slice())
+        .map(|(p, q)| (p + q) / 2.0)
+        .collect();
+    let worst = (pooled.mean().as_slice().iter())
+        .zip(&mean)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-12,
+        "pooled mean off the members' mean by {worst}"
+    );
+    let samples = read_npy(saved.join("clean.samples.npy")).unwrap();
+    assert_eq!(samples.shape(), &[6, 24, 10]);
+    let labels = metrics::load_labels(saved.join("clean.labels.npy")).unwrap();
+    let nll = metrics::nll(pooled.mean(), &labels).unwrap();
+    assert!((nll - mixed.metrics.nll).abs() < 1e-12);
+    // The members disagree.
+    assert!(mixed.metrics.mean_mutual_information.unwrap() > 1e-6);
+
+    // Two copies of one deterministic network are that network, with no disagreement.
+    let twice = ensemble(&[&det_b, &det_b]);
+    let (b_alone, _) = single(&det_b);
+    assert_eq!(twice.metrics.accuracy, b_alone.metrics.accuracy);
+    assert!((twice.metrics.nll - b_alone.metrics.nll).abs() < 1e-12);
+    assert!(twice.metrics.mean_mutual_information.unwrap().abs() < 1e-12);
+    let table = whvi::eval::comparison_table(&[twice]);
+    assert!(table.contains("ensemble of 2"), "{table}");
+
+    // Members that cannot be averaged, and an ensemble of one.
+    let grey = saved_lenet(
+        &dir.join("grey.safetensors"),
+        Method::Deterministic,
+        [1, 28, 28],
+        7,
+    );
+    let mut bad = config(&det_a, None);
+    bad.checkpoints = vec![det_a.clone(), grey];
+    bad.ensemble = true;
+    let err = error_text(evaluate(&bad, &Device::Cpu, &mut |_| {}));
+    assert!(
+        err.contains("grey.safetensors") && err.contains("other images"),
+        "{err}"
+    );
+    bad.checkpoints.truncate(1);
+    let err = error_text(evaluate(&bad, &Device::Cpu, &mut |_| {}));
+    assert!(err.contains("--ensemble needs at least two"), "{err}");
     fs::remove_dir_all(dir).unwrap();
 }
 

@@ -192,6 +192,7 @@ fn every_shipped_checkpoint_loads_by_name_with_its_card() {
 fn a_shipped_cifar10_checkpoint_evaluates_on_the_embedded_sample_without_data() {
     let config = EvalConfig {
         checkpoints: vec![PathBuf::from("pretrained:vgg11-x0.25-whvi-cifar10")],
+        ensemble: false,
         dataset: None,
         data: None,
         samples: 2,

@@ -120,6 +120,7 @@ fn two_epochs_improve_accuracy_and_write_checkpoints() {
 fn eval_config(checkpoint: &Path) -> EvalConfig {
     EvalConfig {
         checkpoints: vec![checkpoint.to_path_buf()],
+        ensemble: false,
         dataset: None,
         data: None,
         samples: 3,

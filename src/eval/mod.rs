@@ -11,7 +11,7 @@ mod predict;
 
 pub use cifar10c::{write_cifar10c, Cifar10C, LABELS_FILE as CIFAR10C_LABELS_FILE};
 pub use corrupt::{corrupt_dataset, Corruption};
-pub use predict::{mean_logits, predict, PredictOptions};
+pub use predict::{ensemble_predictions, mean_logits, predict, PredictOptions};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -148,6 +148,9 @@ impl ShiftSource {
 pub struct EvalConfig {
     /// The checkpoints to evaluate (several give a side-by-side table).
     pub checkpoints: Vec<PathBuf>,
+    /// Evaluate the checkpoints as one deep ensemble: its predictive is the mean of the
+    /// members' predictive distributions, and one report comes back.
+    pub ensemble: bool,
     /// The test data set (`None`: the one the first checkpoint was trained on).
     pub dataset: Option<DatasetKind>,
     /// Where the data are (`None`: the training run's path, else the default location).
@@ -191,6 +194,11 @@ impl EvalConfig {
     pub fn validate(&self) -> Result<()> {
         if self.checkpoints.is_empty() {
             return Err(Error::invalid("give at least one checkpoint to evaluate"));
+        }
+        if self.ensemble && self.checkpoints.len() < 2 {
+            return Err(Error::invalid(
+                "--ensemble needs at least two checkpoints (its members)",
+            ));
         }
         for (value, name) in [
             (self.samples, "--samples"),
@@ -259,8 +267,8 @@ impl EvalConfig {
             )));
         }
         let mut seen = std::collections::HashSet::new();
-        for checkpoint in &self.checkpoints {
-            let folder = dir.join(plot_prefix(checkpoint));
+        for prefix in self.run_prefixes() {
+            let folder = dir.join(prefix);
             if !seen.insert(folder.clone()) {
                 return Err(Error::invalid(format!(
                     "two checkpoints would save their predictions in {}: evaluate them in \
@@ -278,6 +286,25 @@ impl EvalConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl EvalConfig {
+    /// The file-name prefix of each evaluation's plots and saved predictions, in order: one
+    /// per checkpoint, or one for the ensemble.
+    fn run_prefixes(&self) -> Vec<String> {
+        match (self.ensemble, self.checkpoints.as_slice()) {
+            (true, [first, ..]) => vec![self.prefix_of(first)],
+            _ => self.checkpoints.iter().map(|c| plot_prefix(c)).collect(),
+        }
+    }
+
+    /// The prefix of the evaluation whose (first) checkpoint is `first`.
+    fn prefix_of(&self, first: &Path) -> String {
+        match self.ensemble {
+            true => ensemble_prefix(first, self.checkpoints.len()),
+            false => plot_prefix(first),
+        }
     }
 }
 
@@ -369,8 +396,15 @@ pub struct EvalReport {
     /// Clean test-set metrics (and OOD detection when an OOD set was given), at the top level.
     #[serde(flatten)]
     pub metrics: MetricsReport,
-    /// The checkpoint file.
+    /// The checkpoint file (an ensemble's first member).
     pub checkpoint: PathBuf,
+    /// An ensemble's members, the first one included (empty for a single checkpoint).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<PathBuf>,
+    /// Values the network stores (weights, variational parameters, batch-norm statistics),
+    /// summed over an ensemble's members.
+    #[serde(default)]
+    pub parameters: usize,
     /// Posterior samples T.
     pub samples: usize,
     /// Seed of the evaluation.
@@ -386,7 +420,7 @@ pub struct EvalReport {
     pub ood: Option<OodSource>,
     /// Temperature scaling, when the checkpoint records its validation split.
     pub temperature_scaling: Option<TemperatureReport>,
-    /// The checkpoint's metadata.
+    /// The checkpoint's metadata (an ensemble's first member's).
     pub meta: CheckpointMeta,
     /// Seconds spent.
     pub seconds: f64,
@@ -454,6 +488,21 @@ fn label(path: &Path, meta: &CheckpointMeta) -> String {
         Some(run) => format!("{} {method} ({run})", meta.spec.name),
         None => format!("{} {method}", meta.spec.name),
     }
+}
+
+/// A report's name in tables and plots: [`label`], with the size of an ensemble.
+fn report_label(report: &EvalReport) -> String {
+    let single = label(&report.checkpoint, &report.meta);
+    match report.members.len() {
+        0 => single,
+        m => format!("{single} ensemble of {m}"),
+    }
+}
+
+/// The file-name prefix of an ensemble's plots and saved predictions, named after its first
+/// member.
+fn ensemble_prefix(first: &Path, members: usize) -> String {
+    format!("{}-ensemble-of-{members}", plot_prefix(first))
 }
 
 /// The name of the folder a checkpoint is in (its run), also for a bare file name.
@@ -551,10 +600,10 @@ pub fn evaluate(
     // before the first one's work is done.
     let mut models = Vec::new();
     for path in &config.checkpoints {
-        models.push((
-            path,
-            Checkpoint::load_with(path, device, DType::F32, config.checksum)?,
-        ));
+        models.push(Member {
+            path: path.clone(),
+            model: Checkpoint::load_with(path, device, DType::F32, config.checksum)?,
+        });
     }
     let shift = match &config.shift {
         Some(ShiftSource::Cifar10C(dir)) => {
@@ -567,9 +616,14 @@ pub fn evaluate(
         }
         _ => None,
     };
+    let groups: Vec<Vec<Member>> = if config.ensemble {
+        vec![models]
+    } else {
+        models.into_iter().map(|m| vec![m]).collect()
+    };
     let mut reports = Vec::new();
-    for (path, model) in models {
-        reports.push(evaluate_one(config, path, model, shift.as_ref(), progress)?);
+    for members in groups {
+        reports.push(evaluate_one(config, members, shift.as_ref(), progress)?);
     }
     if let (Some(dir), true) = (&config.plots, reports.len() > 1 && config.shift.is_some()) {
         let points = methods_under_shift(&reports);
@@ -602,7 +656,7 @@ fn methods_under_shift(reports: &[EvalReport]) -> Vec<CorruptionPoint> {
             }
             let n = at.len() as f64;
             points.push(CorruptionPoint {
-                name: label(&r.checkpoint, &r.meta),
+                name: report_label(r),
                 severity: severity as u32,
                 accuracy: at.iter().map(|c| c.accuracy).sum::<f64>() / n,
                 ece: at.iter().map(|c| c.ece15).sum::<f64>() / n,
@@ -637,32 +691,50 @@ fn test_data_of(
     (kind, path, training_kind == Some(kind))
 }
 
-/// What every set of one checkpoint's evaluation shares.
+/// A loaded checkpoint and the path it came from.
+struct Member {
+    path: PathBuf,
+    model: LoadedModel,
+}
+
+/// What every set of one evaluation (one checkpoint, or one ensemble) shares.
 struct Evaluation<'a> {
     config: &'a EvalConfig,
-    network: &'a crate::zoo::Network,
+    /// The network, or an ensemble's members.
+    networks: Vec<crate::zoo::Network>,
     normalization: Normalization,
     /// Where the predictions are saved (`None`: they are not).
     probs_dir: Option<PathBuf>,
 }
 
 impl Evaluation<'_> {
-    /// Predicts `data` with the set's own generator and saves the predictions when asked.
+    /// Predicts `data` with the set's own generator (one per ensemble member) and saves the
+    /// predictions when asked.
     fn predict(&self, set: &str, data: &ImageDataset, keep_samples: bool) -> Result<Predictions> {
+        let ensemble = self.networks.len() > 1;
         let options = PredictOptions {
             samples: self.config.samples,
             batch_size: self.config.batch_size,
-            keep_samples: keep_samples || self.config.save_samples,
+            keep_samples: keep_samples || self.config.save_samples || ensemble,
         };
-        let mut rng = seeded_stream(self.config.seed, &format!("predict/{set}"));
-        let preds = predict(
-            self.network,
-            data,
-            &self.normalization,
-            options,
-            &mut rng,
-            |_| {},
-        )?;
+        let mut members = Vec::with_capacity(self.networks.len());
+        for (i, network) in self.networks.iter().enumerate() {
+            // The first member draws what a single checkpoint would.
+            let stream = match i {
+                0 => format!("predict/{set}"),
+                i => format!("predict/{set}/member-{i}"),
+            };
+            let mut rng = seeded_stream(self.config.seed, &stream);
+            members.push(predict(
+                network,
+                data,
+                &self.normalization,
+                options,
+                &mut rng,
+                |_| {},
+            )?);
+        }
+        let preds = ensemble_predictions(members)?;
         if let Some(dir) = &self.probs_dir {
             let labels = (!set.starts_with("ood-")).then(|| data.labels());
             save_predictions(dir, set, &preds, labels, self.config.save_samples)?;
@@ -772,18 +844,57 @@ fn save_predictions(
     Ok(())
 }
 
-/// Evaluates one loaded checkpoint on every set `config` asks for.
-fn evaluate_one(
-    config: &EvalConfig,
-    path: &Path,
-    model: LoadedModel,
-    shift_files: Option<&Cifar10C>,
+/// The network, normalisation and test data of one evaluation, and the training data the
+/// validation split comes from; for an ensemble, checked to agree across its members.
+struct Prepared<'a> {
+    eval: Evaluation<'a>,
+    metas: Vec<CheckpointMeta>,
+    sets: data::TrainTest,
+    test: ImageDataset,
+    trained_on_it: bool,
+}
+
+/// Loads the test data of `members` and checks that an ensemble's members can be averaged.
+fn prepare<'a>(
+    config: &'a EvalConfig,
+    members: Vec<Member>,
     progress: &mut dyn FnMut(&str),
-) -> Result<EvalReport> {
-    let LoadedModel { network, meta, .. } = model;
-    let started = Instant::now();
-    let (kind, data_path, trained_on_it) = test_data_of(config, &meta);
-    progress(&format!("{}: loading {kind} data", path.display()));
+) -> Result<Prepared<'a>> {
+    let paths: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
+    let first = paths[0].clone();
+    let (networks, metas): (Vec<_>, Vec<_>) = members
+        .into_iter()
+        .map(|m| (m.model.network, m.model.meta))
+        .unzip();
+    let (kind, data_path, trained_on_it) = test_data_of(config, &metas[0]);
+    let normalization_of = |meta: &CheckpointMeta| {
+        meta.normalization
+            .clone()
+            .unwrap_or_else(|| Normalization::for_kind(kind))
+    };
+    let normalization = normalization_of(&metas[0]);
+    for (i, (network, meta)) in networks.iter().zip(&metas).enumerate().skip(1) {
+        let path = &paths[i];
+        if network.input_shape() != networks[0].input_shape()
+            || meta.class_names != metas[0].class_names
+        {
+            return Err(Error::invalid(format!(
+                "ensemble member {} takes other images or predicts other classes than {}; \
+                 ensemble checkpoints trained on the same data set",
+                path.display(),
+                first.display()
+            )));
+        }
+        if normalization_of(meta) != normalization {
+            return Err(Error::invalid(format!(
+                "ensemble member {} normalises its input unlike {}; ensemble checkpoints \
+                 trained with the same normalisation",
+                path.display(),
+                first.display()
+            )));
+        }
+    }
+    progress(&format!("{}: loading {kind} data", first.display()));
     let sets = data::load(kind, data_path.as_deref())?;
     for note in &sets.notes {
         progress(&format!("note: {note}"));
@@ -797,7 +908,7 @@ fn evaluate_one(
     }
     let probs_dir = match &config.save_probs {
         Some(dir) => {
-            let dir = dir.join(plot_prefix(path));
+            let dir = dir.join(config.prefix_of(&first));
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             Some(dir)
         }
@@ -805,21 +916,95 @@ fn evaluate_one(
     };
     let eval = Evaluation {
         config,
-        network: &network,
-        normalization: meta
-            .normalization
-            .clone()
-            .unwrap_or_else(|| Normalization::for_kind(kind)),
+        networks,
+        normalization,
         probs_dir,
     };
+    Ok(Prepared {
+        eval,
+        metas,
+        sets,
+        test,
+        trained_on_it,
+    })
+}
+
+/// The training configuration whose validation split every member held out, or why there is
+/// none (an ensemble of runs with different seeds held out different images, each one part
+/// of another member's training data).
+fn shared_training(metas: &[CheckpointMeta]) -> std::result::Result<&serde_json::Value, String> {
+    let split = |meta: &CheckpointMeta| {
+        let t = meta.training.as_ref()?;
+        Some((t.get("validation")?.as_u64()?, t.get("seed")?.as_u64()?))
+    };
+    let first = metas[0]
+        .training
+        .as_ref()
+        .ok_or("the checkpoint records no training run")?;
+    if metas.iter().any(|m| split(m) != split(&metas[0])) {
+        return Err("the ensemble's members held out different validation images".into());
+    }
+    Ok(first)
+}
+
+/// Temperature scaling fitted on the run's validation split, when there is one.
+fn temperature_of(
+    prepared: &Prepared,
+    preds: &Predictions,
+    labels: &[usize],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<TemperatureReport>> {
+    if !(prepared.eval.config.temperature_scaling && prepared.trained_on_it) {
+        return Ok(None);
+    }
+    let validation = shared_training(&prepared.metas)
+        .and_then(|training| held_out_validation(training, &prepared.sets.train));
+    match validation {
+        Ok(val) => {
+            progress(&format!(
+                "fitting a temperature on {} validation images",
+                val.len()
+            ));
+            let val_preds = prepared.eval.predict("validation", &val, false)?;
+            Ok(Some(temperature_report(
+                &val_preds,
+                &labels_of(&val),
+                preds,
+                labels,
+            )?))
+        }
+        Err(reason) => {
+            progress(&format!("note: no temperature scaling: {reason}"));
+            Ok(None)
+        }
+    }
+}
+
+/// Evaluates one loaded checkpoint, or an ensemble of them, on every set `config` asks for.
+fn evaluate_one(
+    config: &EvalConfig,
+    members: Vec<Member>,
+    shift_files: Option<&Cifar10C>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<EvalReport> {
+    let started = Instant::now();
+    let paths: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
+    let path = paths[0].as_path();
+    let parameters = members
+        .iter()
+        .flat_map(|m| m.model.params.named_vars())
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let prepared = prepare(config, members, progress)?;
+    let (eval, test) = (&prepared.eval, &prepared.test);
     progress(&format!(
         "{}: predicting {} images x {} samples",
         path.display(),
         test.len(),
         config.samples
     ));
-    let preds = eval.predict("clean", &test, true)?;
-    let labels = labels_of(&test);
+    let preds = eval.predict("clean", test, true)?;
+    let labels = labels_of(test);
     let ood_preds = match &config.ood {
         Some(source) => {
             let mut rng = seeded_stream(config.seed, "ood-images");
@@ -835,48 +1020,21 @@ fn evaluate_one(
         None => None,
     };
     let report = compute_report(&preds, &labels, ood_preds.as_ref())?;
-    let temperature_scaling = match (&meta.training, config.temperature_scaling && trained_on_it) {
-        (Some(training), true) => match held_out_validation(training, &sets.train) {
-            Ok(val) => {
-                progress(&format!(
-                    "{}: fitting a temperature on {} validation images",
-                    path.display(),
-                    val.len()
-                ));
-                let val_preds = eval.predict("validation", &val, false)?;
-                Some(temperature_report(
-                    &val_preds,
-                    &labels_of(&val),
-                    &preds,
-                    &labels,
-                )?)
-            }
-            Err(reason) => {
-                progress(&format!("note: no temperature scaling: {reason}"));
-                None
-            }
-        },
-        _ => None,
-    };
+    let temperature_scaling = temperature_of(&prepared, &preds, &labels, progress)?;
     let corruptions = match &config.shift {
-        Some(source) => eval.shift(source, shift_files, &test, progress)?,
+        Some(source) => eval.shift(source, shift_files, test, progress)?,
         None => Vec::new(),
     };
-    if let Some(dir) = &config.plots {
-        let title = format!("{} — T = {}", label(path, &meta), config.samples);
-        let prefix = dir.join(plot_prefix(path));
-        write_plots(
-            &prefix,
-            &title,
-            &preds,
-            &labels,
-            ood_preds.as_ref(),
-            &corruptions,
-        )?;
-    }
-    Ok(EvalReport {
+    let members = if config.ensemble {
+        paths.clone()
+    } else {
+        Vec::new()
+    };
+    let mut report = EvalReport {
         metrics: report,
         checkpoint: path.to_path_buf(),
+        members,
+        parameters,
         samples: config.samples,
         seed: config.seed,
         corruption_mean: CorruptionSummary::of(&corruptions),
@@ -884,9 +1042,23 @@ fn evaluate_one(
         shift: config.shift.clone(),
         ood: config.ood.clone(),
         temperature_scaling,
-        meta,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+        meta: prepared.metas[0].clone(),
+        seconds: 0.0,
+    };
+    if let Some(dir) = &config.plots {
+        let title = format!("{} — T = {}", report_label(&report), config.samples);
+        let prefix = dir.join(config.prefix_of(path));
+        write_plots(
+            &prefix,
+            &title,
+            &preds,
+            &labels,
+            ood_preds.as_ref(),
+            &report.corruptions,
+        )?;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 /// The reliability diagram, and the OOD histogram and the shift plot when measured, as PNG
@@ -952,7 +1124,7 @@ pub fn comparison_table(reports: &[EvalReport]) -> String {
         let _ = writeln!(
             s,
             "{:<46} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>6} {:>8} {:>12} {:>10}",
-            label(&r.checkpoint, &r.meta),
+            report_label(r),
             m.accuracy,
             m.nll,
             m.brier,

@@ -139,3 +139,53 @@ pub fn mean_logits(
     }
     Ok(Tensor::cat(&all, 0)?)
 }
+
+/// The predictive distribution of a deep ensemble, `p(y|x) = (1/M) Σ_m p_m(y|x)`, from each
+/// member's predictions on the same images.
+///
+/// The members' posterior samples are pooled, so mutual information measures disagreement
+/// between members as well as within each one. A member with fewer samples (a deterministic
+/// network's single pass) is repeated to the largest count, so that every member weighs the
+/// same. One member comes back unchanged; several must all keep their per-sample
+/// probabilities ([`PredictOptions::keep_samples`]).
+pub fn ensemble_predictions(mut members: Vec<Predictions>) -> Result<Predictions> {
+    if members.len() <= 1 {
+        return members
+            .pop()
+            .ok_or_else(|| Error::invalid("an ensemble needs at least one member"));
+    }
+    let mut parts = Vec::with_capacity(members.len());
+    for (i, member) in members.iter().enumerate() {
+        let samples = member.samples().ok_or_else(|| {
+            Error::invalid(format!(
+                "ensemble member {i} kept no per-sample probabilities; predict its members \
+                 with keep_samples"
+            ))
+        })?;
+        parts.push(samples);
+    }
+    let (n, k) = (parts[0].n(), parts[0].k());
+    let most = parts.iter().map(|p| p.t()).max().unwrap_or(1);
+    let mut data = Vec::with_capacity(parts.len() * most * n * k);
+    for (i, part) in parts.iter().enumerate() {
+        if (part.n(), part.k()) != (n, k) {
+            return Err(Error::invalid(format!(
+                "ensemble member {i} predicted {} images x {} classes, member 0 {n} x {k}",
+                part.n(),
+                part.k()
+            )));
+        }
+        if most % part.t() != 0 {
+            return Err(Error::invalid(format!(
+                "ensemble member {i} drew {} posterior samples, which does not divide the \
+                 {most} of another member; give every Bayesian member the same --samples",
+                part.t()
+            )));
+        }
+        for _ in 0..most / part.t() {
+            (0..part.t()).for_each(|s| data.extend_from_slice(part.sample(s)));
+        }
+    }
+    let pooled = SampleProbs::new(data, parts.len() * most, n, k)?;
+    Ok(Predictions::from_samples(pooled))
+}

@@ -75,8 +75,8 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     /// Defaults that make sense for CIFAR-10: VGG-16 with a WHVI head, AdamW at lr 1e-3 with
-    /// cosine decay and a short warm-up, weight decay 5e-4, batch 128, 30 epochs, random crops
-    /// and flips.
+    /// cosine decay and no warm-up, weight decay 5e-4, batch 128, 30 epochs, random crops and
+    /// flips. [`TrainConfig::for_dataset`] adapts them to a data set.
     fn default() -> Self {
         TrainConfig {
             dataset: DatasetKind::Cifar10,
@@ -88,7 +88,7 @@ impl Default for TrainConfig {
             optimizer: OptimizerKind::AdamW,
             momentum: 0.9,
             weight_decay: 5e-4,
-            schedule: LrSchedule::cosine(1e-3, 0.0).with_warmup(350),
+            schedule: LrSchedule::cosine(OptimizerKind::AdamW.default_lr(), 0.0),
             diagonal_lr_scale: default_diagonal_lr_scale(),
             kl_warmup: KlWarmup::default(),
             mc_samples: 1,

@@ -10,6 +10,7 @@
 //! checkpoint.
 
 mod config;
+mod preset;
 mod progress;
 mod step;
 

@@ -1,0 +1,77 @@
+//! The starting points of a training run: what `whvi train` uses for every flag it is not
+//! given, kept here so that a Rust user starts from the same defaults as the command line.
+
+use std::path::PathBuf;
+
+use super::config::{OptimizerKind, TrainConfig};
+use crate::data::DatasetKind;
+
+impl OptimizerKind {
+    /// The learning rate a run with this optimiser starts from: 1e-3 for AdamW, 0.05 for SGD
+    /// and Nesterov.
+    pub fn default_lr(self) -> f64 {
+        match self {
+            OptimizerKind::AdamW => 1e-3,
+            OptimizerKind::Sgd | OptimizerKind::Nesterov => 0.05,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The defaults for training on `dataset` read from `data` (`None`: the CIFAR-10 sample
+    /// embedded in whvi, or the system's MNIST / Fashion-MNIST):
+    ///
+    /// - CIFAR-10 without data: [`TrainConfig::quick_start`].
+    /// - MNIST and Fashion-MNIST: LeNet-5.
+    /// - Anything else: [`TrainConfig::default`] (VGG-16, 30 epochs of batch 128).
+    ///
+    /// The output directory is `runs/train` (`runs/quickstart` for the quick start).
+    pub fn for_dataset(dataset: DatasetKind, data: Option<PathBuf>) -> Self {
+        if dataset == DatasetKind::Cifar10 && data.is_none() {
+            return TrainConfig::quick_start();
+        }
+        let base = TrainConfig {
+            dataset,
+            data,
+            out: PathBuf::from("runs/train"),
+            ..TrainConfig::default()
+        };
+        match dataset {
+            DatasetKind::Mnist | DatasetKind::FashionMnist => TrainConfig {
+                model: "lenet5".into(),
+                ..base
+            },
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => base,
+        }
+    }
+
+    /// The quick start: VGG-11 at width 0.25 (a few minutes on a laptop CPU), 6 epochs of
+    /// batch 64 on the CIFAR-10 (JPEG copy) sample embedded in whvi, 200 of its training images
+    /// held out for validation, into `runs/quickstart`.
+    pub fn quick_start() -> Self {
+        let mut config = TrainConfig {
+            dataset: DatasetKind::Cifar10,
+            data: None,
+            model: "vgg11".into(),
+            epochs: 6,
+            batch_size: 64,
+            validation: 200,
+            out: PathBuf::from("runs/quickstart"),
+            ..TrainConfig::default()
+        };
+        config.build.width = 0.25;
+        config
+    }
+
+    /// Whether this run trains on the embedded CIFAR-10 sample (the quick start's data).
+    pub fn uses_embedded_sample(&self) -> bool {
+        self.dataset == DatasetKind::Cifar10 && self.data.is_none()
+    }
+
+    /// `self` with `optimizer` at its [default learning rate](OptimizerKind::default_lr).
+    pub fn with_optimizer(mut self, optimizer: OptimizerKind) -> Self {
+        self.optimizer = optimizer;
+        self.schedule.base_lr = optimizer.default_lr();
+        self
+    }
+}
