@@ -791,3 +791,35 @@ fn a_crash_after_any_write_resumes_to_the_files_of_an_uninterrupted_run() {
     }
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn presets_give_the_defaults_of_each_data_set_and_optimizer() {
+    use whvi::zoo::BayesPolicy;
+    let quick = TrainConfig::for_dataset(DatasetKind::Cifar10, None);
+    assert_eq!(quick, TrainConfig::quick_start());
+    assert!(quick.uses_embedded_sample());
+    assert_eq!(
+        (quick.model.as_str(), quick.build.width, quick.epochs),
+        ("vgg11", 0.25, 6)
+    );
+    assert_eq!((quick.batch_size, quick.validation), (64, 200));
+    let full = TrainConfig::for_dataset(DatasetKind::Cifar10, Some("cifar".into()));
+    assert!(!full.uses_embedded_sample());
+    assert_eq!((full.model.as_str(), full.batch_size), ("vgg16", 128));
+    assert_eq!(full.build.policy, BayesPolicy::Head);
+    for grey in [DatasetKind::Mnist, DatasetKind::FashionMnist] {
+        let config = TrainConfig::for_dataset(grey, None);
+        assert_eq!((config.model.as_str(), config.batch_size), ("lenet5", 32));
+        assert_eq!(config.build.policy, BayesPolicy::Last);
+        assert_eq!(config.dataset, grey);
+    }
+    let sgd = full.clone().with_optimizer(OptimizerKind::Sgd);
+    assert_eq!(
+        (sgd.optimizer, sgd.schedule.base_lr),
+        (OptimizerKind::Sgd, 0.05)
+    );
+    assert_eq!(sgd.schedule.decay, full.schedule.decay);
+    let adamw = sgd.with_optimizer(OptimizerKind::AdamW);
+    assert_eq!(adamw.schedule.base_lr, 1e-3);
+    assert_eq!(TrainConfig::default().schedule.warmup_steps, 0);
+}
