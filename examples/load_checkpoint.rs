@@ -9,9 +9,9 @@
 use candle_core::Device;
 use whvi::checkpoint::Checkpoint;
 use whvi::data::{self, DatasetKind};
-use whvi::eval::{predict, PredictOptions};
 use whvi::metrics::{entropy, mutual_information};
 use whvi::rng::seeded;
+use whvi::zoo::{predict, PredictOptions};
 
 fn main() -> whvi::Result<()> {
     let path = std::env::args()

@@ -309,3 +309,13 @@ impl<'a> ArchiveMembers<'a> {
         }
     }
 }
+
+/// The training / validation split of a run with this seed: the same images every time, so
+/// evaluation can fit a temperature on the validation images the run held out.
+pub fn validation_split(
+    train: &ImageDataset,
+    validation: usize,
+    seed: u64,
+) -> Result<(ImageDataset, ImageDataset)> {
+    train.split_validation(validation, &mut crate::rng::seeded(seed ^ 0x5eed_0001))
+}

@@ -7,11 +7,9 @@
 
 mod cifar10c;
 mod corrupt;
-mod predict;
 
 pub use cifar10c::{write_cifar10c, Cifar10C, LABELS_FILE as CIFAR10C_LABELS_FILE};
 pub use corrupt::{corrupt_dataset, Corruption};
-pub use predict::{ensemble_predictions, mean_logits, predict, PredictOptions};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,7 +31,7 @@ use crate::metrics::{
 };
 use crate::output::check_output;
 use crate::rng::{seeded_stream, WhviRng};
-use crate::zoo::{BayesPolicy, Method};
+use crate::zoo::{ensemble_predictions, predict, BayesPolicy, Method, PredictOptions};
 use crate::{Error, Result};
 
 /// Where out-of-distribution images come from.
@@ -551,7 +549,7 @@ fn held_out_validation(
                     train.len()
                 ));
             }
-            crate::train::validation_split(train, n, seed)
+            data::validation_split(train, n, seed)
                 .map(|(_, val)| val)
                 .map_err(|e| e.to_string())
         }

@@ -31,12 +31,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::{self, shuffled_order, Augment, Batches, ImageDataset};
-use crate::eval::{predict, PredictOptions};
 use crate::metrics::{self, Predictions};
 use crate::optim::{AnyOptimizer, NamedOptimizer};
 use crate::params::Params;
 use crate::rng::{seeded, RngState};
-use crate::zoo::{BuildOptions, ModelSpec, Network};
+use crate::zoo::{predict, BuildOptions, ModelSpec, Network, PredictOptions};
 use crate::{Error, Result};
 
 /// One line of `metrics.jsonl`: what an epoch did.
@@ -202,7 +201,7 @@ pub fn train(
         progress.message(&format!("note: {note}"));
     }
     let normalization = data::Normalization::for_kind(config.dataset);
-    let (train_set, val_set) = validation_split(&data.train, config.validation, config.seed)?;
+    let (train_set, val_set) = data::validation_split(&data.train, config.validation, config.seed)?;
     let spec = ModelSpec::lookup(&config.model)?;
     let mut options = config.build.clone();
     let (c, h, w) = train_set.shape();
@@ -494,16 +493,6 @@ pub fn train(
         best_checkpoint: best_path,
         test_report,
     })
-}
-
-/// The training / validation split of a run with this seed: the same images every time, so
-/// evaluation can fit a temperature on the validation images the run held out.
-pub fn validation_split(
-    train: &ImageDataset,
-    validation: usize,
-    seed: u64,
-) -> Result<(ImageDataset, ImageDataset)> {
-    train.split_validation(validation, &mut seeded(seed ^ 0x5eed_0001))
 }
 
 /// The parameters an optimiser updates: all but the running BatchNorm statistics (buffers).

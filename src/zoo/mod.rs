@@ -5,10 +5,12 @@
 //! (comments, no quoting of keys) and serde reads them into [`ModelSpec`] with clear errors.
 
 mod network;
+mod predict;
 mod spec;
 
 pub use network::{
     check_fits_in_memory, plan, summary, BayesPolicy, BuildOptions, LayerKind, LayerPlan, Method,
     Network,
 };
+pub use predict::{ensemble_predictions, mean_logits, predict, PredictOptions};
 pub use spec::{ConvSpec, Feature, ModelSpec, PoolMarker, BUILTIN, MAX_SIZE};

@@ -2,11 +2,11 @@
 
 use candle_core::{DType, Tensor};
 
+use super::Network;
 use crate::data::{sequential_order, Batches, ImageDataset, Normalization};
 use crate::layers::Pass;
 use crate::metrics::{Predictions, SampleProbs};
 use crate::rng::WhviRng;
-use crate::zoo::Network;
 use crate::{Error, Result};
 
 /// How to predict.
