@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
 use rand::Rng;
 use whvi::fwht::cpu::{self, Path};
-use whvi::fwht::{fwht, Normalization};
+use whvi::fwht::{fwht, Scaling};
 
 /// `Auto` and every concrete path this CPU runs (AVX-512 and AVX2 where present).
 fn paths() -> Vec<Path> {
@@ -325,7 +325,7 @@ fn tensor_values(t: &Tensor) -> Vec<f64> {
 fn op_matches_the_dense_matrix_for_every_float_dtype() {
     let d = 64;
     let x = random(3 * d, 7);
-    let scale = Normalization::Orthonormal.scale(d);
+    let scale = Scaling::Orthonormal.scale(d);
     for (dtype, eps) in [
         (DType::F64, f64::EPSILON),
         (DType::F32, f64::from(f32::EPSILON)),
@@ -337,7 +337,7 @@ fn op_matches_the_dense_matrix_for_every_float_dtype() {
             .to_dtype(dtype)
             .unwrap();
         let xs = tensor_values(&t);
-        let y = fwht(&t, Normalization::Orthonormal).unwrap();
+        let y = fwht(&t, Scaling::Orthonormal).unwrap();
         assert_eq!(y.dtype(), dtype);
         assert_eq!(y.dims(), &[3, d]);
         let want = dense(&xs, d, scale);
@@ -375,7 +375,7 @@ fn op_handles_ranks_one_to_four() {
         let d = *shape.last().unwrap();
         let x = random(n, n as u64);
         let t = Tensor::from_slice(&x, shape.as_slice(), &Device::Cpu).unwrap();
-        let y = fwht(&t, Normalization::None).unwrap();
+        let y = fwht(&t, Scaling::None).unwrap();
         assert_eq!(y.dims(), shape.as_slice());
         assert_close(
             &tensor_values(&y),
@@ -409,7 +409,7 @@ fn op_accepts_strided_inputs() {
         ("offset", offset),
     ] {
         let x = tensor_values(&view);
-        for norm in [Normalization::None, Normalization::Orthonormal] {
+        for norm in [Scaling::None, Scaling::Orthonormal] {
             let y = fwht(&view, norm).unwrap();
             let scale = norm.scale(d);
             let got = tensor_values(&y);
@@ -430,8 +430,8 @@ fn orthonormal_op_is_its_own_inverse() {
     let x = random(2 * d, 21);
     let t = Tensor::from_slice(&x, (2, d), &Device::Cpu).unwrap();
     let back = fwht(
-        &fwht(&t, Normalization::Orthonormal).unwrap(),
-        Normalization::Orthonormal,
+        &fwht(&t, Scaling::Orthonormal).unwrap(),
+        Scaling::Orthonormal,
     )
     .unwrap();
     // With |x_i| <= 1: the first pass errs by at most `(L + 2) eps |x|_1 / sqrt(D)` per element
@@ -453,7 +453,7 @@ fn gradient_matches_finite_differences() {
     let dev = &Device::Cpu;
     let x0 = random(rows * d, 31);
     let w = Tensor::from_slice(&random(rows * d, 32), (rows, d), dev).unwrap();
-    for norm in [Normalization::None, Normalization::Orthonormal] {
+    for norm in [Scaling::None, Scaling::Orthonormal] {
         let loss = |x: &Tensor| -> Tensor {
             (fwht(x, norm).unwrap().sin().unwrap() * &w)
                 .unwrap()
@@ -492,8 +492,8 @@ fn gradient_descent_inverts_the_transform() {
     let dev = &Device::Cpu;
     let target = Tensor::from_slice(&random(d, 41), (1, d), dev).unwrap();
     for (norm, lr) in [
-        (Normalization::Orthonormal, 0.25),
-        (Normalization::None, 0.25 / d as f64),
+        (Scaling::Orthonormal, 0.25),
+        (Scaling::None, 0.25 / d as f64),
     ] {
         let x = Var::zeros((1, d), DType::F64, dev).unwrap();
         for _ in 0..60 {
@@ -520,7 +520,7 @@ fn gradient_descent_inverts_the_transform() {
 #[test]
 fn op_errors_say_what_is_wrong() {
     let dev = &Device::Cpu;
-    let msg = |t: &Tensor| fwht(t, Normalization::None).unwrap_err().to_string();
+    let msg = |t: &Tensor| fwht(t, Scaling::None).unwrap_err().to_string();
 
     let m = msg(&Tensor::zeros((2, 6), DType::F32, dev).unwrap());
     assert!(m.contains("not a power of two") && m.contains("6"), "{m}");
@@ -560,7 +560,7 @@ proptest! {
         let factor = 2f64.powi(magnitude);
         let x: Vec<f32> = random(rows * d, seed).iter().map(|v| (v * factor) as f32).collect();
         let t = Tensor::from_slice(&x, shape.as_slice(), &Device::Cpu).unwrap();
-        let got: Vec<f32> = fwht(&t, Normalization::None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = fwht(&t, Scaling::None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let mut want = x.clone();
         cpu::fwht_rows_f32_using(Path::Reference, &mut want, d, 1.0);
         let xw = widen(&x);

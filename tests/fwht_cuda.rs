@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
-use whvi::fwht::{fwht, Normalization};
+use whvi::fwht::{fwht, Scaling};
 use whvi::layers::{Prior, WhviBlocks};
 
 fn gpu() -> Device {
@@ -40,7 +40,7 @@ fn f32_matches_the_cpu_for_every_length_up_to_two_passes() {
                 continue;
             }
             let x = Tensor::from_vec(data(rows, d), (rows, d), &Device::Cpu).unwrap();
-            for norm in [Normalization::None, Normalization::Orthonormal] {
+            for norm in [Scaling::None, Scaling::Orthonormal] {
                 let cpu = fwht(&x, norm).unwrap();
                 let on_gpu = fwht(&x.to_device(&gpu).unwrap(), norm).unwrap();
                 let err = relative_error(&on_gpu.to_device(&Device::Cpu).unwrap(), &cpu);
@@ -62,8 +62,8 @@ fn f64_matches_the_cpu_including_multi_pass_rows() {
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();
-        let cpu = fwht(&x, Normalization::Orthonormal).unwrap();
-        let on_gpu = fwht(&x.to_device(&gpu).unwrap(), Normalization::Orthonormal).unwrap();
+        let cpu = fwht(&x, Scaling::Orthonormal).unwrap();
+        let on_gpu = fwht(&x.to_device(&gpu).unwrap(), Scaling::Orthonormal).unwrap();
         let err = relative_error(&on_gpu.to_device(&Device::Cpu).unwrap(), &cpu);
         assert!(err <= 1e-12, "D = 2^{log_d}: error {err}");
     }
@@ -81,8 +81,8 @@ fn half_types_match_the_cpu_to_their_precision() {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let exact = fwht(&x.to_dtype(DType::F32).unwrap(), Normalization::Orthonormal).unwrap();
-            let on_gpu = fwht(&x.to_device(&gpu).unwrap(), Normalization::Orthonormal).unwrap();
+            let exact = fwht(&x.to_dtype(DType::F32).unwrap(), Scaling::Orthonormal).unwrap();
+            let on_gpu = fwht(&x.to_device(&gpu).unwrap(), Scaling::Orthonormal).unwrap();
             assert_eq!(on_gpu.dtype(), dtype);
             let err = relative_error(&on_gpu.to_device(&Device::Cpu).unwrap(), &exact);
             assert!(err <= tolerance, "{dtype:?}, D = 2^{log_d}: error {err}");
@@ -95,8 +95,8 @@ fn more_rows_than_a_grid_dimension_holds() {
     let gpu = gpu();
     let (rows, d) = (70_000, 64);
     let x = Tensor::from_vec(data(rows, d), (rows, d), &Device::Cpu).unwrap();
-    let cpu = fwht(&x, Normalization::None).unwrap();
-    let on_gpu = fwht(&x.to_device(&gpu).unwrap(), Normalization::None).unwrap();
+    let cpu = fwht(&x, Scaling::None).unwrap();
+    let on_gpu = fwht(&x.to_device(&gpu).unwrap(), Scaling::None).unwrap();
     assert!(relative_error(&on_gpu.to_device(&Device::Cpu).unwrap(), &cpu) <= 1e-5);
 }
 
@@ -105,9 +105,9 @@ fn strided_inputs_and_gradients() {
     let gpu = gpu();
     let (rows, d) = (16, 512);
     let x = Tensor::from_vec(data(d, rows), (d, rows), &Device::Cpu).unwrap();
-    let cpu = fwht(&x.t().unwrap(), Normalization::None).unwrap();
+    let cpu = fwht(&x.t().unwrap(), Scaling::None).unwrap();
     let x_gpu = Var::from_tensor(&x.to_device(&gpu).unwrap()).unwrap();
-    let y = fwht(&x_gpu.as_tensor().t().unwrap(), Normalization::None).unwrap();
+    let y = fwht(&x_gpu.as_tensor().t().unwrap(), Scaling::None).unwrap();
     assert!(relative_error(&y.to_device(&Device::Cpu).unwrap(), &cpu) <= 1e-5);
 
     // d/dx sum(w ⊙ H x^T) = (H w)^T.
@@ -115,7 +115,7 @@ fn strided_inputs_and_gradients() {
     let loss = (y * w.to_device(&gpu).unwrap()).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let grad = grads.get(x_gpu.as_tensor()).expect("x has a gradient");
-    let expected = fwht(&w, Normalization::None).unwrap().t().unwrap();
+    let expected = fwht(&w, Scaling::None).unwrap().t().unwrap();
     assert!(relative_error(&grad.to_device(&Device::Cpu).unwrap(), &expected) <= 1e-5);
 }
 

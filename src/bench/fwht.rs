@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use super::{median, round_significant as round};
 use crate::fwht::cpu::{auto_kernel, fwht_rows_f32, fwht_rows_f32_into};
-use crate::fwht::{fwht, Normalization};
+use crate::fwht::{fwht, Scaling};
 use crate::{Error, Result};
 
 /// The default row lengths, as log2.
@@ -196,7 +196,7 @@ impl Batch {
         reps: usize,
     ) -> Result<FwhtBenchLine> {
         let (d, bytes) = (self.d, self.bytes());
-        let scale = Normalization::Orthonormal.scale(d) as f32;
+        let scale = Scaling::Orthonormal.scale(d) as f32;
         let calls = (BYTES_PER_REP / bytes).max(1);
         let (src, copy) = (self.src.as_slice(), self.copy.as_mut_slice());
         let mut baseline = || memcpy(src, copy);
@@ -220,7 +220,7 @@ impl Batch {
                 let times = interleaved(
                     reps,
                     calls,
-                    || match fwht(x, Normalization::Orthonormal) {
+                    || match fwht(x, Scaling::Orthonormal) {
                         Ok(y) => drop(std::hint::black_box(y)),
                         Err(e) => failed = Some(e),
                     },

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::{median, round_significant as round};
-use crate::fwht::{fwht, Normalization};
+use crate::fwht::{fwht, Scaling};
 use crate::{Error, Result};
 
 /// The default row lengths on a GPU, as log2 (the target covers D <= 8192).
@@ -109,7 +109,7 @@ pub fn run_on_device(
             let (fwht_s, copy_s) = interleaved(
                 device,
                 config,
-                || fwht(&x, Normalization::Orthonormal).map(drop),
+                || fwht(&x, Scaling::Orthonormal).map(drop),
                 || x.copy().map(drop),
             )?;
             let moved = 2.0 * (rows * d * dtype.size_in_bytes()) as f64;

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::median;
 use crate::layers::{
-    standard_normal, BayesianModule, Linear, MeanFieldLinear, Pass, Prior, WhviLinear,
+    standard_normal, BayesianModule, DeterministicLinear, MeanFieldLinear, Pass, Prior, WhviLinear,
 };
 use crate::params::Params;
 use crate::rng::seeded;
@@ -75,7 +75,10 @@ pub fn bench_layers(
         let params = Params::new(0);
         let vb = params.var_builder(DType::F32, &device);
         let layers: Vec<(&'static str, Box<dyn BayesianModule>)> = vec![
-            ("dense", Box::new(Linear::new(d, d, vb.pp("dense"))?)),
+            (
+                "dense",
+                Box::new(DeterministicLinear::new(d, d, vb.pp("dense"))?),
+            ),
             (
                 "whvi",
                 Box::new(WhviLinear::new(d, d, Prior::HeLike, vb.pp("whvi"))?),

@@ -15,7 +15,7 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 use half::{bf16, f16};
 
 use super::gpu_plan::{launches, Buffer, Element, Limits};
-use super::Normalization;
+use super::Scaling;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fwht.ptx"));
 
@@ -93,7 +93,7 @@ fn function(dev: &CudaDevice, name: &str, shared_bytes: usize) -> Result<CudaFun
 pub(super) fn fwht(
     storage: &CudaStorage,
     layout: &Layout,
-    normalization: Normalization,
+    normalization: Scaling,
 ) -> Result<(CudaStorage, Shape)> {
     let shape = layout.shape().clone();
     let d = *shape.dims().last().unwrap_or(&1);

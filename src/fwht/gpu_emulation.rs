@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 use super::gpu_plan::{launches, Buffer, Element, Launch, Limits};
-use super::{fwht, Normalization};
+use super::{fwht, Scaling};
 
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/fwht/kernels");
 
@@ -375,7 +375,7 @@ impl Case {
             self.values,
             u64::from(self.log_d),
         );
-        let normalization = Normalization::Orthonormal;
+        let normalization = Scaling::Orthonormal;
         let expected = bytes(&fwht(&x, normalization).map_err(|e| e.to_string())?);
         let plan = launches(
             self.element,
@@ -616,7 +616,7 @@ fn the_emulation_catches_an_off_by_one_in_the_launch_plan() {
         let log_d = 17;
         let limits = source.limits(Element::F32);
         let x = input(Element::F32, 2, 1 << log_d, Values::SmallIntegers, 1);
-        let expected = bytes(&fwht(&x, Normalization::None).unwrap());
+        let expected = bytes(&fwht(&x, Scaling::None).unwrap());
         let plan = launches(Element::F32, 2, log_d, 1.0, limits);
         let last = plan.len() - 1;
         let run = |plan: &[Launch]| {

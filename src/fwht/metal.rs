@@ -16,7 +16,7 @@ use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline
 use objc2_metal::MTLSize;
 
 use super::gpu_plan::{self, launches, Element, Limits};
-use super::Normalization;
+use super::Scaling;
 
 const SOURCE: &str = include_str!("kernels/fwht.metal");
 
@@ -84,7 +84,7 @@ fn element(dtype: DType) -> Result<Element> {
 pub(super) fn fwht(
     storage: &MetalStorage,
     layout: &Layout,
-    normalization: Normalization,
+    normalization: Scaling,
 ) -> Result<(MetalStorage, Shape)> {
     let shape = layout.shape().clone();
     let dtype = storage.dtype();

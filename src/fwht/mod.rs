@@ -2,7 +2,7 @@
 //!
 //! [`fwht`] transforms the last dimension of a tensor of any rank in natural (Sylvester) order:
 //! `y = scale · H · x` with `H` the `D x D` Walsh-Hadamard matrix (entries ±1, `H·H = D·I`) and
-//! `scale` set by [`Normalization`]. The cost is `D·log2(D)` additions per row instead of the
+//! `scale` set by [`Scaling`]. The cost is `D·log2(D)` additions per row instead of the
 //! `D^2` multiply-adds of a matrix product.
 //!
 //! `H` is symmetric, so the gradient of the op is the same op (same scale) applied to the
@@ -32,7 +32,7 @@ pub const MAX_LEN: usize = 1 << 30;
 
 /// How the transform is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Normalization {
+pub enum Scaling {
     /// `y = H·x`: entries of `H` are ±1, and `H·H = D·I`.
     #[default]
     None,
@@ -40,12 +40,12 @@ pub enum Normalization {
     Orthonormal,
 }
 
-impl Normalization {
+impl Scaling {
     /// The factor applied to `H·x` for rows of length `d`.
     pub fn scale(self, d: usize) -> f64 {
         match self {
-            Normalization::None => 1.0,
-            Normalization::Orthonormal => 1.0 / (d as f64).sqrt(),
+            Scaling::None => 1.0,
+            Scaling::Orthonormal => 1.0 / (d as f64).sqrt(),
         }
     }
 }
@@ -57,7 +57,7 @@ impl Normalization {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Fwht {
     /// How the transform is scaled.
-    pub normalization: Normalization,
+    pub normalization: Scaling,
 }
 
 /// Applies the fast Walsh-Hadamard transform to the last dimension of `x`.
@@ -66,7 +66,7 @@ pub struct Fwht {
 /// [`fwht_padded`] to zero-pad other lengths. f32 and f64 are transformed in their own
 /// precision; f16 and bf16 are computed in f32 and rounded once at the end. Non-contiguous
 /// inputs are accepted. The result supports [`Tensor::backward`].
-pub fn fwht(x: &Tensor, normalization: Normalization) -> candle_core::Result<Tensor> {
+pub fn fwht(x: &Tensor, normalization: Scaling) -> candle_core::Result<Tensor> {
     check_input(x.dims(), x.dtype())?;
     let op = Fwht { normalization };
     if x.device().is_cpu() {
@@ -79,8 +79,8 @@ pub fn fwht(x: &Tensor, normalization: Normalization) -> candle_core::Result<Ten
 
 /// Zero-pads the last dimension of `x` to the next power of two, then applies [`fwht`].
 ///
-/// With [`Normalization::Orthonormal`] the scale is that of the padded length.
-pub fn fwht_padded(x: &Tensor, normalization: Normalization) -> candle_core::Result<Tensor> {
+/// With [`Scaling::Orthonormal`] the scale is that of the padded length.
+pub fn fwht_padded(x: &Tensor, normalization: Scaling) -> candle_core::Result<Tensor> {
     let d = last_dim(x.dims())?;
     let padded = d.next_power_of_two();
     if padded == d {

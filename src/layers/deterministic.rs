@@ -8,16 +8,16 @@ use crate::conv::{self, ConvGeometry};
 
 /// A deterministic dense layer (candle-nn's `Linear`, Kaiming-uniform initialised).
 #[derive(Debug, Clone)]
-pub struct Linear {
+pub struct DeterministicLinear {
     inner: candle_nn::Linear,
     d_in: usize,
     d_out: usize,
 }
 
-impl Linear {
+impl DeterministicLinear {
     /// A `d_in -> d_out` layer with bias; parameters `weight` `[d_out, d_in]` and `bias`.
     pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Linear {
+        Ok(DeterministicLinear {
             inner: candle_nn::linear(d_in, d_out, vb)?,
             d_in,
             d_out,
@@ -25,7 +25,7 @@ impl Linear {
     }
 }
 
-impl BayesianModule for Linear {
+impl BayesianModule for DeterministicLinear {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
         self.inner.forward(x)
     }
@@ -41,14 +41,14 @@ impl BayesianModule for Linear {
 
 /// A deterministic convolution (candle-nn's `Conv2d`), groups 1, with bias.
 #[derive(Debug, Clone)]
-pub struct Conv2d {
+pub struct DeterministicConv2d {
     inner: candle_nn::Conv2d,
     in_channels: usize,
     out_channels: usize,
     kernel: usize,
 }
 
-impl Conv2d {
+impl DeterministicConv2d {
     /// A `k x k` convolution; parameters `weight` `[C_out, C_in, k, k]` and `bias`.
     pub fn new(
         in_channels: usize,
@@ -63,7 +63,7 @@ impl Conv2d {
             stride,
             ..Default::default()
         };
-        Ok(Conv2d {
+        Ok(DeterministicConv2d {
             inner: candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)?,
             in_channels,
             out_channels,
@@ -72,7 +72,7 @@ impl Conv2d {
     }
 }
 
-impl BayesianModule for Conv2d {
+impl BayesianModule for DeterministicConv2d {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
         let config = self.inner.config();
         let geo = ConvGeometry {

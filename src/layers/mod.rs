@@ -18,7 +18,7 @@ mod whvi;
 mod whvi_kernel;
 
 pub use batch_norm::BatchNorm2d;
-pub use deterministic::{Conv2d, Linear};
+pub use deterministic::{DeterministicConv2d, DeterministicLinear};
 pub use dropout::McDropout;
 pub use meanfield::{MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear};
 pub use noise::standard_normal;

@@ -9,7 +9,7 @@ use super::prior::{gaussian_kl, Prior};
 use super::whvi_kernel::WhviProduct;
 use super::{BayesianModule, Pass};
 use crate::conv::{self, ConvGeometry};
-use crate::fwht::{fwht, Normalization};
+use crate::fwht::{fwht, Scaling};
 
 /// Initial posterior standard deviation, as a fraction of the scale of the initial mean.
 ///
@@ -188,8 +188,8 @@ impl WhviBlocks {
             x.clone()
         };
         let v = x.unsqueeze(1)?.broadcast_mul(&self.s2)?;
-        let v = fwht(&v, Normalization::None)?.broadcast_mul(g)?;
-        let v = fwht(&v, Normalization::None)?.broadcast_mul(&self.s1)?;
+        let v = fwht(&v, Scaling::None)?.broadcast_mul(g)?;
+        let v = fwht(&v, Scaling::None)?.broadcast_mul(&self.s1)?;
         v.reshape((batch, self.blocks * self.d))?
             .narrow(1, 0, self.d_out)
     }
@@ -235,10 +235,7 @@ impl WhviBlocks {
             )
         };
         // With one block g_rows is [S, 1, D] and broadcasts over the rows.
-        let m = fwht(
-            &h_rows.unsqueeze(0)?.broadcast_mul(&g_rows)?,
-            Normalization::None,
-        )?;
+        let m = fwht(&h_rows.unsqueeze(0)?.broadcast_mul(&g_rows)?, Scaling::None)?;
         let w = m
             .broadcast_mul(&s2_rows.unsqueeze(0)?)?
             .broadcast_mul(&s1_rows.reshape((1, self.d_out, 1))?)?;

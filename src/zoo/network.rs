@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::spec::{ModelSpec, MAX_SIZE};
 use crate::layers::{
-    Activation, BatchNorm2d, BayesianModule, Conv2d, ConvSampling, Flatten, Linear, MaxPool2d,
-    McDropout, MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear, Pass, Prior, ReluAppliedBefore,
-    Sequential, WhviConv2d, WhviLinear,
+    Activation, BatchNorm2d, BayesianModule, ConvSampling, DeterministicConv2d,
+    DeterministicLinear, Flatten, MaxPool2d, McDropout, MeanFieldConv2d, MeanFieldConvMode,
+    MeanFieldLinear, Pass, Prior, ReluAppliedBefore, Sequential, WhviConv2d, WhviLinear,
 };
 use crate::{Error, Result};
 
@@ -540,9 +540,9 @@ impl Network {
                         options.prior_of(&row.name),
                         vb,
                     )?),
-                    Method::McDropout | Method::Deterministic => {
-                        body.push(Conv2d::new(c_in, c_out, kernel, stride, padding, vb)?)
-                    }
+                    Method::McDropout | Method::Deterministic => body.push(
+                        DeterministicConv2d::new(c_in, c_out, kernel, stride, padding, vb)?,
+                    ),
                 },
                 (LayerKind::Dense { d_in, d_out }, method) => match method {
                     Method::Whvi => body.push(WhviLinear::new(
@@ -558,7 +558,7 @@ impl Network {
                         vb,
                     )?),
                     Method::McDropout | Method::Deterministic => {
-                        body.push(Linear::new(d_in, d_out, vb)?)
+                        body.push(DeterministicLinear::new(d_in, d_out, vb)?)
                     }
                 },
                 (LayerKind::BatchNorm(c), _) if relu_follows => {
