@@ -260,7 +260,7 @@ impl WhviBlocks {
 #[derive(Debug, Clone)]
 pub struct WhviLinear {
     blocks: WhviBlocks,
-    bias: Option<Tensor>,
+    bias: Tensor,
 }
 
 impl WhviLinear {
@@ -268,7 +268,7 @@ impl WhviLinear {
     /// (`s1`, `s2`, `mu`, `log_sigma`, `bias`).
     pub fn new(d_in: usize, d_out: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
         let blocks = WhviBlocks::new(d_in, d_out, prior, vb.clone())?;
-        let bias = Some(vb.get_with_hints(d_out, "bias", Init::Const(0.0))?);
+        let bias = vb.get_with_hints(d_out, "bias", Init::Const(0.0))?;
         Ok(WhviLinear { blocks, bias })
     }
 
@@ -278,8 +278,8 @@ impl WhviLinear {
     }
 
     /// The bias.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
     }
 
     fn forward_with_noise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
@@ -298,10 +298,7 @@ impl WhviLinear {
         let y = self
             .blocks
             .apply_with_noise(&x.reshape((rows, d_in))?, eps)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = y.broadcast_add(&self.bias)?;
         let mut out_shape = lead.to_vec();
         out_shape.push(self.blocks.d_out);
         y.reshape(out_shape)
@@ -320,7 +317,7 @@ impl BayesianModule for WhviLinear {
     }
 
     fn num_params(&self) -> usize {
-        self.blocks.num_params() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+        self.blocks.num_params() + self.bias.elem_count()
     }
 
     fn describe(&self) -> String {
@@ -356,7 +353,7 @@ pub enum ConvSampling {
 #[derive(Debug, Clone)]
 pub struct WhviConv2d {
     blocks: WhviBlocks,
-    bias: Option<Tensor>,
+    bias: Tensor,
     hadamard_rows: Tensor,
     in_channels: usize,
     out_channels: usize,
@@ -389,7 +386,7 @@ impl WhviConv2d {
             );
         };
         let blocks = WhviBlocks::new(fan_in, out_channels, prior, vb.clone())?;
-        let bias = Some(vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?);
+        let bias = vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?;
         let hadamard_rows = blocks.hadamard_rows(vb.device())?;
         Ok(WhviConv2d {
             blocks,
@@ -451,7 +448,7 @@ impl BayesianModule for WhviConv2d {
         let samples = if per_example { batch } else { 1 };
         let g = self.blocks.g_for(samples, pass)?;
         let filters = self.filters(&g)?;
-        let bias = self.bias.as_ref();
+        let bias = Some(&self.bias);
         if per_example {
             conv::conv2d_per_example(x, &filters, bias, self.geometry())
         } else {
@@ -464,7 +461,7 @@ impl BayesianModule for WhviConv2d {
     }
 
     fn num_params(&self) -> usize {
-        self.blocks.num_params() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+        self.blocks.num_params() + self.bias.elem_count()
     }
 
     fn describe(&self) -> String {
@@ -487,6 +484,6 @@ impl Module for WhviConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
         let filters = self.filters(&self.blocks.mu.unsqueeze(0)?)?;
-        conv::conv2d(x, &filters.squeeze(0)?, self.bias.as_ref(), self.geometry())
+        conv::conv2d(x, &filters.squeeze(0)?, Some(&self.bias), self.geometry())
     }
 }
