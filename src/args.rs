@@ -567,15 +567,15 @@ pub struct EvalArgs {
     /// Data directory or archive (default: the training run's, else the default location).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Posterior samples T per image.
-    #[arg(long, default_value_t = 32)]
-    pub samples: usize,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 256)]
-    pub batch_size: usize,
-    /// Seed of the posterior samples and corruptions.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Posterior samples T per image [default: 32].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Images per forward pass [default: 256].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Seed of the posterior samples and corruptions [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Evaluate only the first N test images.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -586,9 +586,9 @@ pub struct EvalArgs {
     /// gaussian-blur, saturate.
     #[arg(long, value_delimiter = ',')]
     pub corruptions: Vec<String>,
-    /// Images per corrupted set and severity (the first N).
-    #[arg(long, default_value_t = 1000)]
-    pub corruption_images: usize,
+    /// Images per corrupted set and severity (the first N) [default: 1000].
+    #[arg(long)]
+    pub corruption_images: Option<usize>,
     /// Out-of-distribution set: noise, svhn:PATH (test_32x32.mat), cifar10[:PATH],
     /// cifar100:PATH, mnist:DIR or fashion-mnist[:DIR].
     #[arg(long)]
@@ -622,32 +622,30 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
+    /// The evaluation: [`whvi::eval::EvalConfig::new`] with the flags given applied over it.
     pub fn to_config(&self) -> Result<whvi::eval::EvalConfig> {
-        use whvi::eval::{OodSource, ShiftSource};
-        Ok(whvi::eval::EvalConfig {
-            checkpoints: self.checkpoints.clone(),
-            ensemble: self.ensemble,
-            dataset: self.dataset,
-            data: self.data.clone(),
-            samples: self.samples,
-            batch_size: self.batch_size,
-            seed: self.seed,
-            limit: self.limit,
-            shift: ShiftSource::parse(&self.corruptions)?,
-            corruption_images: self.corruption_images,
-            ood: self.ood.as_deref().map(OodSource::parse).transpose()?,
-            save_probs: self.save_probs.clone(),
-            save_samples: self.save_samples,
-            plots: self.plots.clone(),
-            temperature_scaling: !self.no_temperature,
-            report: self.report.clone(),
-            overwrite: self.force,
-            checksum: if self.skip_checksum {
-                whvi::checkpoint::Checksum::Skip
-            } else {
-                whvi::checkpoint::Checksum::Verify
-            },
-        })
+        use whvi::eval::{EvalConfig, OodSource, ShiftSource};
+        let mut config = EvalConfig::new(self.checkpoints.clone());
+        config.ensemble = self.ensemble;
+        config.dataset = self.dataset;
+        config.data = self.data.clone();
+        set(&mut config.samples, self.samples);
+        set(&mut config.batch_size, self.batch_size);
+        set(&mut config.seed, self.seed);
+        config.limit = self.limit;
+        config.shift = ShiftSource::parse(&self.corruptions)?;
+        set(&mut config.corruption_images, self.corruption_images);
+        config.ood = self.ood.as_deref().map(OodSource::parse).transpose()?;
+        config.save_probs = self.save_probs.clone();
+        config.save_samples = self.save_samples;
+        config.plots = self.plots.clone();
+        config.temperature_scaling = !self.no_temperature;
+        config.report = self.report.clone();
+        config.overwrite = self.force;
+        if self.skip_checksum {
+            config.checksum = whvi::checkpoint::Checksum::Skip;
+        }
+        Ok(config)
     }
 }
 

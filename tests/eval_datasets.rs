@@ -348,24 +348,14 @@ fn saved_lenet(path: &Path, method: Method, input: [usize; 3], seed: u64) -> Pat
 
 fn config(checkpoint: &Path, shift: Option<ShiftSource>) -> EvalConfig {
     EvalConfig {
-        checkpoints: vec![checkpoint.to_path_buf()],
-        ensemble: false,
-        dataset: None,
-        data: None,
         samples: 3,
         batch_size: 16,
         seed: 5,
         limit: Some(24),
         shift,
         corruption_images: 12,
-        ood: None,
-        save_probs: None,
-        save_samples: false,
-        plots: None,
         temperature_scaling: false,
-        report: None,
-        overwrite: false,
-        checksum: Default::default(),
+        ..EvalConfig::new(vec![checkpoint.to_path_buf()])
     }
 }
 

@@ -191,24 +191,13 @@ fn every_shipped_checkpoint_loads_by_name_with_its_card() {
 #[test]
 fn a_shipped_cifar10_checkpoint_evaluates_on_the_embedded_sample_without_data() {
     let config = EvalConfig {
-        checkpoints: vec![PathBuf::from("pretrained:vgg11-x0.25-whvi-cifar10")],
-        ensemble: false,
-        dataset: None,
-        data: None,
         samples: 2,
         batch_size: 50,
         seed: 1,
         limit: Some(100),
-        shift: None,
         corruption_images: 1,
-        ood: None,
-        save_probs: None,
-        save_samples: false,
-        plots: None,
         temperature_scaling: false,
-        report: None,
-        overwrite: false,
-        checksum: Default::default(),
+        ..EvalConfig::new(vec![PathBuf::from("pretrained:vgg11-x0.25-whvi-cifar10")])
     };
     let report = evaluate(&config, &CPU, &mut |_| {}).unwrap().remove(0);
     // A trained network on real CIFAR-10 images: far above the 10% of chance.

@@ -119,24 +119,12 @@ fn two_epochs_improve_accuracy_and_write_checkpoints() {
 
 fn eval_config(checkpoint: &Path) -> EvalConfig {
     EvalConfig {
-        checkpoints: vec![checkpoint.to_path_buf()],
-        ensemble: false,
-        dataset: None,
-        data: None,
         samples: 3,
         batch_size: 50,
-        seed: 0,
-        limit: None,
         shift: Some(ShiftSource::OnTheFly(vec![Corruption::GaussianNoise])),
         corruption_images: 20,
         ood: Some(OodSource::Noise),
-        save_probs: None,
-        save_samples: false,
-        plots: None,
-        temperature_scaling: true,
-        report: None,
-        overwrite: false,
-        checksum: Default::default(),
+        ..EvalConfig::new(vec![checkpoint.to_path_buf()])
     }
 }
 

@@ -187,6 +187,33 @@ pub struct EvalConfig {
 }
 
 impl EvalConfig {
+    /// The defaults of `whvi eval` for `checkpoints`, side by side: T = 32 posterior samples in
+    /// batches of 256 images, seed 0, every test image, no corrupted or OOD sets (1,000 images
+    /// per corrupted set when they are asked for), temperature scaling fitted on the run's
+    /// validation split, checksums verified, nothing written.
+    pub fn new(checkpoints: Vec<PathBuf>) -> Self {
+        EvalConfig {
+            checkpoints,
+            ensemble: false,
+            dataset: None,
+            data: None,
+            samples: 32,
+            batch_size: 256,
+            seed: 0,
+            limit: None,
+            shift: None,
+            corruption_images: 1000,
+            ood: None,
+            plots: None,
+            temperature_scaling: true,
+            save_probs: None,
+            save_samples: false,
+            report: None,
+            overwrite: false,
+            checksum: Checksum::Verify,
+        }
+    }
+
     /// Checks every setting that does not need the data, so that a mistake is reported before
     /// the first forward pass rather than after the first checkpoint's evaluation.
     pub fn validate(&self) -> Result<()> {
