@@ -12,6 +12,7 @@
 mod config;
 mod preset;
 mod progress;
+mod run;
 mod step;
 
 pub use config::{OptimizerKind, TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
@@ -21,22 +22,22 @@ pub use step::{apply_gradients, train_step, StepOutcome, StepSettings};
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
-use candle_nn::Optimizer;
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
-use crate::data::{self, shuffled_order, Augment, Batches, ImageDataset};
+use crate::data::ImageDataset;
 use crate::metrics::{self, Predictions};
 use crate::optim::{AnyOptimizer, NamedOptimizer};
 use crate::params::Params;
-use crate::rng::{seeded, RngState};
-use crate::zoo::{predict, BuildOptions, ModelSpec, Network, PredictOptions};
+use crate::rng::RngState;
+use crate::zoo::BuildOptions;
 use crate::{Error, Result};
+use run::Run;
 
 /// One line of `metrics.jsonl`: what an epoch did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,309 +190,29 @@ pub fn train(
     progress: &mut dyn Progress,
     stop: Arc<AtomicBool>,
 ) -> Result<TrainOutcome> {
-    config.validate()?;
-    let (last_path, best_path, log_path) = paths(&config.out);
-    let resume = start == Start::Resume;
-    if start == Start::New {
-        refuse_existing_run(&config.out)?;
-    }
-
-    let data = data::load(config.dataset, config.data.as_deref())?;
-    for note in &data.notes {
-        progress.message(&format!("note: {note}"));
-    }
-    let normalization = data::Normalization::for_kind(config.dataset);
-    let (train_set, val_set) = data::validation_split(&data.train, config.validation, config.seed)?;
-    let spec = ModelSpec::lookup(&config.model)?;
-    let mut options = config.build.clone();
-    let (c, h, w) = train_set.shape();
-    check_matches_data(&options, [c, h, w], train_set.num_classes())?;
-    options.input = Some([c, h, w]);
-    options.classes = Some(train_set.num_classes());
-    crate::zoo::check_fits_in_memory(&crate::zoo::plan(&spec, &options)?, 4)?;
-
-    // Build fresh, or from the checkpoint being resumed.
-    let (params, mut state, optimizer_state) = if resume {
-        let checkpoint = Checkpoint::read(&last_path, device)?;
-        let state: ResumeState = match &checkpoint.meta.resume {
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                Error::checkpoint(&last_path, format!("resume state does not parse: {e}"))
-            })?,
-            None => {
-                return Err(Error::checkpoint(
-                    &last_path,
-                    "holds no resume state (it was saved for inference only)",
-                ))
-            }
-        };
-        let differences = state.config.resume_differences(config);
-        if !differences.is_empty() {
-            return Err(Error::invalid(format!(
-                "--resume: {} was written by a run with another configuration ({}); resume with \
-                 the same settings, or train into a new --out directory",
-                last_path.display(),
-                differences.join("; ")
-            )));
-        }
-        // From here on the run lives where it is now (it may have been moved).
-        let mut state = state;
-        state.config = config.clone();
-        reconcile_log(&log_path, state.epoch, checkpoint.meta.metrics.as_ref())?;
-        let params = Params::from_tensors(checkpoint.weights)?;
-        (params, state, checkpoint.optimizer)
-    } else {
-        let state = ResumeState {
-            epoch: 0,
-            batch_in_epoch: 0,
-            data_rng_epoch_start: RngState::capture(&seeded(config.seed ^ 0xda7a)),
-            augment_rng: RngState::capture(&seeded(config.seed ^ 0xa46e)),
-            noise_rng: RngState::capture(&seeded(config.seed ^ 0x4015e)),
-            sums: EpochSums::default(),
-            best_val_nll: None,
-            config: config.clone(),
-        };
-        if log_path.exists() {
-            std::fs::remove_file(&log_path).map_err(|e| Error::io(&log_path, e))?;
-        }
-        (Params::new(config.seed), state, Default::default())
-    };
-    let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
-    // Only now: a run that fails on its data or its network leaves no empty directory behind.
-    std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
-    let mut optimizer = AnyOptimizer::from_named(trainable(&params), config.optimizer_config())?;
-    if resume {
-        optimizer.load_state(optimizer_state)?;
-    }
-
-    let mut meta = CheckpointMeta::new(spec.clone(), options.clone(), train_set.classes().to_vec());
-    meta.normalization = Some(normalization.clone());
-    meta.training = Some(serde_json::to_value(config).map_err(|e| Error::invalid(e.to_string()))?);
-    meta.seed = Some(config.seed);
-
-    let n_train = train_set.len();
-    let batches_per_epoch = n_train / config.batch_size;
-    if batches_per_epoch == 0 {
-        return Err(Error::invalid(format!(
-            "the training set has {n_train} images, fewer than one batch of {}; use a smaller \
-             --batch-size",
-            config.batch_size
-        )));
-    }
-    if state.batch_in_epoch > batches_per_epoch {
-        return Err(Error::invalid(format!(
-            "--resume: the run stopped after batch {} of an epoch, but an epoch of the training \
-             set now has {batches_per_epoch} batches ({n_train} images): the data at the run's \
-             path changed; resume with the data it was trained on",
-            state.batch_in_epoch
-        )));
-    }
-    let total_steps = (batches_per_epoch as u64).saturating_mul(config.epochs as u64);
-    let augment = if config.augment {
-        Augment::for_kind(config.dataset)
-    } else {
-        Augment::NONE
-    };
+    let mut run = Run::set_up(config, start, device, progress)?;
     let started = Instant::now();
     let mut logs = Vec::new();
-
-    while state.epoch < config.epochs {
-        let epoch_start = Instant::now();
-        let mut data_rng = state.data_rng_epoch_start.restore();
-        let order = shuffled_order(n_train, &mut data_rng);
-        let mut augment_rng = state.augment_rng.restore();
-        let mut noise_rng = state.noise_rng.restore();
-        let done = state.batch_in_epoch * config.batch_size;
-        let batches = Batches::new(
-            &train_set,
-            order[done..].to_vec(),
-            config.batch_size,
-            &normalization,
-            device,
-        )?
-        .drop_last(true)
-        .augment(augment, &mut augment_rng);
-        progress.start_epoch(
-            state.epoch + 1,
-            config.epochs,
-            batches_per_epoch,
-            state.batch_in_epoch,
-        );
-
-        let mut interrupted = false;
-        for batch in batches {
-            let (images, labels) = batch?;
-            let step = optimizer.step_count();
-            let lr = config.schedule.lr_at(step, total_steps);
-            optimizer.set_learning_rate(lr);
-            let epoch_progress =
-                state.epoch as f64 + state.batch_in_epoch as f64 / batches_per_epoch as f64;
-            let beta = config.kl_warmup.beta(epoch_progress);
-
-            let settings = StepSettings {
-                n_train,
-                beta,
-                mc_samples: config.mc_samples,
-                clip_grad: config.clip_grad,
-            };
-            let outcome = match train_step(
-                &network,
-                &mut optimizer,
-                &images,
-                &labels,
-                settings,
-                &mut noise_rng,
-            ) {
-                Err(Error::Diverged(what)) => {
-                    return Err(Error::Diverged(format!(
-                        "{what} at epoch {}, step {step}; the last good checkpoint is {}. Lower \
-                         the learning rate (--lr) or add gradient clipping (--clip-grad 1.0)",
-                        state.epoch + 1,
-                        last_path.display()
-                    )))
-                }
-                other => other?,
-            };
-
-            let b = labels.dim(0)? as u64;
-            state.sums.loss += outcome.loss * b as f64;
-            state.sums.nll += outcome.nll * b as f64;
-            state.sums.correct += outcome.correct;
-            state.sums.seen += b;
-            state.batch_in_epoch += 1;
-            progress.batch(
-                state.batch_in_epoch,
-                state.sums.loss / state.sums.seen as f64,
-                state.sums.correct / state.sums.seen as f64,
-            );
-            if stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
-        }
-        state.augment_rng = RngState::capture(&augment_rng);
-        state.noise_rng = RngState::capture(&noise_rng);
-        state.sums.seconds += epoch_start.elapsed().as_secs_f64();
-
-        if interrupted {
-            meta.epoch = state.epoch;
-            meta.step = optimizer.step_count();
-            save_last(&last_path, &mut meta, &params, &optimizer, &state)?;
-            progress.finish_epoch("interrupted");
-            return Err(Error::Interrupted(format!(
-                "saved a resumable checkpoint at epoch {}, batch {}: {}; continue with --resume",
-                state.epoch + 1,
-                state.batch_in_epoch,
-                last_path.display()
-            )));
-        }
-
-        // End of epoch: validate, log, checkpoint.
-        let (val_accuracy, val_nll, val_ece) = if val_set.is_empty() {
-            (None, None, None)
-        } else {
-            let mut eval_rng = seeded(config.seed ^ (state.epoch as u64 + 1) << 20);
-            let preds = predict(
-                &network,
-                &val_set,
-                &normalization,
-                PredictOptions {
-                    samples: config.eval_samples,
-                    batch_size: config.batch_size.max(128),
-                    keep_samples: false,
-                },
-                &mut eval_rng,
-                |_| {},
-            )?;
-            let (acc, nll, ece) = summary(&preds, &val_set)?;
-            (Some(acc), Some(nll), Some(ece))
+    while run.state.epoch < config.epochs {
+        let Some(data_rng) = run.epoch(progress, &stop)? else {
+            return Err(run.interrupt(progress)?);
         };
-        let seconds = state.sums.seconds;
-        let log = EpochLog {
-            epoch: state.epoch + 1,
-            step: optimizer.step_count(),
-            train_loss: state.sums.loss / state.sums.seen as f64,
-            train_nll: state.sums.nll / state.sums.seen as f64,
-            kl: network.kl()?.to_scalar::<f32>()? as f64,
-            train_accuracy: state.sums.correct / state.sums.seen as f64,
-            val_accuracy,
-            val_nll,
-            val_ece,
-            lr: optimizer.learning_rate(),
-            beta: config.kl_warmup.beta((state.epoch + 1) as f64),
-            seconds,
-            images_per_s: state.sums.seen as f64 / seconds.max(1e-9),
-        };
-        progress.finish_epoch(&format!(
-            "epoch {}: loss {:.4}, val acc {}, val NLL {}, val ECE {}",
-            log.epoch,
-            log.train_loss,
-            fmt_opt(log.val_accuracy),
-            fmt_opt(log.val_nll),
-            fmt_opt(log.val_ece)
-        ));
-        state.epoch += 1;
-        state.batch_in_epoch = 0;
-        state.data_rng_epoch_start = RngState::capture(&data_rng);
-        state.sums = EpochSums::default();
-        let improved = match (val_nll, state.best_val_nll) {
-            (Some(v), Some(best)) => v < best,
-            (Some(_), None) => true,
-            (None, _) => true,
-        };
-        if improved {
-            state.best_val_nll = val_nll;
-        }
-        meta.epoch = state.epoch;
-        meta.step = optimizer.step_count();
-        meta.metrics = Some(serde_json::to_value(&log).map_err(|e| Error::invalid(e.to_string()))?);
-        // Best, then last (the commit point), then the log line: see `RunFile`.
-        if improved {
-            let mut best = meta.clone();
-            best.resume = None;
-            Checkpoint::save(&best_path, &best, &params, &[])?;
-            progress.saved(RunFile::Best);
-        }
-        save_last(&last_path, &mut meta, &params, &optimizer, &state)?;
-        progress.saved(RunFile::Last);
-        append_log(&log_path, &log)?;
-        progress.saved(RunFile::Log);
-        logs.push(log);
+        logs.push(run.end_epoch(progress, data_rng)?);
         if let Some(limit) = config.time_limit_minutes {
-            if started.elapsed().as_secs_f64() > limit * 60.0 && state.epoch < config.epochs {
+            if started.elapsed().as_secs_f64() > limit * 60.0 && run.state.epoch < config.epochs {
                 progress.message(&format!(
                     "time limit of {limit} minutes reached after epoch {}",
-                    state.epoch
+                    run.state.epoch
                 ));
                 break;
             }
         }
     }
-
-    let test_report = if config.test_samples > 0 {
-        let loaded = Checkpoint::load(&best_path, device)?;
-        let mut rng = seeded(config.seed ^ 0x7e57);
-        let preds = predict(
-            &loaded.network,
-            &data.test,
-            &normalization,
-            PredictOptions {
-                samples: config.test_samples,
-                batch_size: 256,
-                keep_samples: true,
-            },
-            &mut rng,
-            |_| {},
-        )?;
-        let labels: Vec<usize> = data.test.labels().iter().map(|&l| l as usize).collect();
-        Some(metrics::compute_report(&preds, &labels, None)?)
-    } else {
-        None
-    };
     Ok(TrainOutcome {
         epochs: logs,
-        last_checkpoint: last_path,
-        best_checkpoint: best_path,
-        test_report,
+        test_report: run.test_report(device)?,
+        last_checkpoint: run.last_path,
+        best_checkpoint: run.best_path,
     })
 }
 
