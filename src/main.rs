@@ -28,44 +28,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> whvi::Result<()> {
     match cli.command {
-        Command::Train(args) => {
-            args.runtime.apply()?;
-            let device = args.runtime.device()?;
-            let (config, note) = args.to_config()?;
-            if let Some(note) = note {
-                eprintln!("{note}");
-            }
-            let stop = Arc::new(AtomicBool::new(false));
-            let handler_flag = stop.clone();
-            ctrlc::set_handler(move || {
-                if handler_flag.swap(true, Ordering::SeqCst) {
-                    eprintln!("\nwhvi: second Ctrl-C, exiting without saving");
-                    std::process::exit(130);
-                }
-                eprintln!("\nwhvi: Ctrl-C: saving a resumable checkpoint after this batch...");
-            })
-            .map_err(|e| whvi::Error::invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
-            let mut progress: Box<dyn whvi::train::Progress> = if args.quiet {
-                Box::new(whvi::train::QuietProgress)
-            } else {
-                Box::new(whvi::train::BarProgress::new(config.batch_size))
-            };
-            let outcome =
-                whvi::train::train(&config, args.start(), &device, progress.as_mut(), stop)?;
-            println!("last checkpoint: {}", outcome.last_checkpoint.display());
-            println!("best checkpoint: {}", outcome.best_checkpoint.display());
-            println!(
-                "metrics log:     {}",
-                config.out.join("metrics.jsonl").display()
-            );
-            if let Some(report) = outcome.test_report {
-                println!(
-                    "\ntest set, {} posterior samples (best checkpoint):\n{report}",
-                    config.test_samples
-                );
-            }
-            Ok(())
-        }
+        Command::Train(args) => train_command(&args),
         Command::Zoo(args) if args.pretrained => {
             print!("{}", whvi::checkpoint::pretrained::listing()?);
             Ok(())
@@ -85,55 +48,8 @@ fn run(cli: Cli) -> whvi::Result<()> {
             }
             Ok(())
         }
-        Command::Eval(args) => {
-            args.runtime.apply()?;
-            let device = args.runtime.device()?;
-            let config = args.to_config()?;
-            let reports = whvi::eval::evaluate(&config, &device, &mut |line| eprintln!("{line}"))?;
-            for report in &reports {
-                println!("{}\n{}", report.checkpoint.display(), report.metrics);
-                if let Some(mean) = &report.corruption_mean {
-                    println!(
-                        "corrupted sets (mean of {}): accuracy {:.4}, NLL {:.4}, Brier {:.4}, \
-                         ECE-15 {:.4}\n",
-                        report.corruptions.len(),
-                        mean.accuracy,
-                        mean.nll,
-                        mean.brier,
-                        mean.ece15
-                    );
-                }
-            }
-            println!("{}", whvi::eval::comparison_table(&reports));
-            if let Some(path) = &config.report {
-                println!("report: {}", path.display());
-            }
-            Ok(())
-        }
-        Command::Corrupt(args) => {
-            let shift = whvi::eval::ShiftSource::parse(&args.corruptions)?;
-            let Some(whvi::eval::ShiftSource::OnTheFly(corruptions)) = shift else {
-                return Err(whvi::Error::invalid(
-                    "--corruptions takes `all` or names of corruptions made on the fly",
-                ));
-            };
-            let test =
-                whvi::data::load(whvi::data::DatasetKind::Cifar10, args.data.as_deref())?.test;
-            let test = match args.images {
-                Some(n) => test.first(n)?,
-                None => test,
-            };
-            whvi::eval::write_cifar10c(&args.out, &test, &corruptions, args.seed, &mut |line| {
-                eprintln!("{line}")
-            })?;
-            println!(
-                "wrote {} corruptions x 5 severities x {} images to {}",
-                corruptions.len(),
-                test.len(),
-                args.out.display()
-            );
-            Ok(())
-        }
+        Command::Eval(args) => eval_command(&args),
+        Command::Corrupt(args) => corrupt_command(&args),
         Command::Info { checkpoint } => {
             print!("{}", whvi::checkpoint::describe(&checkpoint)?);
             Ok(())
@@ -173,14 +89,112 @@ fn run(cli: Cli) -> whvi::Result<()> {
             whvi::metrics::run_metrics(&args, &mut std::io::stdout())?;
             Ok(())
         }
-        Command::Bench(Bench::Fwht {
+        Command::Bench(bench) => bench_command(bench),
+    }
+}
+
+/// `whvi train`: a run with a Ctrl-C handler that saves a resumable checkpoint.
+fn train_command(args: &args::TrainArgs) -> whvi::Result<()> {
+    args.runtime.apply()?;
+    let device = args.runtime.device()?;
+    let (config, note) = args.to_config()?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nwhvi: second Ctrl-C, exiting without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\nwhvi: Ctrl-C: saving a resumable checkpoint after this batch...");
+    })
+    .map_err(|e| whvi::Error::invalid(format!("cannot install the Ctrl-C handler: {e}")))?;
+    let mut progress: Box<dyn whvi::train::Progress> = if args.quiet {
+        Box::new(whvi::train::QuietProgress)
+    } else {
+        Box::new(whvi::train::BarProgress::new(config.batch_size))
+    };
+    let outcome = whvi::train::train(&config, args.start(), &device, progress.as_mut(), stop)?;
+    println!("last checkpoint: {}", outcome.last_checkpoint.display());
+    println!("best checkpoint: {}", outcome.best_checkpoint.display());
+    println!(
+        "metrics log:     {}",
+        config.out.join("metrics.jsonl").display()
+    );
+    if let Some(report) = outcome.test_report {
+        println!(
+            "\ntest set, {} posterior samples (best checkpoint):\n{report}",
+            config.test_samples
+        );
+    }
+    Ok(())
+}
+
+/// `whvi eval`: the reports, the side-by-side table and where the JSON went.
+fn eval_command(args: &args::EvalArgs) -> whvi::Result<()> {
+    args.runtime.apply()?;
+    let device = args.runtime.device()?;
+    let config = args.to_config()?;
+    let reports = whvi::eval::evaluate(&config, &device, &mut |line| eprintln!("{line}"))?;
+    for report in &reports {
+        println!("{}\n{}", report.checkpoint.display(), report.metrics);
+        if let Some(mean) = &report.corruption_mean {
+            println!(
+                "corrupted sets (mean of {}): accuracy {:.4}, NLL {:.4}, Brier {:.4}, \
+                 ECE-15 {:.4}\n",
+                report.corruptions.len(),
+                mean.accuracy,
+                mean.nll,
+                mean.brier,
+                mean.ece15
+            );
+        }
+    }
+    println!("{}", whvi::eval::comparison_table(&reports));
+    if let Some(path) = &config.report {
+        println!("report: {}", path.display());
+    }
+    Ok(())
+}
+
+/// `whvi corrupt`: the test set under whvi's corruptions, in CIFAR-10-C's layout.
+fn corrupt_command(args: &args::CorruptArgs) -> whvi::Result<()> {
+    let shift = whvi::eval::ShiftSource::parse(&args.corruptions)?;
+    let Some(whvi::eval::ShiftSource::OnTheFly(corruptions)) = shift else {
+        return Err(whvi::Error::invalid(
+            "--corruptions takes `all` or names of corruptions made on the fly",
+        ));
+    };
+    let test = whvi::data::load(whvi::data::DatasetKind::Cifar10, args.data.as_deref())?.test;
+    let test = match args.images {
+        Some(n) => test.first(n)?,
+        None => test,
+    };
+    whvi::eval::write_cifar10c(&args.out, &test, &corruptions, args.seed, &mut |line| {
+        eprintln!("{line}")
+    })?;
+    println!(
+        "wrote {} corruptions x 5 severities x {} images to {}",
+        corruptions.len(),
+        test.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `whvi bench ...`: one JSON line per configuration.
+fn bench_command(bench: Bench) -> whvi::Result<()> {
+    match bench {
+        Bench::Fwht {
             device,
             dtypes,
             threads,
             log2_d,
             bytes,
             reps,
-        }) => {
+        } => {
             if device == "cpu" {
                 let config = whvi::bench::fwht::FwhtBenchConfig {
                     threads,
@@ -206,12 +220,12 @@ fn run(cli: Cli) -> whvi::Result<()> {
             }
             Ok(())
         }
-        Command::Bench(Bench::Layers {
+        Bench::Layers {
             sizes,
             batch,
             reps,
             threads,
-        }) => {
+        } => {
             if let Some(n) = threads {
                 args::set_threads(n)?;
             }
@@ -226,7 +240,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
             whvi::bench::layers::bench_layers(&config, print_json_line)?;
             Ok(())
         }
-        Command::Bench(Bench::Train {
+        Bench::Train {
             models,
             heads,
             width,
@@ -235,7 +249,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
             conv_shapes,
             device,
             threads,
-        }) => {
+        } => {
             if let Some(n) = threads {
                 args::set_threads(n)?;
             }
@@ -246,7 +260,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
                 Some(shapes) if !device.is_cpu() => {
                     return Err(whvi::Error::invalid(format!(
                         "--conv-shapes {shapes} times the CPU convolution paths; leave it out \
-                         (or pass none) with a GPU --device"
+                     (or pass none) with a GPU --device"
                     )));
                 }
                 Some(shapes) => Some(shapes.to_string()),
