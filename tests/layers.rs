@@ -5,8 +5,8 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use whvi::layers::{
     standard_normal, Activation, BayesianModule, ConvSampling, Flatten, MaxPool2d, MeanFieldConv2d,
-    MeanFieldConvMode, MeanFieldLinear, Pass, Prior, Sequential, WhviBlocks, WhviConv2d,
-    WhviLinear,
+    MeanFieldConv2dConfig, MeanFieldConvMode, MeanFieldLinear, Pass, Prior, Sequential, WhviBlocks,
+    WhviConv2d, WhviConv2dConfig, WhviLinear, WhviLinearConfig,
 };
 use whvi::params::Params;
 use whvi::rng::seeded;
@@ -196,7 +196,7 @@ fn linear_output_mean_and_covariance_match_closed_form() {
     let (d_in, d_out, samples) = (6, 5, 40_000);
     let params = Params::new(9);
     let vb = params.var_builder(DType::F64, &CPU);
-    let layer = WhviLinear::new(d_in, d_out, Prior::HeLike, vb).unwrap();
+    let layer = WhviLinear::new(d_in, d_out, WhviLinearConfig::default(), vb).unwrap();
     let blocks = layer.blocks();
     let d = blocks.block_size();
     let log_sigma = var(&params, "log_sigma");
@@ -308,7 +308,7 @@ fn kl_matches_closed_form_and_monte_carlo() {
 fn per_example_noise_and_seed_reproducibility() {
     let params = Params::new(0);
     let vb = params.var_builder(DType::F32, &CPU);
-    let layer = WhviLinear::new(10, 6, Prior::HeLike, vb).unwrap();
+    let layer = WhviLinear::new(10, 6, WhviLinearConfig::default(), vb).unwrap();
     let x = Tensor::ones((2, 10), DType::F32, &CPU).unwrap();
     let run = |seed| {
         let mut rng = seeded(seed);
@@ -362,7 +362,15 @@ fn deep_whvi_mlp_keeps_activation_scale_at_init() {
     let vb = params.var_builder(DType::F32, &CPU);
     let width = 256;
     let layers: Vec<WhviLinear> = (0..10)
-        .map(|i| WhviLinear::new(width, width, Prior::HeLike, vb.pp(format!("l{i}"))).unwrap())
+        .map(|i| {
+            WhviLinear::new(
+                width,
+                width,
+                WhviLinearConfig::default(),
+                vb.pp(format!("l{i}")),
+            )
+            .unwrap()
+        })
         .collect();
     let x = standard_normal((64, width), DType::F32, &CPU, &mut seeded(2)).unwrap();
     let rms = |t: &Tensor| -> f32 {
@@ -395,10 +403,11 @@ fn conv_filters_match_explicit_matrix_and_per_example_conv_matches_loop() {
         3,
         40,
         3,
-        1,
-        1,
-        ConvSampling::PerExample,
-        Prior::HeLike,
+        WhviConv2dConfig {
+            padding: 1,
+            sampling: ConvSampling::PerExample,
+            ..Default::default()
+        },
         vb.pp("c"),
     )
     .unwrap();
@@ -462,10 +471,10 @@ fn shared_conv_sample_uses_one_filter_bank_for_the_batch() {
         2,
         4,
         3,
-        2,
-        0,
-        ConvSampling::Shared,
-        Prior::HeLike,
+        WhviConv2dConfig {
+            stride: 2,
+            ..Default::default()
+        },
         params.var_builder(DType::F32, &CPU),
     )
     .unwrap();
@@ -486,17 +495,17 @@ fn shared_conv_sample_uses_one_filter_bank_for_the_batch() {
 fn parameter_counts() {
     let params = Params::new(0);
     let vb = params.var_builder(DType::F32, &CPU);
-    let whvi = WhviLinear::new(300, 700, Prior::HeLike, vb.pp("a")).unwrap();
+    let whvi = WhviLinear::new(300, 700, WhviLinearConfig::default(), vb.pp("a")).unwrap();
     // D = 512, ceil(700 / 512) = 2 blocks: 4·512·2 + 700 bias.
     assert_eq!(whvi.num_params(), 4 * 512 * 2 + 700);
     let conv = WhviConv2d::new(
         64,
         128,
         3,
-        1,
-        1,
-        ConvSampling::Shared,
-        Prior::HeLike,
+        WhviConv2dConfig {
+            padding: 1,
+            ..Default::default()
+        },
         vb.pp("b"),
     )
     .unwrap();
@@ -508,10 +517,10 @@ fn parameter_counts() {
         3,
         8,
         5,
-        1,
-        2,
-        MeanFieldConvMode::Local,
-        Prior::HeLike,
+        MeanFieldConv2dConfig {
+            padding: 2,
+            ..Default::default()
+        },
         vb.pp("d"),
     )
     .unwrap();
@@ -607,11 +616,11 @@ fn whvi_mlp_fits_blobs_and_is_less_certain_far_from_data() {
     let params = Params::new(10);
     let vb = params.var_builder(DType::F32, &CPU);
     let model = Sequential::new()
-        .with(WhviLinear::new(2, 32, Prior::HeLike, vb.pp("l0")).unwrap())
+        .with(WhviLinear::new(2, 32, WhviLinearConfig::default(), vb.pp("l0")).unwrap())
         .with(Activation::Relu)
-        .with(WhviLinear::new(32, 32, Prior::HeLike, vb.pp("l1")).unwrap())
+        .with(WhviLinear::new(32, 32, WhviLinearConfig::default(), vb.pp("l1")).unwrap())
         .with(Activation::Relu)
-        .with(WhviLinear::new(32, 2, Prior::HeLike, vb.pp("l2")).unwrap());
+        .with(WhviLinear::new(32, 2, WhviLinearConfig::default(), vb.pp("l2")).unwrap());
     let (x, y) = blobs(256, 1);
     let (first, last) = train(&model, &params, &x, &y, 300, 1e-2);
     assert!(last < first / 4.0, "NLL {first} -> {last}");
@@ -652,10 +661,11 @@ fn whvi_convnet_fits_bar_orientation() {
                 1,
                 8,
                 3,
-                1,
-                1,
-                ConvSampling::PerExample,
-                Prior::HeLike,
+                WhviConv2dConfig {
+                    padding: 1,
+                    sampling: ConvSampling::PerExample,
+                    ..Default::default()
+                },
                 vb.pp("c0"),
             )
             .unwrap(),
@@ -663,7 +673,7 @@ fn whvi_convnet_fits_bar_orientation() {
         .with(Activation::Relu)
         .with(MaxPool2d::new(2))
         .with(Flatten)
-        .with(WhviLinear::new(8 * 16, 2, Prior::HeLike, vb.pp("fc")).unwrap());
+        .with(WhviLinear::new(8 * 16, 2, WhviLinearConfig::default(), vb.pp("fc")).unwrap());
     let (first, last) = train(&model, &params, &x, &y, 150, 1e-2);
     assert!(last < first / 4.0, "NLL {first} -> {last}");
 }
@@ -684,7 +694,7 @@ fn the_fused_backward_repeats_bit_for_bit_at_three_threads() {
             let layer = WhviLinear::new(
                 512,
                 512,
-                Prior::HeLike,
+                WhviLinearConfig::default(),
                 params.var_builder(DType::F32, &CPU),
             )
             .unwrap();
@@ -720,22 +730,13 @@ fn layers_refuse_sizes_they_cannot_take() {
     let params = Params::new(0);
     let vb = || params.var_builder(DType::F32, &CPU);
     let too_wide = (1usize << 63) + 1;
-    let err = WhviLinear::new(too_wide, 4, Prior::HeLike, vb())
+    let err = WhviLinear::new(too_wide, 4, WhviLinearConfig::default(), vb())
         .err()
         .unwrap();
     assert!(err.to_string().contains("d_in <= 2^30"), "{err}");
-    let err = WhviConv2d::new(
-        1 << 40,
-        4,
-        1 << 20,
-        1,
-        0,
-        ConvSampling::Shared,
-        Prior::HeLike,
-        vb(),
-    )
-    .err()
-    .unwrap();
+    let err = WhviConv2d::new(1 << 40, 4, 1 << 20, WhviConv2dConfig::default(), vb())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("too many"), "{err}");
     // A zero fan-in made the He variance infinite and the KL NaN.
     for (d_in, d_out) in [(0, 3), (3, 0)] {
@@ -748,10 +749,11 @@ fn layers_refuse_sizes_they_cannot_take() {
         0,
         4,
         3,
-        1,
-        1,
-        MeanFieldConvMode::default(),
-        Prior::HeLike,
+        MeanFieldConv2dConfig {
+            padding: 1,
+            mode: MeanFieldConvMode::default(),
+            ..Default::default()
+        },
         vb(),
     )
     .err()

@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::median;
 use crate::layers::{
     standard_normal, BayesianModule, DeterministicLinear, MeanFieldLinear, Pass, Prior, WhviLinear,
+    WhviLinearConfig,
 };
 use crate::params::Params;
 use crate::rng::seeded;
@@ -81,7 +82,12 @@ pub fn bench_layers(
             ),
             (
                 "whvi",
-                Box::new(WhviLinear::new(d, d, Prior::HeLike, vb.pp("whvi"))?),
+                Box::new(WhviLinear::new(
+                    d,
+                    d,
+                    WhviLinearConfig::default(),
+                    vb.pp("whvi"),
+                )?),
             ),
             (
                 "meanfield",

@@ -155,20 +155,47 @@ pub struct MeanFieldConv2d {
     mode: MeanFieldConvMode,
 }
 
+/// How a mean-field convolution is laid out and sampled: candle-nn's `Conv2dConfig` (groups
+/// 1, dilation 1) plus the posterior's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeanFieldConv2dConfig {
+    /// Stride (default 1).
+    pub stride: usize,
+    /// Zero padding on every side (default 0).
+    pub padding: usize,
+    /// How the weight noise is drawn (default: local reparameterisation).
+    pub mode: MeanFieldConvMode,
+    /// The prior of the weights (default: He-like).
+    pub prior: Prior,
+}
+
+impl Default for MeanFieldConv2dConfig {
+    fn default() -> Self {
+        MeanFieldConv2dConfig {
+            stride: 1,
+            padding: 0,
+            mode: MeanFieldConvMode::Local,
+            prior: Prior::HeLike,
+        }
+    }
+}
+
 impl MeanFieldConv2d {
-    /// A `k x k` mean-field convolution; parameters `mu`, `log_sigma` `[C_out, C_in, k, k]`
-    /// and `bias`.
-    #[allow(clippy::too_many_arguments)]
+    /// A `k x k` mean-field convolution, laid out and sampled as `config` says; parameters
+    /// `mu`, `log_sigma` `[C_out, C_in, k, k]` and `bias`.
     pub fn new(
         in_channels: usize,
         out_channels: usize,
         kernel: usize,
-        stride: usize,
-        padding: usize,
-        mode: MeanFieldConvMode,
-        prior: Prior,
+        config: MeanFieldConv2dConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let MeanFieldConv2dConfig {
+            stride,
+            padding,
+            mode,
+            prior,
+        } = config;
         let shape = [out_channels, in_channels, kernel, kernel];
         Ok(MeanFieldConv2d {
             weights: GaussianWeights::new(&shape, prior, vb)?,

@@ -20,12 +20,15 @@ mod whvi_kernel;
 pub use batch_norm::BatchNorm2d;
 pub use deterministic::{DeterministicConv2d, DeterministicLinear};
 pub use dropout::McDropout;
-pub use meanfield::{MeanFieldConv2d, MeanFieldConvMode, MeanFieldLinear};
+pub use meanfield::{MeanFieldConv2d, MeanFieldConv2dConfig, MeanFieldConvMode, MeanFieldLinear};
 pub use noise::standard_normal;
 pub use pool::MaxPool2d;
 pub use prior::{gaussian_kl, Prior};
 pub use sequential::{Activation, Flatten, ReluAppliedBefore, Sequential};
-pub use whvi::{ConvSampling, WhviBlocks, WhviConv2d, WhviLinear};
+pub use whvi::{
+    whvi_conv2d, whvi_linear, ConvSampling, WhviBlocks, WhviConv2d, WhviConv2dConfig, WhviLinear,
+    WhviLinearConfig,
+};
 
 use candle_core::{Result, Tensor};
 

@@ -255,6 +255,24 @@ impl WhviBlocks {
     }
 }
 
+/// The settings of a WHVI dense layer (candle-nn's layers take a config the same way).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WhviLinearConfig {
+    /// The prior of `g` (default: He-like).
+    pub prior: Prior,
+}
+
+/// A `d_in -> d_out` WHVI dense layer with its parameters under `vb`, as candle-nn's `linear`
+/// builds a dense one.
+pub fn whvi_linear(
+    d_in: usize,
+    d_out: usize,
+    config: WhviLinearConfig,
+    vb: VarBuilder,
+) -> Result<WhviLinear> {
+    WhviLinear::new(d_in, d_out, config, vb)
+}
+
 /// A WHVI dense layer `y = W x + b` with the local reparameterisation: a fresh `g` for every
 /// example, applied through two FWHTs (the method's section 2).
 #[derive(Debug, Clone)]
@@ -266,8 +284,13 @@ pub struct WhviLinear {
 impl WhviLinear {
     /// A `d_in -> d_out` WHVI layer with a deterministic bias, parameters under `vb`
     /// (`s1`, `s2`, `mu`, `log_sigma`, `bias`).
-    pub fn new(d_in: usize, d_out: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
-        let blocks = WhviBlocks::new(d_in, d_out, prior, vb.clone())?;
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        config: WhviLinearConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let blocks = WhviBlocks::new(d_in, d_out, config.prior, vb.clone())?;
         let bias = vb.get_with_hints(d_out, "bias", Init::Const(0.0))?;
         Ok(WhviLinear { blocks, bias })
     }
@@ -348,6 +371,43 @@ pub enum ConvSampling {
     PerExample,
 }
 
+/// How a WHVI convolution is laid out and sampled: candle-nn's `Conv2dConfig` (groups 1,
+/// dilation 1) plus the posterior's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WhviConv2dConfig {
+    /// Stride (default 1).
+    pub stride: usize,
+    /// Zero padding on every side (default 0).
+    pub padding: usize,
+    /// One filter bank per batch or per example (default: per batch).
+    pub sampling: ConvSampling,
+    /// The prior of `g` (default: He-like).
+    pub prior: Prior,
+}
+
+impl Default for WhviConv2dConfig {
+    fn default() -> Self {
+        WhviConv2dConfig {
+            stride: 1,
+            padding: 0,
+            sampling: ConvSampling::Shared,
+            prior: Prior::HeLike,
+        }
+    }
+}
+
+/// A `k x k` WHVI convolution from `in_channels` to `out_channels` with its parameters under
+/// `vb`, as candle-nn's `conv2d` builds a dense one.
+pub fn whvi_conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    config: WhviConv2dConfig,
+    vb: VarBuilder,
+) -> Result<WhviConv2d> {
+    WhviConv2d::new(in_channels, out_channels, kernel, config, vb)
+}
+
 /// A WHVI convolution: the filter bank `(C_out, C_in, k, k)` is a `C_out x (C_in·k·k)` WHVI
 /// matrix. Stride and padding as in candle's `conv2d`; groups 1; deterministic bias.
 #[derive(Debug, Clone)]
@@ -364,18 +424,21 @@ pub struct WhviConv2d {
 }
 
 impl WhviConv2d {
-    /// A `k x k` WHVI convolution from `in_channels` to `out_channels`.
-    #[allow(clippy::too_many_arguments)]
+    /// A `k x k` WHVI convolution from `in_channels` to `out_channels`, laid out and sampled
+    /// as `config` says; parameters under `vb` (`s1`, `s2`, `mu`, `log_sigma`, `bias`).
     pub fn new(
         in_channels: usize,
         out_channels: usize,
         kernel: usize,
-        stride: usize,
-        padding: usize,
-        sampling: ConvSampling,
-        prior: Prior,
+        config: WhviConv2dConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let WhviConv2dConfig {
+            stride,
+            padding,
+            sampling,
+            prior,
+        } = config;
         if kernel == 0 || stride == 0 {
             candle_core::bail!("WhviConv2d: kernel size and stride must be >= 1");
         }

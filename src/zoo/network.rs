@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::spec::{ModelSpec, MAX_SIZE};
 use crate::layers::{
     Activation, BatchNorm2d, BayesianModule, ConvSampling, DeterministicConv2d,
-    DeterministicLinear, Flatten, MaxPool2d, McDropout, MeanFieldConv2d, MeanFieldConvMode,
-    MeanFieldLinear, Pass, Prior, ReluAppliedBefore, Sequential, WhviConv2d, WhviLinear,
+    DeterministicLinear, Flatten, MaxPool2d, McDropout, MeanFieldConv2d, MeanFieldConv2dConfig,
+    MeanFieldConvMode, MeanFieldLinear, Pass, Prior, ReluAppliedBefore, Sequential, WhviConv2d,
+    WhviConv2dConfig, WhviLinear, WhviLinearConfig,
 };
 use crate::{Error, Result};
 
@@ -524,20 +525,24 @@ impl Network {
                         c_in,
                         c_out,
                         kernel,
-                        stride,
-                        padding,
-                        options.conv_sampling,
-                        options.prior_of(&row.name),
+                        WhviConv2dConfig {
+                            stride,
+                            padding,
+                            sampling: options.conv_sampling,
+                            prior: options.prior_of(&row.name),
+                        },
                         vb,
                     )?),
                     Method::MeanField => body.push(MeanFieldConv2d::new(
                         c_in,
                         c_out,
                         kernel,
-                        stride,
-                        padding,
-                        options.meanfield_conv,
-                        options.prior_of(&row.name),
+                        MeanFieldConv2dConfig {
+                            stride,
+                            padding,
+                            mode: options.meanfield_conv,
+                            prior: options.prior_of(&row.name),
+                        },
                         vb,
                     )?),
                     Method::McDropout | Method::Deterministic => body.push(
@@ -548,7 +553,9 @@ impl Network {
                     Method::Whvi => body.push(WhviLinear::new(
                         d_in,
                         d_out,
-                        options.prior_of(&row.name),
+                        WhviLinearConfig {
+                            prior: options.prior_of(&row.name),
+                        },
                         vb,
                     )?),
                     Method::MeanField => body.push(MeanFieldLinear::new(
