@@ -25,10 +25,17 @@ COLUMNS = [
     ("corr. acc", lambda r: r.get("corrupted_accuracy")),
     ("corr. NLL", lambda r: r.get("corrupted_nll")),
     ("corr. ECE-15", lambda r: r.get("corrupted_ece15")),
+    ("corr. NLL (T)", lambda r: scaled_corrupted(r, "nll")),
+    ("corr. ECE-15 (T)", lambda r: scaled_corrupted(r, "ece15")),
     ("AUROC entropy", lambda r: r.get("ood_auroc_entropy")),
     ("AUROC MI", lambda r: bayesian(r, "ood_auroc_mi")),
     ("MI", lambda r: bayesian(r, "mean_mutual_information")),
 ]
+
+
+def scaled_corrupted(report, key):
+    """A corrupted-set mean after temperature scaling (None without one)."""
+    return ((report.get("temperature_scaling") or {}).get("corrupted") or {}).get(key)
 
 
 def bayesian(report, key):

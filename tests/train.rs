@@ -164,6 +164,21 @@ fn evaluation_of_the_checkpoint(root: &Path, checkpoint: &Path) {
         5,
         "one corruption at five severities"
     );
+    // The same temperature on every corrupted set: per-set metrics and their means.
+    let scaled: Vec<_> = report
+        .corruptions
+        .iter()
+        .map(|c| c.scaled.unwrap())
+        .collect();
+    let mean_nll = scaled.iter().map(|m| m.nll).sum::<f64>() / 5.0;
+    let corrupted = ts.corrupted.expect("scaled corrupted means");
+    assert!((corrupted.nll - mean_nll).abs() < 1e-12);
+    if (ts.temperature - 1.0).abs() > 1e-3 {
+        assert!(report
+            .corruptions
+            .iter()
+            .any(|c| c.scaled.unwrap().nll != c.nll));
+    }
     assert!(report.metrics.ood_auroc_entropy.is_some());
     assert!(comparison_table(&reports).contains("ECE(T)"));
     // Another copy of the data set, too small for the run's 64 validation images: the

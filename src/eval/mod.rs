@@ -363,6 +363,43 @@ pub struct TemperatureReport {
     pub ece15: f64,
     /// Test Brier score after scaling.
     pub brier: f64,
+    /// The corrupted sets' mean NLL, Brier and ECE-15 after scaling with the same temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrupted: Option<ScaledMetrics>,
+}
+
+/// NLL, Brier score and ECE-15 after temperature scaling (which leaves accuracy as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ScaledMetrics {
+    /// NLL.
+    pub nll: f64,
+    /// Brier score.
+    pub brier: f64,
+    /// ECE-15.
+    pub ece15: f64,
+}
+
+impl ScaledMetrics {
+    /// The metrics of `probs` scaled by `temperature`.
+    fn of(probs: &metrics::Probs, labels: &[usize], temperature: f64) -> Result<Self> {
+        let scaled = apply_temperature(&Logits::from_probs(probs), temperature)?;
+        Ok(ScaledMetrics {
+            nll: metrics::nll(&scaled, labels)?,
+            brier: metrics::brier(&scaled, labels)?,
+            ece15: metrics::ece(&scaled, labels, metrics::DEFAULT_BINS)?,
+        })
+    }
+
+    /// The means of `all` (`None` when there are none).
+    fn mean(all: &[ScaledMetrics]) -> Option<Self> {
+        let n = all.len() as f64;
+        let mean = |f: fn(&ScaledMetrics) -> f64| all.iter().map(f).sum::<f64>() / n;
+        (!all.is_empty()).then(|| ScaledMetrics {
+            nll: mean(|m| m.nll),
+            brier: mean(|m| m.brier),
+            ece15: mean(|m| m.ece15),
+        })
+    }
 }
 
 /// One corrupted test set's results.
@@ -382,6 +419,9 @@ pub struct CorruptionResult {
     pub brier: f64,
     /// ECE-15.
     pub ece15: f64,
+    /// NLL, Brier and ECE-15 after temperature scaling, when a temperature was fitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaled: Option<ScaledMetrics>,
 }
 
 /// Means over every corruption and severity (uncertainty-baselines' `corrupted_*` metrics).
@@ -592,14 +632,15 @@ fn temperature_report(
     test_labels: &[usize],
 ) -> Result<TemperatureReport> {
     let fit = fit_temperature_from_probs(validation.mean(), validation_labels)?;
-    let scaled = apply_temperature(&Logits::from_probs(test.mean()), fit.temperature)?;
+    let scaled = ScaledMetrics::of(test.mean(), test_labels, fit.temperature)?;
     Ok(TemperatureReport {
         temperature: fit.temperature,
         validation_images: validation_labels.len(),
         validation_nll: [fit.nll_before, fit.nll_after],
-        nll: metrics::nll(&scaled, test_labels)?,
-        ece15: metrics::ece(&scaled, test_labels, metrics::DEFAULT_BINS)?,
-        brier: metrics::brier(&scaled, test_labels)?,
+        nll: scaled.nll,
+        ece15: scaled.ece15,
+        brier: scaled.brier,
+        corrupted: None,
     })
 }
 
@@ -773,11 +814,15 @@ impl Evaluation<'_> {
         corruption: Corruption,
         severity: usize,
         data: &ImageDataset,
+        temperature: Option<f64>,
     ) -> Result<CorruptionResult> {
         let set = format!("{}-{severity}", corruption.name());
         let mean = self.predict(&set, data, false)?;
         let (p, l) = (mean.mean(), labels_of(data));
         Ok(CorruptionResult {
+            scaled: temperature
+                .map(|t| ScaledMetrics::of(p, &l, t))
+                .transpose()?,
             corruption,
             severity,
             images: data.len(),
@@ -794,6 +839,7 @@ impl Evaluation<'_> {
         source: &ShiftSource,
         files: Option<&Cifar10C>,
         test: &ImageDataset,
+        temperature: Option<f64>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Vec<CorruptionResult>> {
         let limit = self.config.corruption_images;
@@ -815,7 +861,7 @@ impl Evaluation<'_> {
                     // --limit caps the corrupted sets as it caps the clean one.
                     let sets = files.load(corruption, limit.min(test.len()), test.classes())?;
                     for (severity, set) in (1..).zip(&sets) {
-                        results.push(self.corrupted(corruption, severity, set)?);
+                        results.push(self.corrupted(corruption, severity, set, temperature)?);
                     }
                 }
             }
@@ -826,7 +872,7 @@ impl Evaluation<'_> {
                         progress(&format!("{} severity {severity}", corruption.name()));
                         let mut rng = corruption_rng(self.config.seed, corruption, severity);
                         let set = corrupt_dataset(&base, corruption, severity, &mut rng)?;
-                        results.push(self.corrupted(corruption, severity, &set)?);
+                        results.push(self.corrupted(corruption, severity, &set, temperature)?);
                     }
                 }
             }
@@ -1045,11 +1091,16 @@ fn evaluate_one(
         None => None,
     };
     let report = compute_report(&preds, &labels, ood_preds.as_ref())?;
-    let temperature_scaling = temperature_of(&prepared, &preds, &labels, progress)?;
+    let mut temperature_scaling = temperature_of(&prepared, &preds, &labels, progress)?;
+    let temperature = temperature_scaling.as_ref().map(|t| t.temperature);
     let corruptions = match &config.shift {
-        Some(source) => eval.shift(source, shift_files, test, progress)?,
+        Some(source) => eval.shift(source, shift_files, test, temperature, progress)?,
         None => Vec::new(),
     };
+    if let Some(ts) = &mut temperature_scaling {
+        let scaled: Vec<ScaledMetrics> = corruptions.iter().filter_map(|c| c.scaled).collect();
+        ts.corrupted = ScaledMetrics::mean(&scaled);
+    }
     let members = if config.ensemble {
         paths.clone()
     } else {
