@@ -29,10 +29,8 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::ImageDataset;
 use crate::metrics::{self, Predictions};
-use crate::optim::{AnyOptimizer, NamedOptimizer};
 use crate::params::Params;
 use crate::rng::RngState;
 use crate::zoo::BuildOptions;
@@ -238,17 +236,6 @@ fn summary(preds: &Predictions, data: &ImageDataset) -> Result<(f64, f64, f64)> 
         metrics::nll(probs, &labels)?,
         metrics::ece(probs, &labels, 15)?,
     ))
-}
-
-fn save_last(
-    path: &Path,
-    meta: &mut CheckpointMeta,
-    params: &Params,
-    optimizer: &AnyOptimizer,
-    state: &ResumeState,
-) -> Result<()> {
-    meta.resume = Some(serde_json::to_value(state).map_err(|e| Error::invalid(e.to_string()))?);
-    Checkpoint::save(path, meta, params, &optimizer.state())
 }
 
 /// Makes `metrics.jsonl` hold exactly one line for each of the `epochs` epochs that `last`

@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 
 use super::{
-    append_log, check_matches_data, fmt_opt, paths, reconcile_log, refuse_existing_run, save_last,
-    summary, train_step, trainable, EpochLog, EpochSums, Progress, ResumeState, RunFile, Start,
+    append_log, check_matches_data, fmt_opt, paths, reconcile_log, refuse_existing_run, summary,
+    train_step, trainable, EpochLog, EpochSums, Progress, ResumeState, RunFile, Start,
     StepSettings, TrainConfig,
 };
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
@@ -200,13 +200,7 @@ impl<'a> Run<'a> {
     pub(super) fn interrupt(&mut self, progress: &mut dyn Progress) -> Result<Error> {
         self.meta.epoch = self.state.epoch;
         self.meta.step = self.optimizer.step_count();
-        save_last(
-            &self.last_path,
-            &mut self.meta,
-            &self.params,
-            &self.optimizer,
-            &self.state,
-        )?;
+        self.save_last()?;
         progress.finish_epoch("interrupted");
         Ok(Error::Interrupted(format!(
             "saved a resumable checkpoint at epoch {}, batch {}: {}; continue with --resume",
@@ -271,17 +265,24 @@ impl<'a> Run<'a> {
             Checkpoint::save(&self.best_path, &best, &self.params, &[])?;
             progress.saved(RunFile::Best);
         }
-        save_last(
-            &self.last_path,
-            &mut self.meta,
-            &self.params,
-            &self.optimizer,
-            &self.state,
-        )?;
+        self.save_last()?;
         progress.saved(RunFile::Last);
         append_log(&self.log_path, &log)?;
         progress.saved(RunFile::Log);
         Ok(log)
+    }
+
+    /// Writes `OUT/last.safetensors`: weights, optimiser state and the state that resumes the
+    /// run bit for bit.
+    fn save_last(&mut self) -> Result<()> {
+        self.meta.resume =
+            Some(serde_json::to_value(&self.state).map_err(|e| Error::invalid(e.to_string()))?);
+        Checkpoint::save(
+            &self.last_path,
+            &self.meta,
+            &self.params,
+            &self.optimizer.state(),
+        )
     }
 
     /// Validation accuracy, NLL and ECE-15 after the current epoch (`None` without a
