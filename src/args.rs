@@ -51,7 +51,7 @@ pub enum Command {
     /// (features.N / classifier.N) and its architecture as a sidecar JSON.
     Export(ExportArgs),
     /// Calibration and uncertainty metrics of saved probabilities (.npy).
-    Metrics(whvi::metrics::MetricsArgs),
+    Metrics(MetricsArgs),
     /// Benchmarks; one JSON line per configuration.
     #[command(subcommand)]
     Bench(Bench),
@@ -646,6 +646,44 @@ impl EvalArgs {
             config.checksum = whvi::checkpoint::Checksum::Skip;
         }
         Ok(config)
+    }
+}
+
+#[derive(Args)]
+pub struct MetricsArgs {
+    /// Predictive probabilities, .npy float32/float64 of shape [N, K], or [T, N, K] per
+    /// posterior sample (averaged here; enables the mutual-information metrics).
+    #[arg(long, value_name = "P.npy")]
+    pub probs: PathBuf,
+    /// True labels, .npy integer array of shape `[N]` with values in 0..K.
+    #[arg(long, value_name = "Y.npy")]
+    pub labels: PathBuf,
+    /// Probabilities on an out-of-distribution set, [M, K] or [T, M, K]: adds OOD detection.
+    #[arg(long, value_name = "Q.npy")]
+    pub ood_probs: Option<PathBuf>,
+    /// Write the report as JSON to this file (never over an input; over an existing file only
+    /// with --force).
+    #[arg(long, value_name = "R.json")]
+    pub report: Option<PathBuf>,
+    /// Let --report replace an existing file.
+    #[arg(long)]
+    pub force: bool,
+    /// Write the plots (PNG and SVG) into this directory, created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub plots: Option<PathBuf>,
+}
+
+impl MetricsArgs {
+    /// The library's job for these flags.
+    pub fn to_job(&self) -> whvi::metrics::MetricsJob {
+        whvi::metrics::MetricsJob {
+            probs: self.probs.clone(),
+            labels: self.labels.clone(),
+            ood_probs: self.ood_probs.clone(),
+            report: self.report.clone(),
+            force: self.force,
+            plots: self.plots.clone(),
+        }
     }
 }
 

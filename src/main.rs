@@ -86,7 +86,7 @@ fn run(cli: Cli) -> whvi::Result<()> {
             Ok(())
         }
         Command::Metrics(args) => {
-            whvi::metrics::run_metrics(&args, &mut std::io::stdout())?;
+            whvi::metrics::run_metrics(&args.to_job(), &mut std::io::stdout())?;
             Ok(())
         }
         Command::Bench(bench) => bench_command(bench),

@@ -12,8 +12,8 @@ use whvi::metrics::{
     classwise_ece, compute_report, ece, entropy, fit_temperature, fit_temperature_from_probs,
     fpr_at_tpr, load_labels, load_predictions, mce, mean_entropy, mutual_information, nll,
     ood_detection, ood_scores, plot_corruption, plot_ood_histogram, plot_reliability, read_npy,
-    run_metrics, write_npy, CorruptionPoint, Logits, MetricsArgs, MetricsReport, NpyArray,
-    NpyDtype, OodScore, Predictions, Probs, ReliabilityDiagram, SampleProbs, DEFAULT_BINS,
+    run_metrics, write_npy, CorruptionPoint, Logits, MetricsJob, MetricsReport, NpyArray, NpyDtype,
+    OodScore, Predictions, Probs, ReliabilityDiagram, SampleProbs, DEFAULT_BINS,
 };
 use whvi::Error;
 
@@ -905,7 +905,7 @@ fn metrics_command_end_to_end() {
         NpyArray::new(&[300], &y.iter().map(|&v| v as i64).collect::<Vec<_>>()).unwrap(),
     );
     let ood_path = write("q.npy", NpyArray::new(&[100, 4], q.as_slice()).unwrap());
-    let args = MetricsArgs {
+    let args = MetricsJob {
         probs: probs_path.clone(),
         labels: labels_path.clone(),
         ood_probs: Some(ood_path),
@@ -935,7 +935,7 @@ fn metrics_command_end_to_end() {
 
     // The report never replaces an input, and an existing report only with --force.
     let probs_bytes = std::fs::read(&probs_path).unwrap();
-    let over_input = MetricsArgs {
+    let over_input = MetricsJob {
         report: Some(dir.join(".").join("p.npy")),
         force: true,
         ..args.clone()
@@ -948,7 +948,7 @@ fn metrics_command_end_to_end() {
         text.contains("exists") && text.contains("--force"),
         "{text}"
     );
-    let forced = MetricsArgs {
+    let forced = MetricsJob {
         force: true,
         ..args.clone()
     };
@@ -956,7 +956,7 @@ fn metrics_command_end_to_end() {
 
     // Labels that do not match the probabilities.
     let short = write("y_short.npy", NpyArray::new(&[2], &[0i64, 1]).unwrap());
-    let args = MetricsArgs {
+    let args = MetricsJob {
         labels: short,
         ood_probs: None,
         report: None,

@@ -16,7 +16,7 @@
 //! probabilities, rows that do not sum to 1) is an [`crate::Error`], never a panic.
 
 pub mod calibration;
-pub mod cli;
+mod job;
 pub mod npy;
 pub mod ood;
 pub mod plot;
@@ -28,7 +28,7 @@ pub use calibration::{
     accuracy, adaptive_ece, aurc, brier, classwise_ece, ece, mce, nll, ReliabilityBin,
     ReliabilityDiagram,
 };
-pub use cli::{run_metrics, MetricsArgs};
+pub use job::{run_metrics, MetricsJob};
 pub use npy::{load_labels, load_predictions, read_npy, write_npy, NpyArray, NpyDtype, NpyElement};
 pub use ood::{auroc, average_precision, fpr_at_tpr, ood_detection, OodMetrics};
 pub use plot::{

@@ -1,5 +1,5 @@
-//! The `whvi metrics` command: load `.npy` predictions and labels, compute the report, print
-//! it, write it as JSON and draw the plots.
+//! What `whvi metrics` does, for any caller: load `.npy` predictions and labels, compute the
+//! report, print it, write it as JSON and draw the plots.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,34 +12,28 @@ use super::{calibration::ReliabilityDiagram, Predictions, DEFAULT_BINS};
 use crate::output::{check_output, write_atomic};
 use crate::{Error, Result};
 
-/// Arguments of `whvi metrics`.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
-pub struct MetricsArgs {
+/// What to compute metrics on and where the results go (the inputs of `whvi metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsJob {
     /// Predictive probabilities, .npy float32/float64 of shape [N, K], or [T, N, K] per
     /// posterior sample (averaged here; enables the mutual-information metrics).
-    #[arg(long, value_name = "P.npy")]
     pub probs: PathBuf,
     /// True labels, .npy integer array of shape `[N]` with values in 0..K.
-    #[arg(long, value_name = "Y.npy")]
     pub labels: PathBuf,
     /// Probabilities on an out-of-distribution set, [M, K] or [T, M, K]: adds OOD detection.
-    #[arg(long, value_name = "Q.npy")]
     pub ood_probs: Option<PathBuf>,
     /// Write the report as JSON to this file (never over an input; over an existing file only
-    /// with --force).
-    #[arg(long, value_name = "R.json")]
+    /// with `force`).
     pub report: Option<PathBuf>,
-    /// Let --report replace an existing file.
-    #[arg(long)]
+    /// Let `report` replace an existing file.
     pub force: bool,
     /// Write the plots (PNG and SVG) into this directory, created if missing.
-    #[arg(long, value_name = "DIR")]
     pub plots: Option<PathBuf>,
 }
 
-/// Runs `whvi metrics`: computes the report, writes the table to `out`, and the JSON report
+/// Runs a metrics job: computes the report, writes the table to `out`, and the JSON report
 /// and plots where asked. Returns the report.
-pub fn run_metrics(args: &MetricsArgs, out: &mut dyn Write) -> Result<MetricsReport> {
+pub fn run_metrics(args: &MetricsJob, out: &mut dyn Write) -> Result<MetricsReport> {
     if let Some(report) = &args.report {
         let mut inputs = vec![args.probs.as_path(), args.labels.as_path()];
         inputs.extend(args.ood_probs.as_deref());
