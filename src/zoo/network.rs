@@ -251,6 +251,26 @@ fn scaled(width: usize, multiplier: f64) -> usize {
 
 /// Lays out the layers of `spec` under `options`, checking that the geometry works.
 pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> {
+    let (classes, input) = checked_shape(spec, options)?;
+    let mut rows = Vec::new();
+    let [c, h, w] = plan_features(spec, options, input, &mut rows)?;
+    plan_head(spec, options, [c, h, w], classes, &mut rows)?;
+    assign_methods(&mut rows, options)?;
+    Ok(insert_dropout(rows, options.dropout))
+}
+
+/// Adds a deterministic row to a plan (the methods are assigned afterwards).
+fn push_row(rows: &mut Vec<LayerPlan>, name: String, kind: LayerKind, output: Vec<usize>) {
+    rows.push(LayerPlan {
+        name,
+        kind,
+        method: Method::Deterministic,
+        output,
+    })
+}
+
+/// Checks the spec and the options, and returns the class count and the input shape.
+fn checked_shape(spec: &ModelSpec, options: &BuildOptions) -> Result<(usize, [usize; 3])> {
     spec.validate(&spec.name)?;
     if !(options.width > 0.0 && options.width.is_finite()) {
         return Err(Error::invalid(format!(
@@ -270,21 +290,26 @@ pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> 
             "need at least 2 classes, got {classes}"
         )));
     }
-    let [mut c, mut h, mut w] = options.input.unwrap_or(spec.input);
+    let [c, h, w] = options.input.unwrap_or(spec.input);
     if c == 0 || h == 0 || w == 0 || [c, h, w].iter().any(|&d| d > MAX_SIZE) {
         return Err(Error::invalid(format!(
             "input shape [{c}, {h}, {w}] has a zero dimension or one over {MAX_SIZE}"
         )));
     }
-    let mut rows: Vec<LayerPlan> = Vec::new();
-    let mut push = |name: String, kind: LayerKind, output: Vec<usize>| {
-        rows.push(LayerPlan {
-            name,
-            kind,
-            method: Method::Deterministic,
-            output,
-        })
-    };
+    Ok((classes, [c, h, w]))
+}
+
+/// The convolution, batch-norm, ReLU and pooling rows; returns the shape that reaches the
+/// head.
+fn plan_features(
+    spec: &ModelSpec,
+    options: &BuildOptions,
+    input: [usize; 3],
+    rows: &mut Vec<LayerPlan>,
+) -> Result<[usize; 3]> {
+    let [mut c, mut h, mut w] = input;
+    let mut push =
+        |name: String, kind: LayerKind, output: Vec<usize>| push_row(rows, name, kind, output);
     let (mut conv_index, mut pool_index) = (0, 0);
     for feature in &spec.features {
         match feature.conv() {
@@ -345,6 +370,19 @@ pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> 
             }
         }
     }
+    Ok([c, h, w])
+}
+
+/// The flatten, dense and ReLU rows of the head, from `[c, h, w]` features to `classes`.
+fn plan_head(
+    spec: &ModelSpec,
+    options: &BuildOptions,
+    [c, h, w]: [usize; 3],
+    classes: usize,
+    rows: &mut Vec<LayerPlan>,
+) -> Result<()> {
+    let mut push =
+        |name: String, kind: LayerKind, output: Vec<usize>| push_row(rows, name, kind, output);
     let mut features = [c, h, w]
         .iter()
         .try_fold(1usize, |a, &b| a.checked_mul(b))
@@ -378,8 +416,7 @@ pub fn plan(spec: &ModelSpec, options: &BuildOptions) -> Result<Vec<LayerPlan>> 
             push(format!("relu.{name}"), LayerKind::Relu, vec![d_out]);
         }
     }
-    assign_methods(&mut rows, options)?;
-    Ok(insert_dropout(rows, options.dropout))
+    Ok(())
 }
 
 fn assign_methods(rows: &mut [LayerPlan], options: &BuildOptions) -> Result<()> {
