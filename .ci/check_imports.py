@@ -15,7 +15,12 @@ def import_graph(src):
     graph = collections.defaultdict(set)
     for path in src.rglob("*.rs"):
         module = path.relative_to(src).parts[0].removesuffix(".rs")
-        for used in re.findall(r"\bcrate::([a-z_][a-z0-9_]*)", path.read_text()):
+        text = path.read_text()
+        # `crate::data::x` and the groups of `use crate::{data, zoo::Network};`.
+        names = re.findall(r"\bcrate::([a-z_][a-z0-9_]*)", text)
+        for group in re.findall(r"\bcrate::\{([^}]*)\}", text):
+            names += re.findall(r"(?:^|,)\s*([a-z_][a-z0-9_]*)", group)
+        for used in names:
             is_module = (src / used).is_dir() or (src / f"{used}.rs").exists()
             if used != module and is_module:
                 graph[module].add(used)

@@ -16,6 +16,8 @@
 # of training per run on 2 cores; the deep ensemble's 3 members get a third each),
 # CORRUPTION_IMAGES (default 1000), THREADS (default 2), CARGO_TARGET_DIR (as for cargo).
 set -euo pipefail
+# Flags are split on spaces on purpose (word splitting); never expand globs such as he*0.1.
+set -f
 
 source "$(dirname "$0")/lib.sh"
 out="${OUT:-study}"

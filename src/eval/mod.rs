@@ -918,6 +918,8 @@ fn save_predictions(
 /// The network, normalisation and test data of one evaluation, and the training data the
 /// validation split comes from; for an ensemble, checked to agree across its members.
 struct Prepared<'a> {
+    /// The (first) checkpoint's path.
+    first: PathBuf,
     eval: Evaluation<'a>,
     metas: Vec<CheckpointMeta>,
     sets: data::TrainTest,
@@ -992,6 +994,7 @@ fn prepare<'a>(
         probs_dir,
     };
     Ok(Prepared {
+        first,
         eval,
         metas,
         sets,
@@ -1025,7 +1028,9 @@ fn temperature_of(
     labels: &[usize],
     progress: &mut dyn FnMut(&str),
 ) -> Result<Option<TemperatureReport>> {
-    if !(prepared.eval.config.temperature_scaling && prepared.trained_on_it) {
+    // A checkpoint that records no training run (e.g. saved by hand) has no split to use.
+    let asked = prepared.eval.config.temperature_scaling && prepared.trained_on_it;
+    if !asked || prepared.metas[0].training.is_none() {
         return Ok(None);
     }
     let validation = shared_training(&prepared.metas)
@@ -1033,7 +1038,8 @@ fn temperature_of(
     match validation {
         Ok(val) => {
             progress(&format!(
-                "fitting a temperature on {} validation images",
+                "{}: fitting a temperature on {} validation images",
+                prepared.eval.config.prefix_of(&prepared.first),
                 val.len()
             ));
             let val_preds = prepared.eval.predict("validation", &val, false)?;

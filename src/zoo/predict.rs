@@ -166,7 +166,18 @@ pub fn ensemble_predictions(mut members: Vec<Predictions>) -> Result<Predictions
     }
     let (n, k) = (parts[0].n(), parts[0].k());
     let most = parts.iter().map(|p| p.t()).max().unwrap_or(1);
-    let mut data = Vec::with_capacity(parts.len() * most * n * k);
+    let values = [parts.len(), most, n, k]
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b));
+    crate::device::check_memory(
+        values.and_then(|v| u64::try_from(v).ok()?.checked_mul(8)),
+        format_args!(
+            "pooling {} members x {most} samples of {n} images",
+            parts.len()
+        ),
+        "evaluate fewer members or images, or ask for fewer samples (--samples)",
+    )?;
+    let mut data = Vec::with_capacity(values.unwrap_or(0));
     for (i, part) in parts.iter().enumerate() {
         if (part.n(), part.k()) != (n, k) {
             return Err(Error::invalid(format!(
