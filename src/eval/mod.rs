@@ -918,8 +918,10 @@ fn save_predictions(
 /// The network, normalisation and test data of one evaluation, and the training data the
 /// validation split comes from; for an ensemble, checked to agree across its members.
 struct Prepared<'a> {
-    /// The (first) checkpoint's path.
-    first: PathBuf,
+    /// The checkpoints' paths (one, or an ensemble's members).
+    paths: Vec<PathBuf>,
+    /// Values the networks store, summed over the members.
+    parameters: usize,
     eval: Evaluation<'a>,
     metas: Vec<CheckpointMeta>,
     sets: data::TrainTest,
@@ -935,6 +937,11 @@ fn prepare<'a>(
 ) -> Result<Prepared<'a>> {
     let paths: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
     let first = paths[0].clone();
+    let parameters = members
+        .iter()
+        .flat_map(|m| m.model.params.named_vars())
+        .map(|(_, v)| v.elem_count())
+        .sum();
     let (networks, metas): (Vec<_>, Vec<_>) = members
         .into_iter()
         .map(|m| (m.model.network, m.model.meta))
@@ -994,7 +1001,8 @@ fn prepare<'a>(
         probs_dir,
     };
     Ok(Prepared {
-        first,
+        paths,
+        parameters,
         eval,
         metas,
         sets,
@@ -1039,7 +1047,7 @@ fn temperature_of(
         Ok(val) => {
             progress(&format!(
                 "{}: fitting a temperature on {} validation images",
-                prepared.eval.config.prefix_of(&prepared.first),
+                prepared.eval.config.prefix_of(&prepared.paths[0]),
                 val.len()
             ));
             let val_preds = prepared.eval.predict("validation", &val, false)?;
@@ -1065,14 +1073,8 @@ fn evaluate_one(
     progress: &mut dyn FnMut(&str),
 ) -> Result<EvalReport> {
     let started = Instant::now();
-    let paths: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
-    let path = paths[0].as_path();
-    let parameters = members
-        .iter()
-        .flat_map(|m| m.model.params.named_vars())
-        .map(|(_, v)| v.elem_count())
-        .sum();
     let prepared = prepare(config, members, progress)?;
+    let path = prepared.paths[0].as_path();
     let (eval, test) = (&prepared.eval, &prepared.test);
     progress(&format!(
         "{}: predicting {} images x {} samples",
@@ -1107,16 +1109,15 @@ fn evaluate_one(
         let scaled: Vec<ScaledMetrics> = corruptions.iter().filter_map(|c| c.scaled).collect();
         ts.corrupted = ScaledMetrics::mean(&scaled);
     }
-    let members = if config.ensemble {
-        paths.clone()
-    } else {
-        Vec::new()
+    let members = match config.ensemble {
+        true => prepared.paths.clone(),
+        false => Vec::new(),
     };
     let mut report = EvalReport {
         metrics: report,
         checkpoint: path.to_path_buf(),
         members,
-        parameters,
+        parameters: prepared.parameters,
         samples: config.samples,
         seed: config.seed,
         corruption_mean: CorruptionSummary::of(&corruptions),
