@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::bench::train::Head;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use whvi::bench::train::Head;
 use whvi::data::DatasetKind;
 use whvi::layers::{ConvSampling, Prior};
 use whvi::optim::LrSchedule;

@@ -6,7 +6,6 @@
 
 #![warn(missing_docs)]
 
-pub mod bench;
 pub mod checkpoint;
 pub mod conv;
 mod cpu;

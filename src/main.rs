@@ -1,6 +1,7 @@
 //! The `whvi` command line: parses arguments and calls the library.
 
 mod args;
+mod bench;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -196,16 +197,16 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
             reps,
         } => {
             if device == "cpu" {
-                let config = whvi::bench::fwht::FwhtBenchConfig {
+                let config = bench::fwht::FwhtBenchConfig {
                     threads,
                     log2_d,
                     bytes,
                     reps,
                 };
-                whvi::bench::fwht::run(&config, &mut |line| print_json_line(line))?;
+                bench::fwht::run(&config, &mut |line| print_json_line(line))?;
             } else {
                 let device = whvi::device::parse_device(&device)?;
-                let mut config = whvi::bench::fwht_device::DeviceFwhtBenchConfig {
+                let mut config = bench::fwht_device::DeviceFwhtBenchConfig {
                     log2_d,
                     bytes,
                     reps,
@@ -214,7 +215,7 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
                 if !dtypes.is_empty() {
                     config.dtypes = dtypes.into_iter().map(Into::into).collect();
                 }
-                whvi::bench::fwht_device::run_on_device(&device, &config, &mut |line| {
+                bench::fwht_device::run_on_device(&device, &config, &mut |line| {
                     print_json_line(line)
                 })?;
             }
@@ -229,7 +230,7 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
             if let Some(n) = threads {
                 args::set_threads(n)?;
             }
-            let mut config = whvi::bench::layers::LayerBenchConfig {
+            let mut config = bench::layers::LayerBenchConfig {
                 batch,
                 reps,
                 ..Default::default()
@@ -237,7 +238,7 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
             if !sizes.is_empty() {
                 config.sizes = sizes;
             }
-            whvi::bench::layers::bench_layers(&config, print_json_line)?;
+            bench::layers::bench_layers(&config, print_json_line)?;
             Ok(())
         }
         Bench::Train {
@@ -266,7 +267,7 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
                 Some(shapes) => Some(shapes.to_string()),
                 None => device.is_cpu().then(|| "vgg16".to_string()),
             };
-            let config = whvi::bench::train::TrainBenchConfig {
+            let config = bench::train::TrainBenchConfig {
                 models,
                 heads: heads.into_iter().map(Into::into).collect(),
                 width,
@@ -274,15 +275,9 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
                 steps,
                 device,
             };
-            whvi::bench::train::bench_train(&config, print_json_line)?;
+            bench::train::bench_train(&config, print_json_line)?;
             if let Some(conv_shapes) = conv_shapes {
-                whvi::bench::conv::bench_conv_shapes(
-                    &conv_shapes,
-                    width,
-                    batch,
-                    steps,
-                    print_json_line,
-                )?;
+                bench::conv::bench_conv_shapes(&conv_shapes, width, batch, steps, print_json_line)?;
             }
             Ok(())
         }

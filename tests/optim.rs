@@ -1151,22 +1151,33 @@ fn learning_rate_factors_must_be_positive() {
 
 #[test]
 fn training_config_gives_whvi_diagonals_no_decay_and_their_own_learning_rate() -> TestResult {
-    use whvi::train::{TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
+    use whvi::layers::ParamRole;
+    use whvi::train::{trainable, NamedParameter, TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
     let config = TrainConfig::default();
     let dev = Device::Cpu;
     let names = ["fc1.s1", "fc1.s2", "fc1.mu", "conv1.weight"];
+    let roles = [
+        ParamRole::Diagonal,
+        ParamRole::Diagonal,
+        ParamRole::Variational,
+        ParamRole::Weight,
+    ];
     let vars: Vec<Var> = names
         .iter()
         .map(|_| Var::new(&[1.0f32], &dev))
         .collect::<candle_core::Result<_>>()?;
-    let mut opt = AnyOptimizer::from_named(
-        names
-            .iter()
-            .map(|n| n.to_string())
-            .zip(vars.clone())
-            .collect(),
-        config.optimizer_config(),
-    )?;
+    let parameters: Vec<NamedParameter> = names
+        .iter()
+        .zip(&vars)
+        .zip(roles)
+        .map(|((name, var), role)| NamedParameter {
+            name: name.to_string(),
+            var: var.clone(),
+            role,
+        })
+        .collect();
+    let mut opt =
+        AnyOptimizer::from_named(trainable(&parameters), config.optimizer_config(&parameters))?;
     assert_eq!(opt.weight_decay_of("fc1.s1"), Some(0.0));
     assert_eq!(opt.weight_decay_of("fc1.s2"), Some(0.0));
     assert_eq!(opt.weight_decay_of("fc1.mu"), Some(0.0));

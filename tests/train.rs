@@ -547,7 +547,7 @@ fn lenet5_whvi_head_with_adamw() -> (
     use candle_core::DType;
     use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
     use whvi::params::Params;
-    use whvi::train::trainable;
+    use whvi::train::{named_parameters, trainable};
     use whvi::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
 
     let spec = ModelSpec::lookup("lenet5").unwrap();
@@ -565,8 +565,9 @@ fn lenet5_whvi_head_with_adamw() -> (
         params.var_builder(DType::F32, &Device::Cpu),
     )
     .unwrap();
+    let parameters = named_parameters(&params, &network.parameters()).unwrap();
     let optimizer = AnyOptimizer::from_named(
-        trainable(&params),
+        trainable(&parameters),
         OptimizerConfig::AdamW(AdamWConfig::default()),
     )
     .unwrap();

@@ -1,9 +1,10 @@
 //! The model zoo: every network builds with every posterior, counts match hand computations.
 
 use candle_core::{DType, Device, Tensor};
-use whvi::layers::Pass;
+use whvi::layers::{ParamRole, Pass};
 use whvi::params::Params;
 use whvi::rng::seeded;
+use whvi::train::{named_parameters, trainable};
 use whvi::zoo::{plan, BayesPolicy, BuildOptions, Method, ModelSpec, Network};
 
 const CPU: Device = Device::Cpu;
@@ -58,6 +59,62 @@ fn every_network_builds_for_every_posterior_and_predicts() {
             assert_eq!(vars, network.num_params(), "{} {method:?}", spec.name);
         }
     }
+}
+
+/// The role the old name rules gave a variable (the names the layers choose), to show that the
+/// roles the layers declare change nothing.
+fn role_by_name(name: &str) -> ParamRole {
+    let last = name.rsplit('.').next().unwrap();
+    match last {
+        "s1" | "s2" => ParamRole::Diagonal,
+        "mu" | "log_sigma" => ParamRole::Variational,
+        "running_mean" | "running_var" => ParamRole::RunningStatistic,
+        _ if name.starts_with("bn") => ParamRole::Normalization,
+        "bias" => ParamRole::Bias,
+        "weight" => ParamRole::Weight,
+        _ => panic!("no role for {name}"),
+    }
+}
+
+#[test]
+fn every_variable_has_the_role_its_layer_declares() {
+    for spec in ModelSpec::builtin() {
+        for method in METHODS {
+            let options = BuildOptions {
+                method,
+                policy: BayesPolicy::All,
+                width: 0.125,
+                ..BuildOptions::default()
+            };
+            let (network, params) = build(&spec.name, &options);
+            let named = named_parameters(&params, &network.parameters()).unwrap();
+            assert_eq!(named.len(), params.named_vars().len());
+            for p in &named {
+                assert_eq!(p.role, role_by_name(&p.name), "{} {method:?}", p.name);
+            }
+            let trained: usize = trainable(&named).iter().map(|(_, v)| v.elem_count()).sum();
+            assert_eq!(trained, network.num_params(), "{} {method:?}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn parameters_of_another_network_are_refused() {
+    let options = BuildOptions::default();
+    let (lenet, lenet_params) = build("lenet5", &options);
+    let (_, vgg_params) = build("vgg11", &options);
+    let err = named_parameters(&vgg_params, &lenet.parameters()).unwrap_err();
+    assert!(err.to_string().contains("belongs to no layer"), "{err}");
+    // A network built from a copy of the parameters holds other tensors.
+    let copy = Params::from_tensors(
+        lenet_params
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone())),
+    )
+    .unwrap();
+    let err = named_parameters(&copy, &lenet.parameters()).unwrap_err();
+    assert!(err.to_string().contains("belongs to no layer"), "{err}");
 }
 
 #[test]

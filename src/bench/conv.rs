@@ -11,11 +11,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use super::{median, round_significant as round};
-use crate::conv::{conv2d, ConvGeometry};
-use crate::layers::standard_normal;
-use crate::rng::seeded;
-use crate::zoo::{plan, BuildOptions, LayerKind, ModelSpec};
-use crate::{Error, Result};
+use whvi::conv::{conv2d, ConvGeometry};
+use whvi::layers::standard_normal;
+use whvi::rng::seeded;
+use whvi::zoo::{plan, BuildOptions, LayerKind, ModelSpec};
+use whvi::{Error, Result};
 
 /// One convolution shape; printed as one JSON line.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -5,7 +5,7 @@
 //!
 //! * `inplace`: [`fwht_rows_f32`] on a reused buffer;
 //! * `into`: [`fwht_rows_f32_into`] from a source into a reused destination;
-//! * `op`: the tensor op [`crate::fwht::fwht`], which allocates a fresh output every call.
+//! * `op`: the tensor op [`whvi::fwht::fwht`], which allocates a fresh output every call.
 //!
 //! Each variant runs interleaved with a memcpy of the same bytes (between two reused buffers,
 //! on the same thread pool), so their ratio survives the noise of a shared machine. The
@@ -20,9 +20,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{median, round_significant as round};
-use crate::fwht::cpu::{auto_kernel, fwht_rows_f32, fwht_rows_f32_into};
-use crate::fwht::{fwht, Scaling};
-use crate::{Error, Result};
+use whvi::fwht::{auto_kernel, fwht_rows_f32, fwht_rows_f32_into};
+use whvi::fwht::{fwht, Scaling};
+use whvi::{Error, Result};
 
 /// The default row lengths, as log2.
 pub const LOG2_DS: [u32; 6] = [6, 8, 10, 12, 14, 16];
@@ -123,7 +123,7 @@ pub fn run(
             return Err(Error::invalid("bench fwht: --bytes must be at least 1"));
         }
         // The batch, its pristine copy and the two buffers of the memcpy baseline.
-        crate::device::check_memory(
+        whvi::device::check_memory(
             (bytes as u64).checked_mul(4),
             format_args!("bench fwht with batches of {bytes} bytes"),
             "use a smaller --bytes",

@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::{median, round_significant as round};
-use crate::fwht::{fwht, Scaling};
-use crate::{Error, Result};
+use whvi::fwht::{fwht, Scaling};
+use whvi::{Error, Result};
 
 /// The default row lengths on a GPU, as log2 (the target covers D <= 8192).
 pub const DEVICE_LOG2_DS: [u32; 8] = [6, 8, 10, 11, 12, 13, 14, 15];
@@ -99,7 +99,7 @@ pub fn run_on_device(
         None => DEVICE_LOG2_DS.to_vec(),
     };
     let bytes = config.bytes.unwrap_or(DEVICE_BATCH_BYTES);
-    let device_name = crate::device::device_name(device);
+    let device_name = whvi::device::device_name(device);
     let mut lines = Vec::new();
     for &dtype in &config.dtypes {
         for &log2_d in &log2_ds {

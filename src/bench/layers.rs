@@ -6,13 +6,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use super::median;
-use crate::layers::{
+use whvi::layers::{
     standard_normal, BayesianModule, DeterministicLinear, MeanFieldLinear, Pass, Prior, WhviLinear,
     WhviLinearConfig,
 };
-use crate::params::Params;
-use crate::rng::seeded;
-use crate::{Error, Result};
+use whvi::params::Params;
+use whvi::rng::seeded;
+use whvi::{Error, Result};
 
 /// One measured layer and size.
 #[derive(Debug, Clone, Serialize)]
@@ -31,7 +31,7 @@ pub struct LayerTiming {
     pub ratio_to_dense: f64,
     /// Threads used by the process.
     pub threads: usize,
-    /// The instruction set of whvi's CPU kernels ([`crate::simd::level`]).
+    /// The instruction set of whvi's CPU kernels ([`whvi::simd::level`]).
     pub simd: &'static str,
 }
 
@@ -129,7 +129,7 @@ pub fn bench_layers(
                 params: layer.num_params(),
                 ratio_to_dense: medians[i] / medians[0],
                 threads,
-                simd: crate::simd::level().name(),
+                simd: whvi::simd::level().name(),
             };
             report(&line);
             out.push(line);

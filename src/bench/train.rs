@@ -6,13 +6,13 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::median;
-use crate::layers::standard_normal;
-use crate::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
-use crate::params::Params;
-use crate::rng::seeded;
-use crate::train::{train_step, trainable, StepSettings};
-use crate::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
-use crate::{Error, Result};
+use whvi::layers::standard_normal;
+use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
+use whvi::params::Params;
+use whvi::rng::seeded;
+use whvi::train::{named_parameters, train_step, trainable, StepSettings};
+use whvi::zoo::{BayesPolicy, BuildOptions, Method, ModelSpec, Network};
+use whvi::{Error, Result};
 
 /// Which layers of the network are WHVI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -43,7 +43,7 @@ pub struct TrainTiming {
     pub threads: usize,
     /// Where the step ran, e.g. `"cpu"` or `"cuda:0"`.
     pub device: String,
-    /// The instruction set of whvi's CPU kernels ([`crate::simd::level`]).
+    /// The instruction set of whvi's CPU kernels ([`whvi::simd::level`]).
     pub simd: &'static str,
 }
 
@@ -89,7 +89,7 @@ pub fn bench_train(
         ));
     }
     let image_bytes = (config.batch as u64).checked_mul(3 * 32 * 32 * 4);
-    crate::device::check_memory(
+    whvi::device::check_memory(
         image_bytes,
         "the benchmark's batch of images",
         "use a smaller --batch",
@@ -117,7 +117,7 @@ pub fn bench_train(
             let params = Params::new(0);
             let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
             let mut optimizer = AnyOptimizer::from_named(
-                trainable(&params),
+                trainable(&named_parameters(&params, &network.parameters())?),
                 OptimizerConfig::AdamW(AdamWConfig::default()),
             )?;
             let settings = StepSettings {
@@ -152,8 +152,8 @@ pub fn bench_train(
                 images_per_s: config.batch as f64 / step_s,
                 step_s,
                 threads: rayon::current_num_threads(),
-                device: crate::device::device_name(device),
-                simd: crate::simd::level().name(),
+                device: whvi::device::device_name(device),
+                simd: whvi::simd::level().name(),
             };
             report(&timing);
             out.push(timing);

@@ -19,7 +19,7 @@ use crate::simd::{self, Level};
 
 /// Batches of at least this many bytes are split by rows over the current rayon thread pool;
 /// below it the hand-off costs about as much as the transform itself.
-pub const PAR_MIN_BYTES: usize = 256 << 10;
+const PAR_MIN_BYTES: usize = 256 << 10;
 
 /// The fewest bytes of rows a parallel task gets, so tasks stay long next to rayon's overhead.
 const TASK_MIN_BYTES: usize = 64 << 10;
@@ -27,9 +27,11 @@ const TASK_MIN_BYTES: usize = 64 << 10;
 /// Which implementation of the CPU kernel runs.
 ///
 /// All of them compute the same transform with the same operations in the same order, so they
-/// agree to the last bit; [`Path::Auto`] is what the public functions without `_using` run.
+/// agree to the last bit; [`Path::Auto`] is what the public functions run. The others are chosen
+/// only by the tests, which run every path side by side (`WHVI_SIMD` picks the level of `Auto`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Path {
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) enum Path {
     /// The fastest kernel for this CPU: see [`auto_kernel`].
     #[default]
     Auto,
@@ -45,7 +47,8 @@ pub enum Path {
 impl Path {
     /// Every concrete path this CPU can run: the reference, the portable kernel, and one per
     /// supported vector instruction set.
-    pub fn available() -> Vec<Path> {
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Path> {
         let mut paths = vec![Path::Reference, Path::Portable];
         for level in simd::supported() {
             if level != Level::Portable {
@@ -326,22 +329,38 @@ pub fn fwht_rows_f64_into(src: &[f64], dst: &mut [f64], d: usize, scale: f64) {
 }
 
 /// [`fwht_rows_f32`] through the chosen [`Path`] (to test or time one kernel).
-pub fn fwht_rows_f32_using(path: Path, data: &mut [f32], d: usize, scale: f32) {
+#[cfg(test)]
+pub(crate) fn fwht_rows_f32_using(path: Path, data: &mut [f32], d: usize, scale: f32) {
     in_place(path, data, d, scale);
 }
 
 /// [`fwht_rows_f64`] through the chosen [`Path`] (to test or time one kernel).
-pub fn fwht_rows_f64_using(path: Path, data: &mut [f64], d: usize, scale: f64) {
+#[cfg(test)]
+pub(crate) fn fwht_rows_f64_using(path: Path, data: &mut [f64], d: usize, scale: f64) {
     in_place(path, data, d, scale);
 }
 
 /// [`fwht_rows_f32_into`] through the chosen [`Path`] (to test or time one kernel).
-pub fn fwht_rows_f32_into_using(path: Path, src: &[f32], dst: &mut [f32], d: usize, scale: f32) {
+#[cfg(test)]
+pub(crate) fn fwht_rows_f32_into_using(
+    path: Path,
+    src: &[f32],
+    dst: &mut [f32],
+    d: usize,
+    scale: f32,
+) {
     into(path, src, as_uninit(dst), d, scale);
 }
 
 /// [`fwht_rows_f64_into`] through the chosen [`Path`] (to test or time one kernel).
-pub fn fwht_rows_f64_into_using(path: Path, src: &[f64], dst: &mut [f64], d: usize, scale: f64) {
+#[cfg(test)]
+pub(crate) fn fwht_rows_f64_into_using(
+    path: Path,
+    src: &[f64],
+    dst: &mut [f64],
+    d: usize,
+    scale: f64,
+) {
     into(path, src, as_uninit(dst), d, scale);
 }
 

@@ -12,7 +12,7 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-pub mod cpu;
+pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(all(test, unix))]
@@ -24,6 +24,10 @@ mod kernel;
 mod metal;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(test)]
+mod tests;
+
+pub use cpu::{auto_kernel, fwht_rows_f32, fwht_rows_f32_into, fwht_rows_f64, fwht_rows_f64_into};
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 

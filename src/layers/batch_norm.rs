@@ -11,7 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use candle_nn::{BatchNormConfig, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
-use super::{BayesianModule, Pass};
+use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::cpu::{slice, with_slices};
 
 /// Batch normalisation over the channels of `[B, C, H, W]` (eps 1e-5, momentum 0.1, affine),
@@ -166,9 +166,13 @@ impl BayesianModule for BatchNorm2d {
         }
     }
 
-    fn num_params(&self) -> usize {
-        // weight and bias are trained; the running statistics are buffers.
-        2 * self.channels
+    fn parameters(&self) -> Vec<Parameter> {
+        vec![
+            Parameter::new(&self.weight, ParamRole::Normalization),
+            Parameter::new(&self.bias, ParamRole::Normalization),
+            Parameter::new(self.running_mean.as_tensor(), ParamRole::RunningStatistic),
+            Parameter::new(self.running_var.as_tensor(), ParamRole::RunningStatistic),
+        ]
     }
 
     fn describe(&self) -> String {

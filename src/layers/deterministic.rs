@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::{BayesianModule, Pass};
+use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::conv::{self, ConvGeometry};
 
 /// A deterministic dense layer (candle-nn's `Linear`, Kaiming-uniform initialised).
@@ -30,8 +30,14 @@ impl BayesianModule for DeterministicLinear {
         self.inner.forward(x)
     }
 
-    fn num_params(&self) -> usize {
-        self.d_in * self.d_out + self.d_out
+    fn parameters(&self) -> Vec<Parameter> {
+        let mut parameters = vec![Parameter::new(self.inner.weight(), ParamRole::Weight)];
+        parameters.extend(
+            self.inner
+                .bias()
+                .map(|b| Parameter::new(b, ParamRole::Bias)),
+        );
+        parameters
     }
 
     fn describe(&self) -> String {
@@ -82,8 +88,14 @@ impl BayesianModule for DeterministicConv2d {
         conv::conv2d(x, self.inner.weight(), self.inner.bias(), geo)
     }
 
-    fn num_params(&self) -> usize {
-        self.out_channels * self.in_channels * self.kernel * self.kernel + self.out_channels
+    fn parameters(&self) -> Vec<Parameter> {
+        let mut parameters = vec![Parameter::new(self.inner.weight(), ParamRole::Weight)];
+        parameters.extend(
+            self.inner
+                .bias()
+                .map(|b| Parameter::new(b, ParamRole::Bias)),
+        );
+        parameters
     }
 
     fn describe(&self) -> String {

@@ -43,10 +43,6 @@ impl BayesianModule for McDropout {
         Ok(None)
     }
 
-    fn num_params(&self) -> usize {
-        0
-    }
-
     fn describe(&self) -> String {
         format!("McDropout(p={})", self.p)
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::noise::standard_normal;
 use super::prior::{gaussian_kl, Prior};
-use super::{BayesianModule, Pass};
+use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::conv::{self, ConvGeometry};
 
 /// Initial posterior standard deviation as a fraction of the He scale of the mean.
@@ -74,8 +74,12 @@ impl GaussianWeights {
         gaussian_kl(&self.mu, &self.log_sigma, self.prior_var)
     }
 
-    fn num_params(&self) -> usize {
-        2 * self.mu.elem_count() + self.bias.elem_count()
+    fn parameters(&self) -> Vec<Parameter> {
+        vec![
+            Parameter::new(&self.mu, ParamRole::Variational),
+            Parameter::new(&self.log_sigma, ParamRole::Variational),
+            Parameter::new(&self.bias, ParamRole::Bias),
+        ]
     }
 }
 
@@ -122,8 +126,8 @@ impl BayesianModule for MeanFieldLinear {
         self.weights.kl().map(Some)
     }
 
-    fn num_params(&self) -> usize {
-        self.weights.num_params()
+    fn parameters(&self) -> Vec<Parameter> {
+        self.weights.parameters()
     }
 
     fn describe(&self) -> String {
@@ -240,8 +244,8 @@ impl BayesianModule for MeanFieldConv2d {
         self.weights.kl().map(Some)
     }
 
-    fn num_params(&self) -> usize {
-        self.weights.num_params()
+    fn parameters(&self) -> Vec<Parameter> {
+        self.weights.parameters()
     }
 
     fn describe(&self) -> String {

@@ -102,6 +102,69 @@ impl<'a> Pass<'a> {
     }
 }
 
+/// What a layer's tensor is for, as the layer that creates it declares: the optimiser and the
+/// training loop treat each role differently, whatever the tensor is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamRole {
+    /// A weight matrix or filter bank of a point-estimate layer: trained, with weight decay.
+    Weight,
+    /// A bias: trained, without weight decay.
+    Bias,
+    /// A WHVI diagonal (`S1`, `S2`): trained at its own learning-rate factor (the diagonals
+    /// scale every weight of the block, so they move slowly at the base rate), without weight
+    /// decay.
+    Diagonal,
+    /// A posterior's mean or log standard deviation: trained; the KL term is its regulariser,
+    /// so no weight decay.
+    Variational,
+    /// A BatchNorm scale or shift: trained, without weight decay.
+    Normalization,
+    /// A running statistic: updated by training forward passes, not by the optimiser, and not
+    /// counted as a parameter.
+    RunningStatistic,
+}
+
+impl ParamRole {
+    /// Whether the optimiser updates tensors of this role.
+    pub fn is_trained(self) -> bool {
+        self != ParamRole::RunningStatistic
+    }
+
+    /// Whether weight decay applies to tensors of this role.
+    pub fn is_decayed(self) -> bool {
+        self == ParamRole::Weight
+    }
+}
+
+/// One tensor of a layer, with its role.
+#[derive(Debug, Clone)]
+pub struct Parameter {
+    /// The tensor (the variable's own, so it can be matched to the [`candle_core::Var`] that
+    /// holds it by [`Tensor::id`]).
+    pub tensor: Tensor,
+    /// What it is for.
+    pub role: ParamRole,
+}
+
+impl Parameter {
+    /// `tensor` in the role `role`.
+    pub fn new(tensor: &Tensor, role: ParamRole) -> Self {
+        Parameter {
+            tensor: tensor.clone(),
+            role,
+        }
+    }
+}
+
+/// The number of trained values among `parameters` (running statistics excluded).
+pub fn count_trained(parameters: &[Parameter]) -> usize {
+    parameters
+        .iter()
+        .filter(|p| p.role.is_trained())
+        .map(|p| p.tensor.elem_count())
+        .sum()
+}
+
 /// A layer with a (possibly degenerate) posterior over its weights.
 pub trait BayesianModule: Send + Sync {
     /// The forward pass; samples or uses the posterior mean as `pass` says.
@@ -113,8 +176,17 @@ pub trait BayesianModule: Send + Sync {
         Ok(None)
     }
 
-    /// The number of trainable parameters (variational parameters count: 4·D per WHVI block).
-    fn num_params(&self) -> usize;
+    /// The tensors this layer owns, each with its role; none (the default) for activations,
+    /// pooling and dropout.
+    fn parameters(&self) -> Vec<Parameter> {
+        Vec::new()
+    }
+
+    /// The number of trained values, counted from [`parameters`](Self::parameters) (a WHVI
+    /// block counts its 4·D variational parameters; running statistics are not counted).
+    fn num_params(&self) -> usize {
+        count_trained(&self.parameters())
+    }
 
     /// A short description for model summaries, e.g. `WhviLinear(512 -> 10, D=512, 1 block)`.
     fn describe(&self) -> String;

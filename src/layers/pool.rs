@@ -41,10 +41,6 @@ impl BayesianModule for MaxPool2d {
         x.contiguous()?.apply_op1(MaxPoolOp { size: self.size })
     }
 
-    fn num_params(&self) -> usize {
-        0
-    }
-
     fn describe(&self) -> String {
         format!("MaxPool2d({})", self.size)
     }

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{BayesianModule, Pass};
+use super::{BayesianModule, Parameter, Pass};
 
 /// An element-wise activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,10 +23,6 @@ impl BayesianModule for Activation {
         }
     }
 
-    fn num_params(&self) -> usize {
-        0
-    }
-
     fn describe(&self) -> String {
         format!("{self:?}")
     }
@@ -39,10 +35,6 @@ pub struct Flatten;
 impl BayesianModule for Flatten {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
         x.flatten_from(1)
-    }
-
-    fn num_params(&self) -> usize {
-        0
     }
 
     fn describe(&self) -> String {
@@ -58,10 +50,6 @@ pub struct ReluAppliedBefore;
 impl BayesianModule for ReluAppliedBefore {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
         Ok(x.clone())
-    }
-
-    fn num_params(&self) -> usize {
-        0
     }
 
     fn describe(&self) -> String {
@@ -146,8 +134,8 @@ impl BayesianModule for Sequential {
         Ok(total)
     }
 
-    fn num_params(&self) -> usize {
-        self.layers.iter().map(|l| l.num_params()).sum()
+    fn parameters(&self) -> Vec<Parameter> {
+        self.layers.iter().flat_map(|l| l.parameters()).collect()
     }
 
     fn describe(&self) -> String {

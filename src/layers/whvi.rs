@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::noise::standard_normal;
 use super::prior::{gaussian_kl, Prior};
 use super::whvi_kernel::WhviProduct;
-use super::{BayesianModule, Pass};
+use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::conv::{self, ConvGeometry};
 use crate::fwht::{fwht, Scaling};
 
@@ -117,9 +117,15 @@ impl WhviBlocks {
         (&self.s1, &self.s2, &self.mu, &self.log_sigma)
     }
 
-    /// The number of variational parameters, `4 · D · blocks`.
-    pub fn num_params(&self) -> usize {
-        4 * self.d * self.blocks
+    /// The four tensors with their roles: `s1`, `s2` are diagonals, `mu`, `log_sigma` the
+    /// posterior of `g` (`4 · D · blocks` values in all).
+    pub fn roles(&self) -> [Parameter; 4] {
+        [
+            Parameter::new(&self.s1, ParamRole::Diagonal),
+            Parameter::new(&self.s2, ParamRole::Diagonal),
+            Parameter::new(&self.mu, ParamRole::Variational),
+            Parameter::new(&self.log_sigma, ParamRole::Variational),
+        ]
     }
 
     /// Draws `g = mu + sigma ⊙ eps`: `[samples, blocks, D]`.
@@ -339,8 +345,10 @@ impl BayesianModule for WhviLinear {
         self.blocks.kl().map(Some)
     }
 
-    fn num_params(&self) -> usize {
-        self.blocks.num_params() + self.bias.elem_count()
+    fn parameters(&self) -> Vec<Parameter> {
+        let mut parameters = self.blocks.roles().to_vec();
+        parameters.push(Parameter::new(&self.bias, ParamRole::Bias));
+        parameters
     }
 
     fn describe(&self) -> String {
@@ -523,8 +531,10 @@ impl BayesianModule for WhviConv2d {
         self.blocks.kl().map(Some)
     }
 
-    fn num_params(&self) -> usize {
-        self.blocks.num_params() + self.bias.elem_count()
+    fn parameters(&self) -> Vec<Parameter> {
+        let mut parameters = self.blocks.roles().to_vec();
+        parameters.push(Parameter::new(&self.bias, ParamRole::Bias));
+        parameters
     }
 
     fn describe(&self) -> String {

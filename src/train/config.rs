@@ -2,7 +2,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::parameters::NamedParameter;
 use crate::data::DatasetKind;
+use crate::layers::ParamRole;
 use crate::optim::{
     AdamWConfig, KlWarmup, LrScale, LrSchedule, NameMatch, OptimizerConfig, SgdConfig,
 };
@@ -104,9 +106,6 @@ impl Default for TrainConfig {
     }
 }
 
-/// Name suffixes of the WHVI diagonals `s1`, `s2`: no weight decay, their own learning rate.
-const WHVI_DIAGONALS: [&str; 2] = [".s1", ".s2"];
-
 /// The default of [`TrainConfig::diagonal_lr_scale`].
 pub const DEFAULT_DIAGONAL_LR_SCALE: f64 = 10.0;
 
@@ -164,21 +163,22 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The optimiser configuration, with weight decay kept off biases, BatchNorm parameters
-    /// and variational parameters (their regulariser is the KL term).
-    pub fn optimizer_config(&self) -> OptimizerConfig {
-        let mut no_decay = vec![
-            NameMatch::Suffix(".bias".into()),
-            NameMatch::Prefix("bn".into()),
-            NameMatch::Suffix(".mu".into()),
-            NameMatch::Suffix(".log_sigma".into()),
-        ];
-        no_decay.extend(WHVI_DIAGONALS.map(|s| NameMatch::Suffix(s.into())));
+    /// The optimiser configuration for `parameters`: weight decay only on the roles that take
+    /// it ([`ParamRole::is_decayed`]: not on biases, BatchNorm parameters, WHVI diagonals or
+    /// variational parameters, whose regulariser is the KL term), and the WHVI diagonals at
+    /// [`TrainConfig::diagonal_lr_scale`] times the learning rate.
+    pub fn optimizer_config(&self, parameters: &[NamedParameter]) -> OptimizerConfig {
+        let no_decay = parameters
+            .iter()
+            .filter(|p| !p.role.is_decayed())
+            .map(|p| NameMatch::Exact(p.name.clone()))
+            .collect();
         let lr = self.schedule.base_lr;
-        let lr_scale: Vec<LrScale> = WHVI_DIAGONALS
-            .into_iter()
-            .map(|suffix| LrScale {
-                rule: NameMatch::Suffix(suffix.into()),
+        let lr_scale = parameters
+            .iter()
+            .filter(|p| p.role == ParamRole::Diagonal)
+            .map(|p| LrScale {
+                rule: NameMatch::Exact(p.name.clone()),
                 factor: self.diagonal_lr_scale,
             })
             .collect();

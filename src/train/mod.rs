@@ -10,12 +10,14 @@
 //! checkpoint.
 
 mod config;
+mod parameters;
 mod preset;
 mod progress;
 mod run;
 mod step;
 
 pub use config::{OptimizerKind, TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
+pub use parameters::{named_parameters, trainable, NamedParameter};
 pub use progress::{BarProgress, Progress, QuietProgress, RunFile};
 pub use step::{apply_gradients, train_step, StepOutcome, StepSettings};
 
@@ -31,7 +33,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::ImageDataset;
 use crate::metrics::{self, Predictions};
-use crate::params::Params;
 use crate::rng::RngState;
 use crate::zoo::BuildOptions;
 use crate::{Error, Result};
@@ -212,15 +213,6 @@ pub fn train(
         last_checkpoint: run.last_path,
         best_checkpoint: run.best_path,
     })
-}
-
-/// The parameters an optimiser updates: all but the running BatchNorm statistics (buffers).
-pub fn trainable(params: &Params) -> Vec<(String, candle_core::Var)> {
-    params
-        .named_vars()
-        .into_iter()
-        .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
-        .collect()
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

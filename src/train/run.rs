@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 
 use super::{
-    append_log, check_matches_data, fmt_opt, paths, reconcile_log, refuse_existing_run, summary,
-    train_step, trainable, EpochLog, EpochSums, Progress, ResumeState, RunFile, Start,
-    StepSettings, TrainConfig,
+    append_log, check_matches_data, fmt_opt, named_parameters, paths, reconcile_log,
+    refuse_existing_run, summary, train_step, trainable, EpochLog, EpochSums, Progress,
+    ResumeState, RunFile, Start, StepSettings, TrainConfig,
 };
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::{self, shuffled_order, Augment, Batches, ImageDataset, Normalization};
@@ -79,8 +79,9 @@ impl<'a> Run<'a> {
         let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
         // Only now: a run that fails on its data or its network leaves no empty directory.
         std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
+        let parameters = named_parameters(&params, &network.parameters())?;
         let mut optimizer =
-            AnyOptimizer::from_named(trainable(&params), config.optimizer_config())?;
+            AnyOptimizer::from_named(trainable(&parameters), config.optimizer_config(&parameters))?;
         if start == Start::Resume {
             optimizer.load_state(optimizer_state)?;
         }

@@ -8,8 +8,8 @@ use super::spec::{ModelSpec, MAX_SIZE};
 use crate::layers::{
     Activation, BatchNorm2d, BayesianModule, ConvSampling, DeterministicConv2d,
     DeterministicLinear, Flatten, MaxPool2d, McDropout, MeanFieldConv2d, MeanFieldConv2dConfig,
-    MeanFieldConvMode, MeanFieldLinear, Pass, Prior, ReluAppliedBefore, Sequential, WhviConv2d,
-    WhviConv2dConfig, WhviLinear, WhviLinearConfig,
+    MeanFieldConvMode, MeanFieldLinear, Parameter, Pass, Prior, ReluAppliedBefore, Sequential,
+    WhviConv2d, WhviConv2dConfig, WhviLinear, WhviLinearConfig,
 };
 use crate::{Error, Result};
 
@@ -765,6 +765,11 @@ impl Network {
             Some(kl) => kl.to_dtype(DType::F32)?,
             None => Tensor::zeros((), DType::F32, &self.device)?,
         })
+    }
+
+    /// Every tensor of the network with its role, as its layers declare them.
+    pub fn parameters(&self) -> Vec<Parameter> {
+        self.body.parameters()
     }
 
     /// Trainable parameters (running BatchNorm statistics excluded).

@@ -8,11 +8,11 @@
 //! The exact reference is a dense product with `H_ij = (-1)^popcount(i & j)` summed in f64 with
 //! compensation, whose own error is far below these bounds.
 
+use super::cpu::{self, Path};
+use super::{fwht, Scaling};
 use candle_core::{DType, Device, Tensor, Var};
 use proptest::prelude::*;
 use rand::Rng;
-use whvi::fwht::cpu::{self, Path};
-use whvi::fwht::{fwht, Scaling};
 
 /// `Auto` and every concrete path this CPU runs (AVX-512 and AVX2 where present).
 fn paths() -> Vec<Path> {
@@ -22,7 +22,7 @@ fn paths() -> Vec<Path> {
 }
 
 fn random(n: usize, seed: u64) -> Vec<f64> {
-    let mut rng = whvi::rng::seeded(seed);
+    let mut rng = crate::rng::seeded(seed);
     (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
@@ -189,7 +189,7 @@ fn every_path_gives_the_same_bits() {
 
 #[test]
 fn a_path_this_cpu_lacks_is_refused_not_run() {
-    use whvi::simd::Level;
+    use crate::simd::Level;
     for level in Level::ALL {
         let mut x = vec![1f32; 64];
         let run = std::panic::catch_unwind(move || {
