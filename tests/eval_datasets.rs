@@ -675,7 +675,7 @@ fn an_ensemble_predicts_the_mean_of_its_members_and_pools_their_samples() {
     );
     bad.checkpoints.truncate(1);
     let err = error_text(evaluate(&bad, &Device::Cpu, &mut |_| {}));
-    assert!(err.contains("--ensemble needs at least two"), "{err}");
+    assert!(err.contains("an ensemble needs at least two"), "{err}");
     fs::remove_dir_all(dir).unwrap();
 }
 

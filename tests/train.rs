@@ -212,7 +212,7 @@ fn evaluation_of_the_checkpoint(root: &Path, checkpoint: &Path) {
         samples: 0,
         ..eval_config(checkpoint)
     });
-    assert!(err.contains("--samples must be at least 1"), "{err}");
+    assert!(err.contains("samples must be at least 1"), "{err}");
     let err = error(EvalConfig {
         limit: Some(0),
         ..eval_config(checkpoint)
@@ -243,12 +243,15 @@ fn evaluation_of_the_checkpoint(root: &Path, checkpoint: &Path) {
         batch_size: 0,
         ..eval_config(checkpoint)
     });
-    assert!(err.contains("--batch-size must be at least 1"), "{err}");
+    assert!(err.contains("batch_size must be at least 1"), "{err}");
     let err = error(EvalConfig {
         corruption_images: 0,
         ..eval_config(checkpoint)
     });
-    assert!(err.contains("--corruption-images"), "{err}");
+    assert!(
+        err.contains("corruption_images must be at least 1"),
+        "{err}"
+    );
 
     // The report: never over the checkpoint it evaluates, over a file only when asked, in a
     // directory created for it; and a bad second checkpoint stops the run before any report.
@@ -328,14 +331,17 @@ fn weights(path: &Path) -> Vec<(String, Vec<u64>)> {
 }
 
 #[test]
-fn settings_out_of_range_are_refused_with_the_flag_named() {
+fn settings_out_of_range_are_refused_with_the_setting_named() {
     for limit in [f64::NAN, -1.0, 0.0, f64::INFINITY] {
         let config = TrainConfig {
             time_limit_minutes: Some(limit),
             ..TrainConfig::default()
         };
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("--time-limit"), "{limit}: {err}");
+        assert!(
+            err.contains("time_limit_minutes must be a positive"),
+            "{limit}: {err}"
+        );
     }
     let config = TrainConfig {
         time_limit_minutes: Some(0.5),

@@ -222,20 +222,17 @@ impl EvalConfig {
         }
         if self.ensemble && self.checkpoints.len() < 2 {
             return Err(Error::invalid(
-                "--ensemble needs at least two checkpoints (its members)",
+                "an ensemble needs at least two checkpoints (its members)",
             ));
         }
-        for (value, name) in [
-            (self.samples, "--samples"),
-            (self.batch_size, "--batch-size"),
-        ] {
+        for (value, name) in [(self.samples, "samples"), (self.batch_size, "batch_size")] {
             if value == 0 {
                 return Err(Error::invalid(format!("{name} must be at least 1")));
             }
         }
         if self.shift.is_some() && self.corruption_images == 0 {
             return Err(Error::invalid(
-                "--corruption-images must be at least 1 when corruptions are asked for",
+                "corruption_images must be at least 1 when corruptions are asked for",
             ));
         }
         if let Some(ShiftSource::Cifar10C(dir)) = &self.shift {

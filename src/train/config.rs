@@ -114,7 +114,8 @@ fn default_diagonal_lr_scale() -> f64 {
 }
 
 impl TrainConfig {
-    /// Checks every value, with a message that names the option.
+    /// Checks every value, with a message that names the setting (the field, which the CLI
+    /// spells with hyphens: `batch_size` is `--batch-size`).
     pub fn validate(&self) -> Result<()> {
         let positive = |v: usize, name: &str| {
             if v == 0 {
@@ -123,39 +124,39 @@ impl TrainConfig {
                 Ok(())
             }
         };
-        positive(self.epochs, "--epochs")?;
-        positive(self.batch_size, "--batch-size")?;
-        positive(self.mc_samples, "--mc-samples")?;
-        positive(self.eval_samples, "--eval-samples")?;
+        positive(self.epochs, "epochs")?;
+        positive(self.batch_size, "batch_size")?;
+        positive(self.mc_samples, "mc_samples")?;
+        positive(self.eval_samples, "eval_samples")?;
         if let Some(c) = self.clip_grad {
             if !(c > 0.0 && c.is_finite()) {
                 return Err(Error::invalid(format!(
-                    "--clip-grad must be positive, got {c}"
+                    "clip_grad must be positive, got {c}"
                 )));
             }
         }
         if !(self.momentum >= 0.0 && self.momentum < 1.0) {
             return Err(Error::invalid(format!(
-                "--momentum must be in [0, 1), got {}",
+                "momentum must be in [0, 1), got {}",
                 self.momentum
             )));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return Err(Error::invalid(format!(
-                "--weight-decay must be >= 0, got {}",
+                "weight_decay must be >= 0, got {}",
                 self.weight_decay
             )));
         }
         if !(self.diagonal_lr_scale > 0.0 && self.diagonal_lr_scale.is_finite()) {
             return Err(Error::invalid(format!(
-                "--diagonal-lr-scale must be a positive number, got {}",
+                "diagonal_lr_scale must be a positive number, got {}",
                 self.diagonal_lr_scale
             )));
         }
         if let Some(t) = self.time_limit_minutes {
             if !(t > 0.0 && t.is_finite()) {
                 return Err(Error::invalid(format!(
-                    "--time-limit must be a positive number of minutes, got {t}"
+                    "time_limit_minutes must be a positive number, got {t}"
                 )));
             }
         }
