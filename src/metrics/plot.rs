@@ -211,9 +211,17 @@ struct Reliability<'a> {
 
 impl Figure for Reliability<'_> {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
-        let d = self.diagram;
         root.fill(&WHITE)?;
         let (upper, lower) = root.split_vertically(700);
+        self.draw_bins(&upper)?;
+        self.draw_confidence_histogram(&lower)
+    }
+}
+
+impl Reliability<'_> {
+    /// Accuracy and mean confidence per bin against the diagonal of perfect calibration.
+    fn draw_bins<DB: DrawingBackend>(&self, upper: &DrawingArea<DB, Shift>) -> DrawResult<DB> {
+        let d = self.diagram;
         let caption = format!(
             "{}: ECE = {:.4}, MCE = {:.4} ({} bins, N = {})",
             self.title,
@@ -226,7 +234,7 @@ impl Figure for Reliability<'_> {
         // (DejaVu Sans averages about 0.55 em per character).
         let width = upper.dim_in_pixel().0 as f64 - 40.0;
         let size = (width / (0.55 * caption.chars().count() as f64)).clamp(12.0, 24.0) as u32;
-        let mut chart = ChartBuilder::on(&upper)
+        let mut chart = ChartBuilder::on(upper)
             .caption(caption, font(size))
             .margin(15)
             .x_label_area_size(50)
@@ -294,13 +302,21 @@ impl Figure for Reliability<'_> {
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
             .draw()?;
+        Ok(())
+    }
 
+    /// How many examples fall in each bin, with the overall accuracy and mean confidence.
+    fn draw_confidence_histogram<DB: DrawingBackend>(
+        &self,
+        lower: &DrawingArea<DB, Shift>,
+    ) -> DrawResult<DB> {
+        let d = self.diagram;
         let max_frac = d
             .bins
             .iter()
             .map(|b| b.count as f64 / d.n as f64)
             .fold(0.0, f64::max);
-        let mut hist = ChartBuilder::on(&lower)
+        let mut hist = ChartBuilder::on(lower)
             .margin(15)
             .margin_top(5)
             .x_label_area_size(50)

@@ -258,12 +258,7 @@ impl Corruption {
             }
             Corruption::ShotNoise => shot_noise(image, [500.0, 250.0, 100.0, 75.0, 50.0][s], rng)?,
             Corruption::ImpulseNoise => {
-                let amount = [0.01, 0.02, 0.03, 0.05, 0.07][s];
-                for v in image.iter_mut() {
-                    if rng.random::<f64>() < amount {
-                        *v = if rng.random::<bool>() { 1.0 } else { 0.0 };
-                    }
-                }
+                impulse_noise(image, [0.01, 0.02, 0.03, 0.05, 0.07][s], rng)
             }
             Corruption::DefocusBlur => {
                 let (radius, alias) =
@@ -291,53 +286,23 @@ impl Corruption {
                 let angle = rng.random_range(-45.0..45.0);
                 image::motion_blur(image, plane, radius, sigma, angle);
             }
-            Corruption::ZoomBlur => {
-                // The published np.arange(1, 1 + 0.05·s + 0.01, 0.01): its float rounding
-                // gives one more magnification at severities 1 and 2.
-                let steps = [7, 12, 16, 21, 26][s];
-                let mut sum = image.to_vec();
-                for i in 0..steps {
-                    let zoomed = image::zoom_about_centre(image, plane, 1.0 + 0.01 * i as f32);
-                    sum.iter_mut().zip(&zoomed).for_each(|(a, z)| *a += z);
-                }
-                for (v, total) in image.iter_mut().zip(&sum) {
-                    *v = total / (steps + 1) as f32;
-                }
-            }
+            // The published np.arange(1, 1 + 0.05·s + 0.01, 0.01): its float rounding gives
+            // one more magnification at severities 1 and 2.
+            Corruption::ZoomBlur => zoom_blur(image, plane, [7, 12, 16, 21, 26][s]),
             Corruption::Snow => snow(image, (c, h, w), SNOW[s], rng)?,
             Corruption::Fog => {
                 let (thickness, decay) =
                     [(0.2, 3.0), (0.5, 3.0), (0.75, 2.5), (1.0, 2.0), (1.5, 1.75)][s];
                 fog(image, (c, h, w), thickness, decay, rng)?;
             }
-            Corruption::Brightness => {
-                let lift = [0.05, 0.1, 0.15, 0.2, 0.3][s];
-                if c == 3 {
-                    image::map_hsv_value(image, h * w, |v| (v + lift).min(1.0));
-                } else {
-                    image.iter_mut().for_each(|v| *v += lift);
-                }
-            }
+            Corruption::Brightness => brightness(image, (c, h, w), [0.05, 0.1, 0.15, 0.2, 0.3][s]),
             Corruption::Saturate => {
                 let (scale, shift) =
                     [(0.3, 0.0), (0.1, 0.0), (1.5, 0.0), (2.0, 0.1), (2.5, 0.2)][s];
-                if c == 3 {
-                    image::map_hsv_saturation(image, h * w, |v| {
-                        (v * scale + shift).clamp(0.0, 1.0)
-                    });
-                }
+                saturate(image, (c, h, w), scale, shift);
             }
-            Corruption::Contrast => {
-                let factor = [0.75, 0.5, 0.4, 0.3, 0.15][s];
-                for plane in image.chunks_exact_mut(h * w) {
-                    let mean = plane.iter().sum::<f32>() / plane.len() as f32;
-                    plane
-                        .iter_mut()
-                        .for_each(|v| *v = (*v - mean) * factor + mean);
-                }
-            }
+            Corruption::Contrast => contrast(image, h * w, [0.75, 0.5, 0.4, 0.3, 0.15][s]),
             Corruption::ElasticTransform => {
-                let side = h.min(w) as f32;
                 let (alpha, sigma, affine) = [
                     (0.0, 0.0, 0.08),
                     (0.05, 0.2, 0.07),
@@ -345,12 +310,9 @@ impl Corruption {
                     (0.1, 0.04, 0.05),
                     (0.1, 0.03, 0.03),
                 ][s];
-                elastic(
-                    image,
-                    (c, h, w),
-                    [alpha * side, sigma * side, affine * side],
-                    rng,
-                );
+                let side = h.min(w) as f32;
+                let scales = [alpha * side, sigma * side, affine * side];
+                elastic(image, (c, h, w), scales, rng);
             }
             Corruption::Pixelate => pixelate(image, (c, h, w), [0.95, 0.9, 0.85, 0.75, 0.65][s]),
             Corruption::Jpeg => jpeg_quantise(image, (c, h, w), [80.0, 65.0, 58.0, 50.0, 40.0][s]),
@@ -360,6 +322,53 @@ impl Corruption {
             *v = v.clamp(0.0, 1.0);
         }
         Ok(())
+    }
+}
+
+/// Sets each value to 0 or 1 (salt and pepper, even odds) with probability `amount`.
+fn impulse_noise(image: &mut [f32], amount: f64, rng: &mut WhviRng) {
+    for v in image.iter_mut() {
+        if rng.random::<f64>() < amount {
+            *v = if rng.random::<bool>() { 1.0 } else { 0.0 };
+        }
+    }
+}
+
+/// The mean of the image and `steps` zooms about its centre by 1, 1.01, 1.02, ...
+fn zoom_blur(image: &mut [f32], plane: (usize, usize), steps: usize) {
+    let mut sum = image.to_vec();
+    for i in 0..steps {
+        let zoomed = image::zoom_about_centre(image, plane, 1.0 + 0.01 * i as f32);
+        sum.iter_mut().zip(&zoomed).for_each(|(a, z)| *a += z);
+    }
+    for (v, total) in image.iter_mut().zip(&sum) {
+        *v = total / (steps + 1) as f32;
+    }
+}
+
+/// Lifts the HSV value of a colour image (every value of a grey one) by `lift`.
+fn brightness(image: &mut [f32], (c, h, w): (usize, usize, usize), lift: f32) {
+    if c == 3 {
+        image::map_hsv_value(image, h * w, |v| (v + lift).min(1.0));
+    } else {
+        image.iter_mut().for_each(|v| *v += lift);
+    }
+}
+
+/// Scales and shifts the HSV saturation of a colour image; a grey image has none to change.
+fn saturate(image: &mut [f32], (c, h, w): (usize, usize, usize), scale: f32, shift: f32) {
+    if c == 3 {
+        image::map_hsv_saturation(image, h * w, |v| (v * scale + shift).clamp(0.0, 1.0));
+    }
+}
+
+/// Pulls every plane of `plane_len` values towards its mean by `factor`.
+fn contrast(image: &mut [f32], plane_len: usize, factor: f32) {
+    for plane in image.chunks_exact_mut(plane_len) {
+        let mean = plane.iter().sum::<f32>() / plane.len() as f32;
+        plane
+            .iter_mut()
+            .for_each(|v| *v = (*v - mean) * factor + mean);
     }
 }
 
