@@ -35,24 +35,27 @@ fn main() {
 fn list_pretrained() -> Result<(), String> {
     println!("cargo:rerun-if-changed={PRETRAINED}");
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
-    let mut files: Vec<(String, PathBuf)> = match std::fs::read_dir(root.join(PRETRAINED)) {
+    let mut names: Vec<String> = match std::fs::read_dir(root.join(PRETRAINED)) {
         Ok(entries) => entries
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter_map(|path| {
                 let name = path.file_name()?.to_str()?.strip_suffix(".safetensors")?;
-                Some((name.to_string(), path.clone()))
+                Some(name.to_string())
             })
             .collect(),
         Err(_) => Vec::new(),
     };
-    files.sort();
+    names.sort();
     let mut code =
         String::from("/// The shipped checkpoints: (name, file bytes), sorted by name.\n");
     code.push_str("static SHIPPED: &[(&str, &[u8])] = &[\n");
-    for (name, path) in &files {
+    // The path is joined when the library compiles, not here: the build script's output is
+    // reused when the same tree is built from another directory (a second clone or worktree
+    // sharing CARGO_TARGET_DIR), and an absolute path written here would name the first one.
+    for name in &names {
+        let relative = format!("/{PRETRAINED}/{name}.safetensors");
         code.push_str(&format!(
-            "    ({name:?}, include_bytes!({:?})),\n",
-            path.display().to_string()
+            "    ({name:?}, include_bytes!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {relative:?}))),\n"
         ));
     }
     code.push_str("];\n");

@@ -59,7 +59,7 @@ impl Path {
     }
 }
 
-/// The name of the kernel [`Path::Auto`] runs on this machine: `"avx512"`, `"avx2"`, `"neon"`
+/// The name of the kernel the transform runs on this machine: `"avx512"`, `"avx2"`, `"neon"`
 /// or `"portable"` (see [`crate::simd::level`]).
 pub fn auto_kernel() -> &'static str {
     simd::level().name()

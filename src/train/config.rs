@@ -115,7 +115,8 @@ fn default_diagonal_lr_scale() -> f64 {
 
 impl TrainConfig {
     /// Checks every value, with a message that names the setting (the field, which the CLI
-    /// spells with hyphens: `batch_size` is `--batch-size`).
+    /// spells with hyphens: `batch_size` is `--batch-size`; `time_limit_minutes` is
+    /// `--time-limit`).
     pub fn validate(&self) -> Result<()> {
         let positive = |v: usize, name: &str| {
             if v == 0 {
@@ -171,7 +172,7 @@ impl TrainConfig {
     pub fn optimizer_config(&self, parameters: &[NamedParameter]) -> OptimizerConfig {
         let no_decay = parameters
             .iter()
-            .filter(|p| !p.role.is_decayed())
+            .filter(|p| p.role.is_trained() && !p.role.is_decayed())
             .map(|p| NameMatch::Exact(p.name.clone()))
             .collect();
         let lr = self.schedule.base_lr;

@@ -15,7 +15,7 @@ use crate::{Error, Result};
 /// One variable of a network, by its full name, with its role.
 #[derive(Debug, Clone)]
 pub struct NamedParameter {
-    /// The full name, e.g. `block3.conv.s1` (the name in checkpoints and optimiser state).
+    /// The full name, e.g. `conv3.s1` (the name in checkpoints and optimiser state).
     pub name: String,
     /// The variable.
     pub var: Var,
@@ -28,7 +28,8 @@ pub struct NamedParameter {
 ///
 /// Tensors are matched by identity, not by name. A variable that no layer declares, or a
 /// declared tensor that is not a variable of `params`, is an error: the model and its
-/// parameters do not belong together.
+/// parameters do not belong together. Build the network in the dtype of the variables (f32 for
+/// training): a VarBuilder of another dtype hands layers converted copies, not the variables.
 pub fn named_parameters(params: &Params, declared: &[Parameter]) -> Result<Vec<NamedParameter>> {
     let mut roles: HashMap<TensorId, ParamRole> =
         declared.iter().map(|p| (p.tensor.id(), p.role)).collect();

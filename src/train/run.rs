@@ -77,9 +77,9 @@ impl<'a> Run<'a> {
             Start::New | Start::Replace => fresh(config, &log_path)?,
         };
         let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
+        let parameters = named_parameters(&params, &network.parameters())?;
         // Only now: a run that fails on its data or its network leaves no empty directory.
         std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
-        let parameters = named_parameters(&params, &network.parameters())?;
         let mut optimizer =
             AnyOptimizer::from_named(trainable(&parameters), config.optimizer_config(&parameters))?;
         if start == Start::Resume {
