@@ -31,13 +31,7 @@ impl BayesianModule for DeterministicLinear {
     }
 
     fn parameters(&self) -> Vec<Parameter> {
-        let mut parameters = vec![Parameter::new(self.inner.weight(), ParamRole::Weight)];
-        parameters.extend(
-            self.inner
-                .bias()
-                .map(|b| Parameter::new(b, ParamRole::Bias)),
-        );
-        parameters
+        weight_and_bias(self.inner.weight(), self.inner.bias())
     }
 
     fn describe(&self) -> String {
@@ -89,13 +83,7 @@ impl BayesianModule for DeterministicConv2d {
     }
 
     fn parameters(&self) -> Vec<Parameter> {
-        let mut parameters = vec![Parameter::new(self.inner.weight(), ParamRole::Weight)];
-        parameters.extend(
-            self.inner
-                .bias()
-                .map(|b| Parameter::new(b, ParamRole::Bias)),
-        );
-        parameters
+        weight_and_bias(self.inner.weight(), self.inner.bias())
     }
 
     fn describe(&self) -> String {
@@ -105,4 +93,11 @@ impl BayesianModule for DeterministicConv2d {
             self.in_channels, self.out_channels, self.kernel, c.stride, c.padding
         )
     }
+}
+
+/// A point-estimate layer's tensors: its weight (decayed) and its bias, if any.
+fn weight_and_bias(weight: &Tensor, bias: Option<&Tensor>) -> Vec<Parameter> {
+    let mut parameters = vec![Parameter::new(weight, ParamRole::Weight)];
+    parameters.extend(bias.map(|b| Parameter::new(b, ParamRole::Bias)));
+    parameters
 }
