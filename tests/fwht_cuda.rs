@@ -155,7 +155,7 @@ fn a_whvi_layer_gives_the_same_outputs_and_input_gradients() {
         let layer = layer(device);
         let x = Var::from_tensor(&x.to_device(device).unwrap()).unwrap();
         let y = layer
-            .apply_with_noise(x.as_tensor(), &eps.to_device(device).unwrap())
+            .apply_with_noise(x.as_tensor(), &eps.to_device(device).unwrap(), None)
             .unwrap();
         let loss = y.sqr().unwrap().sum(D::Minus1).unwrap().sum_all().unwrap();
         let grad = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();

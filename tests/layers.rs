@@ -160,8 +160,16 @@ fn fused_noise_path_equals_composed_ops_forward_and_gradients() {
                 let x = Var::from_tensor(&random_tensor(&[rows, d_in], 7).to_dtype(dtype).unwrap())
                     .unwrap();
                 let readout = random_tensor(&[rows, d_out], 8).to_dtype(dtype).unwrap();
-                let y_fused = blocks.apply_with_noise(x.as_tensor(), &eps).unwrap();
-                let y_ops = blocks.apply(x.as_tensor(), &g).unwrap();
+                let bias = random_tensor(&[d_out], 9).to_dtype(dtype).unwrap();
+                let bias = Var::from_tensor(&bias).unwrap();
+                let y_fused = blocks
+                    .apply_with_noise(x.as_tensor(), &eps, Some(bias.as_tensor()))
+                    .unwrap();
+                let y_ops = blocks
+                    .apply(x.as_tensor(), &g)
+                    .unwrap()
+                    .broadcast_add(bias.as_tensor())
+                    .unwrap();
                 let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                 let label = format!("{dtype:?} {d_in}x{d_out} eps rows {eps_rows}");
                 let (a, b) = (to_rows(&y_fused), to_rows(&y_ops));
@@ -176,6 +184,7 @@ fn fused_noise_path_equals_composed_ops_forward_and_gradients() {
                     .map(|n| (n, var(&params, n)))
                     .collect();
                 vars.push(("x", x.clone()));
+                vars.push(("bias", bias.clone()));
                 // One row holding every element, so any gradient shape compares as a matrix.
                 let as_row = |grads: &candle_core::backprop::GradStore, v: &Var| {
                     let g = grads.get(v.as_tensor()).unwrap();

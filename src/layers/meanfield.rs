@@ -5,6 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::bias::add_bias;
 use super::noise::standard_normal;
 use super::prior::{gaussian_kl, Prior};
 use super::{BayesianModule, ParamRole, Parameter, Pass};
@@ -112,7 +113,7 @@ impl MeanFieldLinear {
 impl BayesianModule for MeanFieldLinear {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let w = &self.weights;
-        let mean = x.broadcast_matmul(&w.mu.t()?)?.broadcast_add(&w.bias)?;
+        let mean = add_bias(&x.broadcast_matmul(&w.mu.t()?)?, &w.bias)?;
         match pass.rng() {
             Some(rng) => {
                 let var = x.sqr()?.broadcast_matmul(&w.sigma_sq()?.t()?)?;

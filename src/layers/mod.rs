@@ -7,6 +7,7 @@
 //! equal terms.
 
 mod batch_norm;
+mod bias;
 mod deterministic;
 mod dropout;
 mod meanfield;

@@ -4,6 +4,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::bias::add_bias;
 use super::noise::standard_normal;
 use super::prior::{gaussian_kl, Prior};
 use super::whvi_kernel::WhviProduct;
@@ -162,25 +163,41 @@ impl WhviBlocks {
         }
     }
 
-    /// `W x` for each row of `x` (`[B, d_in]` -> `[B, d_out]`) with `g = mu + sigma ⊙ eps`,
-    /// `eps` `[B or 1, blocks, D]`: the same result as [`WhviBlocks::apply`], through one fused
-    /// op on the CPU (f32 / f64) that keeps each row in cache for all its steps.
-    pub fn apply_with_noise(&self, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+    /// `W x (+ bias)` for each row of `x` (`[B, d_in]` -> `[B, d_out]`) with
+    /// `g = mu + sigma ⊙ eps`, `eps` `[B or 1, blocks, D]` and `bias` `[d_out]`: the same result
+    /// as [`WhviBlocks::apply`] plus the bias, through one fused op on the CPU (f32 / f64) that
+    /// keeps each row in cache for all its steps.
+    pub fn apply_with_noise(
+        &self,
+        x: &Tensor,
+        eps: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let fused = x.device().is_cpu()
             && matches!(self.mu.dtype(), DType::F32 | DType::F64)
-            && x.dtype() == self.mu.dtype();
+            && x.dtype() == self.mu.dtype()
+            && bias.is_none_or(|b| b.dtype() == x.dtype() && b.dims() == [self.d_out]);
         if !fused {
-            return self.apply(x, &self.g_from_noise(eps)?);
+            let y = self.apply(x, &self.g_from_noise(eps)?)?;
+            return match bias {
+                Some(bias) => add_bias(&y, bias),
+                None => Ok(y),
+            };
         }
-        let batch = x.dim(0)?;
         let x = if self.d > self.d_in {
             x.pad_with_zeros(D::Minus1, 0, self.d - self.d_in)?
         } else {
             x.contiguous()?
         };
-        let params = Tensor::stack(&[&self.s1, &self.s2, &self.mu, &self.log_sigma], 0)?;
+        let width = self.blocks * self.d;
+        let bias = match bias {
+            Some(b) if self.d_out < width => b.pad_with_zeros(0, 0, width - self.d_out)?,
+            Some(b) => b.clone(),
+            None => self.mu.flatten_all()?.zeros_like()?,
+        };
+        let bias = bias.reshape((self.blocks, self.d))?;
+        let params = Tensor::stack(&[&self.s1, &self.s2, &self.mu, &self.log_sigma, &bias], 0)?;
         x.apply_op3(&eps.contiguous()?, &params, WhviProduct)?
-            .reshape((batch, self.blocks * self.d))?
             .narrow(1, 0, self.d_out)
     }
 
@@ -323,11 +340,15 @@ impl WhviLinear {
                 self.blocks.d_in
             );
         }
+        // Every reshape is a node whose gradient candle clears and adds in full: 2-D inputs, the
+        // usual case, skip both.
+        if lead.len() == 1 {
+            return self.blocks.apply_with_noise(x, eps, Some(&self.bias));
+        }
         let rows: usize = lead.iter().product();
         let y = self
             .blocks
-            .apply_with_noise(&x.reshape((rows, d_in))?, eps)?;
-        let y = y.broadcast_add(&self.bias)?;
+            .apply_with_noise(&x.reshape((rows, d_in))?, eps, Some(&self.bias))?;
         let mut out_shape = lead.to_vec();
         out_shape.push(self.blocks.d_out);
         y.reshape(out_shape)

@@ -7,9 +7,12 @@
 //! with the FWHT kernels of [`crate::fwht::cpu`]; rows run in parallel.
 //!
 //! The op is `WhviProduct(x, eps, params)` with `x` `[B, D]`, `eps` `[B or 1, blocks, D]` and
-//! `params = stack(s1, s2, mu, log_sigma)` `[4, blocks, D]`; it returns `[B, blocks, D]`. Its
-//! backward gives the gradients of `x` and `params` (the noise has none). Only the CPU with
-//! f32 / f64 runs it; [`super::WhviBlocks::apply`] composes candle ops elsewhere.
+//! `params = stack(s1, s2, mu, log_sigma, bias)` `[5, blocks, D]` (the bias zero-padded to
+//! `blocks x D`); it returns `[B, blocks * D]`. Its backward gives the gradients of `x` and
+//! `params` (the noise has none). The bias and the flat output are part of the op because
+//! candle's backward clears and adds a whole `[B, blocks * D]` gradient for every node in the
+//! graph: a separate bias add and a reshape cost as much as the two FWHTs at D = 4096. Only the
+//! CPU with f32 / f64 runs it; [`super::WhviBlocks::apply`] composes candle ops elsewhere.
 
 use std::ops::{AddAssign, MulAssign};
 
@@ -62,8 +65,8 @@ impl Dims {
             ref dims => bail!("whvi product: x must be [rows, 2^k], got {dims:?}"),
         };
         let blocks = match *params {
-            [4, blocks, pd] if pd == d => blocks,
-            ref dims => bail!("whvi product: params must be [4, blocks, {d}], got {dims:?}"),
+            [PARAMS, blocks, pd] if pd == d => blocks,
+            ref dims => bail!("whvi product: params must be [5, blocks, {d}], got {dims:?}"),
         };
         let eps_per_row = match *eps {
             [1, b, ed] if b == blocks && ed == d => false,
@@ -86,7 +89,10 @@ impl Dims {
     }
 }
 
-/// The per-block parameters `s1, s2, mu, sigma` as row slices.
+/// The parameter rows of the op: `s1, s2, mu, log_sigma, bias`.
+const PARAMS: usize = 5;
+
+/// The per-block parameters `s1, s2, mu, sigma, bias` as row slices.
 struct Blocks<'a, T> {
     params: &'a [T],
     sigma: Vec<T>,
@@ -96,7 +102,10 @@ struct Blocks<'a, T> {
 
 impl<'a, T: Float> Blocks<'a, T> {
     fn new(params: &'a [T], blocks: usize, d: usize) -> Self {
-        let sigma = params[3 * blocks * d..].iter().map(|&v| v.exp()).collect();
+        let sigma = params[3 * blocks * d..4 * blocks * d]
+            .iter()
+            .map(|&v| v.exp())
+            .collect();
         Blocks {
             params,
             sigma,
@@ -124,6 +133,7 @@ fn forward<T: Float>(x: &[T], eps: &[T], params: &[T], dims: Dims) -> Vec<T> {
             let x_row = &x[row * d..][..d];
             for (k, buf) in out_row.chunks_exact_mut(d).enumerate() {
                 let (s1, s2, mu, sigma) = (p.get(0, k), p.get(1, k), p.get(2, k), p.sigma(k));
+                let bias = p.get(4, k);
                 let e = dims.eps_row(eps, row, k);
                 for i in 0..d {
                     buf[i] = s2[i] * x_row[i];
@@ -134,7 +144,7 @@ fn forward<T: Float>(x: &[T], eps: &[T], params: &[T], dims: Dims) -> Vec<T> {
                 }
                 crate::fwht::cpu::transform_in_place(buf, d, T::ONE);
                 for i in 0..d {
-                    buf[i] *= s1[i];
+                    buf[i] = buf[i] * s1[i] + bias[i];
                 }
             }
         });
@@ -154,8 +164,8 @@ fn backward<T: Float>(x: &[T], eps: &[T], params: &[T], dy: &[T], dims: Dims) ->
         .par_chunks_mut(rows_per_task * d)
         .enumerate()
         .map(|(task, dx_rows)| {
-            // ds1, ds2, dmu, dlog_sigma of this task's rows.
-            let mut acc = vec![T::default(); 4 * blocks * d];
+            // ds1, ds2, dmu, dlog_sigma, dbias of this task's rows.
+            let mut acc = vec![T::default(); PARAMS * blocks * d];
             let (mut u, mut t, mut a) = (
                 vec![T::default(); d],
                 vec![T::default(); d],
@@ -170,11 +180,13 @@ fn backward<T: Float>(x: &[T], eps: &[T], params: &[T], dy: &[T], dims: Dims) ->
                     let dy_row = &dy[(row * blocks + k) * d..][..d];
                     let (ds1, rest) = acc.split_at_mut(blocks * d);
                     let (ds2, rest) = rest.split_at_mut(blocks * d);
-                    let (dmu, dls) = rest.split_at_mut(blocks * d);
+                    let (dmu, rest) = rest.split_at_mut(blocks * d);
+                    let (dls, dbias) = rest.split_at_mut(blocks * d);
                     let ds1 = &mut ds1[k * d..][..d];
                     let ds2 = &mut ds2[k * d..][..d];
                     let dmu = &mut dmu[k * d..][..d];
                     let dls = &mut dls[k * d..][..d];
+                    let dbias = &mut dbias[k * d..][..d];
                     // u = H (s2 ⊙ x), t = H (g ⊙ u): the forward intermediates, recomputed.
                     for i in 0..d {
                         u[i] = s2[i] * x_row[i];
@@ -187,6 +199,7 @@ fn backward<T: Float>(x: &[T], eps: &[T], params: &[T], dy: &[T], dims: Dims) ->
                     // a = H (s1 ⊙ dy) is the gradient of g ⊙ u.
                     for i in 0..d {
                         ds1[i] += dy_row[i] * t[i];
+                        dbias[i] += dy_row[i];
                         a[i] = s1[i] * dy_row[i];
                     }
                     crate::fwht::cpu::transform_in_place(&mut a, d, T::ONE);
@@ -212,7 +225,7 @@ fn backward<T: Float>(x: &[T], eps: &[T], params: &[T], dy: &[T], dims: Dims) ->
     let mut parts = parts.into_iter();
     let mut dparams = parts
         .next()
-        .unwrap_or_else(|| vec![T::default(); 4 * blocks * d]);
+        .unwrap_or_else(|| vec![T::default(); PARAMS * blocks * d]);
     for part in parts {
         for (total, v) in dparams.iter_mut().zip(part) {
             *total += v;
@@ -273,7 +286,7 @@ impl CustomOp3 for WhviProduct {
             )),
             _ => bail!("whvi product: f32 or f64 expected"),
         };
-        Ok((out, Shape::from((dims.rows, dims.blocks, dims.d))))
+        Ok((out, Shape::from((dims.rows, dims.blocks * dims.d))))
     }
 
     fn bwd(
