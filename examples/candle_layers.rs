@@ -86,6 +86,8 @@ impl TinyWhviNet {
 }
 
 fn main() -> whvi::Result<()> {
+    // Keeps freed tensor buffers in the process instead of unmapping them every step.
+    whvi::device::tune_allocator();
     let path = std::env::args().nth(1).unwrap_or_else(|| {
         std::env::temp_dir()
             .join("tiny-whvi.safetensors")
