@@ -197,8 +197,13 @@ impl WhviBlocks {
         };
         let bias = bias.reshape((self.blocks, self.d))?;
         let params = Tensor::stack(&[&self.s1, &self.s2, &self.mu, &self.log_sigma, &bias], 0)?;
-        x.apply_op3(&eps.contiguous()?, &params, WhviProduct)?
-            .narrow(1, 0, self.d_out)
+        let y = x.apply_op3(&eps.contiguous()?, &params, WhviProduct)?;
+        if self.d_out < width {
+            // Callers expect a contiguous output, as the separate bias add used to give.
+            y.narrow(1, 0, self.d_out)?.contiguous()
+        } else {
+            Ok(y)
+        }
     }
 
     /// `W x` for each row of `x` (`[B, d_in]` -> `[B, d_out]`) with `g` `[B or 1, blocks, D]`,
