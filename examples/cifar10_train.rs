@@ -13,8 +13,8 @@ use whvi::train::{train, BarProgress, Start, TrainConfig};
 use whvi::zoo::{BayesPolicy, BuildOptions, Method};
 
 fn main() -> whvi::Result<()> {
-    // Keeps freed tensor buffers in the process instead of unmapping them every step.
-    whvi::device::tune_allocator();
+    // Keeps freed tensor buffers in the process and lets idle candle workers sleep sooner.
+    whvi::device::tune_cpu();
     let data = std::env::args().nth(1).map(Into::into);
     let full = data.is_some();
     let config = TrainConfig {

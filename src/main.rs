@@ -12,7 +12,7 @@ use clap::Parser;
 use args::{Bench, Cli, Command};
 
 fn main() -> ExitCode {
-    whvi::device::tune_allocator();
+    whvi::device::tune_cpu();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
