@@ -779,3 +779,48 @@ fn layers_refuse_sizes_they_cannot_take() {
     assert!(err.to_string().contains("has layers 0..1"), "{err}");
     assert!(params.named_vars().is_empty(), "nothing was allocated");
 }
+
+/// Inputs with leading dimensions go through the reshaping path, 2-D ones skip it: both give
+/// contiguous outputs and the same outputs and gradients for the same rows and noise, for a
+/// padded head (10 outputs of 16-wide blocks) and an exact one.
+#[test]
+fn whvi_linear_gives_the_same_rows_for_2d_and_3d_inputs() {
+    for (d_in, d_out) in [(12, 10), (16, 16)] {
+        let params = Params::new(5);
+        let vb = params.var_builder(DType::F32, &CPU);
+        let layer = WhviLinear::new(d_in, d_out, WhviLinearConfig::default(), vb).unwrap();
+        let x = random_tensor(&[6, d_in], 3).to_dtype(DType::F32).unwrap();
+        let readout = random_tensor(&[6, d_out], 4).to_dtype(DType::F32).unwrap();
+        let run = |input: &Tensor| {
+            let y = layer
+                .forward_pass(input, &mut Pass::train(&mut seeded(11)))
+                .unwrap();
+            assert!(
+                y.is_contiguous(),
+                "{d_in}x{d_out}: output of {:?}",
+                input.dims()
+            );
+            let y = y.reshape((6, d_out)).unwrap();
+            let grads = (&y * &readout)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let bias_grad = grads
+                .get(&var(&params, "bias"))
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let input_grad = grads.get(input).unwrap().reshape((6, d_in)).unwrap();
+            [y, bias_grad, input_grad].map(|t| to_rows(&t))
+        };
+        let flat = Var::from_tensor(&x).unwrap();
+        let nested = Var::from_tensor(&x.reshape((2, 3, d_in)).unwrap()).unwrap();
+        let (a, b) = (run(flat.as_tensor()), run(nested.as_tensor()));
+        for (i, name) in ["output", "bias grad", "x grad"].into_iter().enumerate() {
+            assert_eq!(a[i], b[i], "{d_in}x{d_out}: {name}");
+        }
+        assert!(a[1].iter().flatten().any(|&g| g != 0.0));
+    }
+}

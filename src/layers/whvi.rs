@@ -176,12 +176,15 @@ impl WhviBlocks {
         let fused = x.device().is_cpu()
             && matches!(self.mu.dtype(), DType::F32 | DType::F64)
             && x.dtype() == self.mu.dtype()
-            && bias.is_none_or(|b| b.dtype() == x.dtype() && b.dims() == [self.d_out]);
+            && eps.dtype() == x.dtype()
+            && bias.is_none_or(|b| {
+                b.device().is_cpu() && b.dtype() == x.dtype() && b.dims() == [self.d_out]
+            });
         if !fused {
             let y = self.apply(x, &self.g_from_noise(eps)?)?;
             return match bias {
                 Some(bias) => add_bias(&y, bias),
-                None => Ok(y),
+                None => y.contiguous(),
             };
         }
         let x = if self.d > self.d_in {
@@ -191,15 +194,15 @@ impl WhviBlocks {
         };
         let width = self.blocks * self.d;
         let bias = match bias {
-            Some(b) if self.d_out < width => b.pad_with_zeros(0, 0, width - self.d_out)?,
-            Some(b) => b.clone(),
-            None => self.mu.flatten_all()?.zeros_like()?,
+            Some(b) => b
+                .pad_with_zeros(0, 0, width - self.d_out)?
+                .reshape((self.blocks, self.d))?,
+            None => self.mu.zeros_like()?,
         };
-        let bias = bias.reshape((self.blocks, self.d))?;
         let params = Tensor::stack(&[&self.s1, &self.s2, &self.mu, &self.log_sigma, &bias], 0)?;
         let y = x.apply_op3(&eps.contiguous()?, &params, WhviProduct)?;
         if self.d_out < width {
-            // Callers expect a contiguous output, as the separate bias add used to give.
+            // A contiguous output, as on the other path and as the separate bias add gave.
             y.narrow(1, 0, self.d_out)?.contiguous()
         } else {
             Ok(y)

@@ -152,7 +152,7 @@ fn forward<T: Float>(x: &[T], eps: &[T], params: &[T], dims: Dims) -> Vec<T> {
     out
 }
 
-/// Gradients `(dx, dparams)` for upstream `dy` (`[rows, blocks, D]`).
+/// Gradients `(dx, dparams)` for upstream `dy` (`[rows, blocks * D]`).
 fn backward<T: Float>(x: &[T], eps: &[T], params: &[T], dy: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
     let Dims {
         rows, blocks, d, ..

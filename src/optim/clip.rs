@@ -79,12 +79,8 @@ pub fn gradients_are_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
     let mut device_sums = Vec::new();
     for grad in vars.iter().filter_map(|v| grads.get(v)) {
         let in_place = match grad.dtype() {
-            DType::F32 => {
-                all_finite_on_cpu::<f32>(grad, |c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
-            }
-            DType::F64 => {
-                all_finite_on_cpu::<f64>(grad, |c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
-            }
+            DType::F32 => all_finite_on_cpu::<f32>(grad),
+            DType::F64 => all_finite_on_cpu::<f64>(grad),
             _ => None,
         };
         match in_place {
@@ -102,13 +98,14 @@ pub fn gradients_are_finite(grads: &GradStore, vars: &[Var]) -> Result<bool> {
     Ok(sums.iter().all(|s| s.is_finite()))
 }
 
-/// `Some(every chunk passes)` for a contiguous CPU tensor, `None` for any other. `finite` takes
-/// a chunk, not an element: called through a pointer for each element, the check was 2% of a
-/// VGG-11 training step; over a chunk it is one vectorised loop without a branch.
-fn all_finite_on_cpu<T: candle_core::WithDType>(
-    grad: &Tensor,
-    finite: fn(&[T]) -> bool,
-) -> Option<bool> {
+/// Whether every value of `chunk` is finite, in one loop without a branch (a check per element
+/// through a function pointer had been 2% of a VGG-11 training step).
+fn chunk_is_finite<T: candle_core::WithDType>(chunk: &[T]) -> bool {
+    chunk.iter().fold(true, |ok, v| ok & v.to_f64().is_finite())
+}
+
+/// `Some(all elements finite)` for a contiguous CPU tensor, `None` for any other.
+fn all_finite_on_cpu<T: candle_core::WithDType>(grad: &Tensor) -> Option<bool> {
     use rayon::prelude::*;
     if !grad.device().is_cpu() {
         return None;
@@ -116,7 +113,7 @@ fn all_finite_on_cpu<T: candle_core::WithDType>(
     crate::cpu::with_slices::<T, _>("finite check", &[grad], |slices| {
         slices[0]
             .par_chunks(1 << 16)
-            .all(|chunk| chunk.chunks(1 << 12).all(finite))
+            .all(|chunk| chunk.chunks(1 << 12).all(chunk_is_finite))
     })
     .ok()
 }
