@@ -148,3 +148,43 @@ pub fn conv2d_per_example(
     };
     apply(op, x, weights, bias)
 }
+
+/// Partial sums of [`plane_sum`]: one running sum waits on each add (four cycles), so a bias
+/// gradient summed that way ran at a quarter of the speed the adds allow.
+const SUM_LANES: usize = 8;
+
+/// The sum of `values` (a plane of an output gradient, for the bias gradient) in
+/// [`SUM_LANES`] partial sums, added in a fixed order: the same bits for the same input.
+fn plane_sum<T: candle_core::WithDType>(values: &[T]) -> T {
+    let mut lanes = [T::zero(); SUM_LANES];
+    let chunks = values.chunks_exact(SUM_LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    let mut total = T::zero();
+    for &v in lanes.iter().chain(rest) {
+        total += v;
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plane_sum;
+
+    /// Every value counts once, lanes and remainder alike (integers, so the sums are exact).
+    #[test]
+    fn plane_sum_adds_every_value_once() {
+        for n in [0usize, 1, 7, 8, 9, 17, 1000] {
+            let values: Vec<f64> = (0..n).map(|i| i as f64).collect();
+            assert_eq!(
+                plane_sum(&values),
+                (n * n.saturating_sub(1) / 2) as f64,
+                "n = {n}"
+            );
+        }
+    }
+}

@@ -307,7 +307,7 @@ impl Conv2dOp {
                     let grad = self.output_block(&mut space.gathered, dy, &block);
                     if with_bias {
                         for (c, sum) in db.iter_mut().enumerate() {
-                            *sum += grad.row(c).iter().fold(T::default(), |a, &v| a + v);
+                            *sum += super::plane_sum(grad.row(c));
                         }
                     }
                     let dw = if self.per_example {

@@ -867,7 +867,7 @@ impl Winograd {
         for image in images {
             for (o, sum) in db.iter_mut().enumerate() {
                 let plane = &dy[(image * co + o) * plane_len..][..plane_len];
-                *sum += plane.iter().fold(T::default(), |a, &v| a + v);
+                *sum += super::plane_sum(plane);
             }
         }
     }
