@@ -39,8 +39,10 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
-/// How long candle's idle CPU workers spin before they sleep, unless the environment sets it
-/// (candle's default is 25,000 spins).
+/// The variable candle 0.11 reads, once, for how long its idle CPU workers spin before they sleep.
+const CANDLE_SPIN_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
+/// The spin limit [`tune_cpu`] sets unless the environment sets one (candle's default is 25,000).
 const CANDLE_SPIN_LIMIT: &str = "2000";
 
 /// Tunes the process for CPU training; call it once at the start of a program, before any
@@ -52,9 +54,8 @@ const CANDLE_SPIN_LIMIT: &str = "2000";
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT` is kept.
 pub fn tune_cpu() {
     tune_allocator();
-    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(VAR).is_none() {
-        std::env::set_var(VAR, CANDLE_SPIN_LIMIT);
+    if std::env::var_os(CANDLE_SPIN_VAR).is_none() {
+        std::env::set_var(CANDLE_SPIN_VAR, CANDLE_SPIN_LIMIT);
     }
 }
 

@@ -172,6 +172,22 @@ fn fused_noise_path_equals_composed_ops_forward_and_gradients() {
                     .unwrap();
                 let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                 let label = format!("{dtype:?} {d_in}x{d_out} eps rows {eps_rows}");
+                // Without a bias the fused op adds a zero row and gives a contiguous output.
+                let no_bias = blocks.apply_with_noise(x.as_tensor(), &eps, None).unwrap();
+                assert!(
+                    no_bias.is_contiguous(),
+                    "{label}: contiguous without a bias"
+                );
+                let plain = blocks.apply(x.as_tensor(), &g).unwrap();
+                let scale = to_rows(&plain)
+                    .iter()
+                    .flatten()
+                    .map(|v| v.abs())
+                    .fold(1.0, f64::max);
+                assert!(
+                    max_abs_diff(&to_rows(&no_bias), &to_rows(&plain)) < tol * scale,
+                    "{label}: forward without a bias"
+                );
                 let (a, b) = (to_rows(&y_fused), to_rows(&y_ops));
                 let scale = b.iter().flatten().map(|v| v.abs()).fold(1.0, f64::max);
                 assert!(max_abs_diff(&a, &b) < tol * scale, "{label}: forward");

@@ -2,8 +2,10 @@
 //! parallel.
 //!
 //! candle's `broadcast_add` gets the bias gradient from its generic reduction over a leading
-//! dimension, one element at a time on one thread: 1.7 ms for a `[128, 4096]` gradient, a third
-//! of a WHVI layer's forward + backward at D = 4096 (AVX-512 EPYC, 2 threads). Here each thread
+//! dimension, one element at a time on one thread: 1.7 ms for a `[128, 4096]` gradient, which
+//! had been a third of a WHVI layer's forward + backward at D = 4096 (AVX-512 EPYC, 2 threads;
+//! the fused WHVI op now adds its bias itself, and this op serves the mean-field layer and the
+//! WHVI layers off the fused path). Here each thread
 //! sums a range of columns, every column in row order from zero: the order candle adds in, so
 //! the gradients are the same bits, whatever the number of threads.
 
