@@ -20,9 +20,10 @@ anchor_path() {
     return 1
 }
 
-# whvi_binary: builds the release binary and prints its path.
+# whvi_binary [FEATURES]: builds the release binary (with the cargo features FEATURES, if given)
+# and prints its path.
 whvi_binary() {
-    (cd "$repo" && cargo build --release --quiet --bin whvi) >&2
+    (cd "$repo" && cargo build --release --quiet --bin whvi ${1:+--features "$1"}) >&2
     echo "${CARGO_TARGET_DIR:-$repo/target}/release/whvi"
 }
 

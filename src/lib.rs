@@ -11,6 +11,7 @@ pub mod conv;
 mod cpu;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod fwht;

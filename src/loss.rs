@@ -21,11 +21,27 @@ pub fn elbo_loss(
     n_train: usize,
     beta: f64,
 ) -> Result<Tensor> {
+    elbo_loss_part(logits, targets, kl_total, n_train, beta, 1.0, 1)
+}
+
+/// One rank's part of [`elbo_loss`] when a global batch is split over `ranks` ranks:
+/// `fraction` (this rank's share of the global batch's examples) of its own mean NLL plus
+/// `1 / ranks` of the KL term. The parts sum over the ranks to the global batch's loss, and so
+/// do their gradients. With `fraction` 1 and one rank it is [`elbo_loss`], bit for bit.
+pub fn elbo_loss_part(
+    logits: &Tensor,
+    targets: &Tensor,
+    kl_total: &Tensor,
+    n_train: usize,
+    beta: f64,
+    fraction: f64,
+    ranks: usize,
+) -> Result<Tensor> {
     if n_train == 0 {
         candle_core::bail!("elbo_loss: n_train must be the (non-zero) size of the training set");
     }
-    let nll = candle_nn::loss::cross_entropy(logits, targets)?;
-    let kl_term = (kl_total.to_dtype(nll.dtype())? * (beta / n_train as f64))?;
+    let nll = (candle_nn::loss::cross_entropy(logits, targets)? * fraction)?;
+    let kl_term = (kl_total.to_dtype(nll.dtype())? * (beta / (n_train * ranks.max(1)) as f64))?;
     nll + kl_term
 }
 

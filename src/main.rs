@@ -117,7 +117,21 @@ fn train_command(args: &args::TrainArgs) -> whvi::Result<()> {
     } else {
         Box::new(whvi::train::BarProgress::new(config.batch_size))
     };
-    let outcome = whvi::train::train(&config, args.start(), &device, progress.as_mut(), stop)?;
+    let group = whvi::dist::Group::from_environment()?;
+    let outcome = match whvi::train::train_in_group(
+        &config,
+        args.start(),
+        &device,
+        &group,
+        progress.as_mut(),
+        stop,
+    ) {
+        Ok(outcome) => outcome,
+        Err(e) => return Err(end_group_on_error(&group, e)),
+    };
+    if !group.is_leader() {
+        return Ok(());
+    }
     println!("last checkpoint: {}", outcome.last_checkpoint.display());
     println!("best checkpoint: {}", outcome.best_checkpoint.display());
     println!(
@@ -267,6 +281,8 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
                 Some(shapes) => Some(shapes.to_string()),
                 None => device.is_cpu().then(|| "vgg16".to_string()),
             };
+            let group = whvi::dist::Group::from_environment()?;
+            let leader = group.is_leader();
             let config = bench::train::TrainBenchConfig {
                 models,
                 heads: heads.into_iter().map(Into::into).collect(),
@@ -274,14 +290,39 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
                 batch,
                 steps,
                 device,
+                group: group.clone(),
             };
-            bench::train::bench_train(&config, print_json_line)?;
-            if let Some(conv_shapes) = conv_shapes {
+            let report = |line: &bench::train::TrainTiming| {
+                if leader {
+                    print_json_line(line)
+                }
+            };
+            if let Err(e) = bench::train::bench_train(&config, report) {
+                return Err(end_group_on_error(&group, e));
+            }
+            // The convolution shapes are timed by one process alone.
+            if let Some(conv_shapes) = conv_shapes.filter(|_| group.size() == 1) {
                 bench::conv::bench_conv_shapes(&conv_shapes, width, batch, steps, print_json_line)?;
             }
             Ok(())
         }
     }
+}
+
+/// A rank that fails while the others wait in a collective call would leave them hanging: it
+/// says why and ends the whole job. An interruption reaches every rank at the same batch and
+/// is returned as it is.
+fn end_group_on_error(group: &whvi::dist::Group, e: whvi::Error) -> whvi::Error {
+    if group.size() == 1 || matches!(e, whvi::Error::Interrupted(_)) {
+        return e;
+    }
+    eprintln!(
+        "whvi: rank {} of {}: error: {}; ending the job (the last checkpoint is kept)",
+        group.rank(),
+        group.size(),
+        e.without_backtrace()
+    );
+    group.abort(1)
 }
 
 /// Prints one benchmark line as JSON.

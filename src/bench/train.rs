@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::median;
+use whvi::dist::Group;
 use whvi::layers::standard_normal;
 use whvi::optim::{AdamWConfig, AnyOptimizer, NamedOptimizer, OptimizerConfig};
 use whvi::params::Params;
@@ -39,8 +40,13 @@ pub struct TrainTiming {
     pub images_per_s: f64,
     /// Median seconds per step.
     pub step_s: f64,
-    /// Threads of the compute pool.
+    /// Threads of the compute pool (of each rank).
     pub threads: usize,
+    /// Processes the batch is split over (`mpirun -n`).
+    pub ranks: usize,
+    /// Median fraction of a step that rank 0 spent in all-reduces, waiting for the other ranks
+    /// included (0 for one rank).
+    pub allreduce_share: f64,
     /// Where the step ran, e.g. `"cpu"` or `"cuda:0"`.
     pub device: String,
     /// The instruction set of whvi's CPU kernels ([`whvi::simd::level`]).
@@ -62,6 +68,8 @@ pub struct TrainBenchConfig {
     pub steps: usize,
     /// Where the networks train.
     pub device: Device,
+    /// The ranks the batch is split over.
+    pub group: Group,
 }
 
 impl Default for TrainBenchConfig {
@@ -73,6 +81,7 @@ impl Default for TrainBenchConfig {
             batch: 64,
             steps: 6,
             device: Device::Cpu,
+            group: Group::solo(),
         }
     }
 }
@@ -127,20 +136,18 @@ pub fn bench_train(
                 clip_grad: None,
             };
             let mut times = Vec::with_capacity(config.steps);
+            let mut shares = Vec::with_capacity(config.steps);
+            let group = &config.group;
             for step in 0..config.steps + 2 {
-                let start = Instant::now();
-                train_step(
-                    &network,
-                    &mut optimizer,
-                    &images,
-                    &labels,
-                    settings,
-                    &mut rng,
-                )?;
+                let (start, waited) = (Instant::now(), group.collective_seconds());
+                let batch = (&images, &labels);
+                train_step(&network, &mut optimizer, batch, settings, &mut rng, group)?;
                 // The optimiser's update is still queued on a GPU.
                 device.synchronize()?;
                 if step >= 2 {
-                    times.push(start.elapsed().as_secs_f64());
+                    let seconds = start.elapsed().as_secs_f64();
+                    times.push(seconds);
+                    shares.push((group.collective_seconds() - waited) / seconds);
                 }
             }
             let step_s = median(&mut times);
@@ -152,6 +159,8 @@ pub fn bench_train(
                 images_per_s: config.batch as f64 / step_s,
                 step_s,
                 threads: rayon::current_num_threads(),
+                ranks: group.size(),
+                allreduce_share: median(&mut shares),
                 device: whvi::device::device_name(device),
                 simd: whvi::simd::level().name(),
             };
@@ -175,6 +184,7 @@ mod tests {
             batch: 2,
             steps: 1,
             device: Device::Cpu,
+            group: Group::solo(),
         };
         let mut reported = Vec::new();
         let lines = bench_train(&config, |t| reported.push((t.model.clone(), t.head))).unwrap();

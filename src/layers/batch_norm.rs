@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::cpu::{slice, with_slices};
+use crate::dist::Group;
 
 /// Batch normalisation over the channels of `[B, C, H, W]` (eps 1e-5, momentum 0.1, affine),
 /// with an optional ReLU applied in the same op. Running statistics are stored as parameters
@@ -62,7 +63,15 @@ impl BatchNorm2d {
         x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4
     }
 
-    fn forward_fused(&self, x: &Tensor, train: bool, update_statistics: bool) -> Result<Tensor> {
+    /// The CPU op. With `sync`, the batch statistics (and, in the backward pass, their
+    /// gradients' channel sums) are summed over the group's ranks: the global batch's.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        train: bool,
+        update_statistics: bool,
+        sync: Option<Group>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != self.channels {
             bail!(
@@ -72,23 +81,33 @@ impl BatchNorm2d {
             );
         }
         let x = x.contiguous()?;
+        let mut count = b * h * w;
         let (mean, var) = if train {
-            let count = b * h * w;
-            if count < 2 {
+            if count < 2 && sync.is_none() {
                 bail!(
                     "batch norm: training needs more than one value per channel, got input \
                      {:?}; use a larger batch",
                     x.dims()
                 );
             }
-            let (mean, var) = match x.dtype() {
+            let mut sums = match x.dtype() {
                 DType::F32 => {
-                    with_slices::<f32, _>("batch norm", &[&x], |d| channel_moments(d[0], c, h * w))?
+                    with_slices::<f32, _>("batch norm", &[&x], |d| channel_sums(d[0], c, h * w))?
                 }
-                _ => {
-                    with_slices::<f64, _>("batch norm", &[&x], |d| channel_moments(d[0], c, h * w))?
-                }
+                _ => with_slices::<f64, _>("batch norm", &[&x], |d| channel_sums(d[0], c, h * w))?,
             };
+            if let Some(group) = &sync {
+                sums.push(count as f64);
+                group.sum_f64(&mut sums);
+                count = sums.pop().expect("pushed above") as usize;
+                if count < 2 {
+                    bail!(
+                        "batch norm: training needs more than one value per channel, got {count} \
+                         over all ranks; use a larger batch"
+                    );
+                }
+            }
+            let (mean, var) = moments(&sums, c, count);
             if update_statistics {
                 self.update_running(&mean, &var, count)?;
             }
@@ -105,6 +124,8 @@ impl BatchNorm2d {
         }
         let op = BatchNormOp {
             plane: h * w,
+            count,
+            sync: sync.filter(|_| train),
             inv_std: var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect(),
             mean,
             batch_stats: train,
@@ -141,8 +162,21 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
 
 impl BayesianModule for BatchNorm2d {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let sync = pass
+            .shard()
+            .map(|shard| shard.group())
+            .filter(|group| group.size() > 1)
+            .cloned();
         if self.fused_path(x) {
-            return self.forward_fused(x, pass.is_train(), pass.updates_statistics());
+            return self.forward_fused(x, pass.is_train(), pass.updates_statistics(), sync);
+        }
+        if sync.is_some() && pass.is_train() {
+            bail!(
+                "batch norm synchronised over ranks runs on the CPU (f32 or f64); multi-rank \
+                 training on {:?} {:?} is not supported",
+                x.device().location(),
+                x.dtype()
+            );
         }
         // candle-nn's layer updates the running statistics in every training pass: put them
         // back when this pass must not.
@@ -181,13 +215,10 @@ impl BayesianModule for BatchNorm2d {
     }
 }
 
-/// Per-channel mean and (biased) variance of NCHW data with `plane` pixels per channel, in f64.
-fn channel_moments<T: candle_core::WithDType>(
-    x: &[T],
-    channels: usize,
-    plane: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let sums: Vec<(f64, f64)> = x
+/// Per-channel sums of NCHW data with `plane` pixels per channel, in f64: `channels` sums of
+/// the values, then `channels` sums of their squares.
+fn channel_sums<T: candle_core::WithDType>(x: &[T], channels: usize, plane: usize) -> Vec<f64> {
+    let partial: Vec<(f64, f64)> = x
         .par_chunks(plane)
         .map(|p| {
             p.iter().fold((0.0, 0.0), |(s, q), &v| {
@@ -196,18 +227,23 @@ fn channel_moments<T: candle_core::WithDType>(
             })
         })
         .collect();
-    let n = (x.len() / channels) as f64;
-    let mut mean = vec![0.0; channels];
-    let mut var = vec![0.0; channels];
-    for (i, (s, q)) in sums.into_iter().enumerate() {
-        mean[i % channels] += s;
-        var[i % channels] += q;
+    let mut sums = vec![0.0; 2 * channels];
+    for (i, (s, q)) in partial.into_iter().enumerate() {
+        sums[i % channels] += s;
+        sums[channels + i % channels] += q;
     }
-    for (m, v) in mean.iter_mut().zip(&mut var) {
-        *m /= n;
-        *v = (*v / n - *m * *m).max(0.0);
-    }
-    (mean, var)
+    sums
+}
+
+/// Mean and (biased) variance per channel from [`channel_sums`] over `count` values a channel.
+fn moments(sums: &[f64], channels: usize, count: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = count as f64;
+    (0..channels)
+        .map(|c| {
+            let m = sums[c] / n;
+            (m, (sums[channels + c] / n - m * m).max(0.0))
+        })
+        .unzip()
 }
 
 /// `y = [relu](weight·(x - mean)·inv_std + bias)` per channel, applied through `apply_op3(x,
@@ -217,6 +253,10 @@ fn channel_moments<T: candle_core::WithDType>(
 struct BatchNormOp {
     /// Pixels per channel and image (`H·W`, at least 1).
     plane: usize,
+    /// Values per channel in the (global) batch.
+    count: usize,
+    /// The ranks whose shards make up the batch, when the statistics are synchronised.
+    sync: Option<Group>,
     mean: Vec<f64>,
     inv_std: Vec<f64>,
     batch_stats: bool,
@@ -284,8 +324,16 @@ impl BatchNormOp {
             .map(|c| T::from_f64(sum_dy_xc[c] * self.inv_std[c]))
             .collect();
         let d_bias = sum_dy.iter().map(|&s| T::from_f64(s)).collect();
+        // The input gradient goes through the global batch's statistics; the parameter
+        // gradients stay this shard's share (the training step sums those over the ranks).
+        if let (Some(group), true, true) = (&self.sync, want_input, self.batch_stats) {
+            let mut global = [sum_dy.as_slice(), sum_dy_xc.as_slice()].concat();
+            group.sum_f64(&mut global);
+            sum_dy_xc = global.split_off(channels);
+            sum_dy = global;
+        }
         let dx = want_input.then(|| {
-            let n = (x.len() / channels) as f64;
+            let n = self.count as f64;
             let mut dx = vec![zero; x.len()];
             dx.par_chunks_mut(plane)
                 .zip(x.par_chunks(plane))

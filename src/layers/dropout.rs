@@ -30,11 +30,15 @@ impl McDropout {
 
 impl BayesianModule for McDropout {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        match pass.rng() {
-            Some(rng) if self.p > 0.0 => {
-                x * dropout_mask(x.shape(), self.p, x.dtype(), x.device(), rng)?
-            }
-            _ => Ok(x.clone()),
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let (p, dtype, device) = (self.p, x.dtype(), x.device());
+        match pass.per_example_noise(x.shape(), |shape, rng| {
+            dropout_mask(shape, p, dtype, device, rng)
+        }) {
+            Some(mask) => x * mask?,
+            None => Ok(x.clone()),
         }
     }
 

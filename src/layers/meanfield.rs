@@ -86,9 +86,15 @@ impl GaussianWeights {
 
 /// Adds `sqrt(var) ⊙ eps` to `mean`: the local reparameterisation (Kingma et al. 2015), which
 /// samples pre-activations instead of weights, independently per example.
-fn local_noise(mean: Tensor, var: Tensor, rng: &mut crate::rng::WhviRng) -> Result<Tensor> {
-    let eps = standard_normal(mean.shape(), mean.dtype(), mean.device(), rng)?;
-    mean + ((var + VARIANCE_FLOOR)?.sqrt()? * eps)?
+/// In a mean pass, `mean` itself.
+fn local_noise(mean: Tensor, var: Tensor, pass: &mut Pass) -> Result<Tensor> {
+    let (dtype, device) = (mean.dtype(), mean.device().clone());
+    match pass.per_example_noise(mean.shape(), |shape, rng| {
+        standard_normal(shape, dtype, &device, rng)
+    }) {
+        Some(eps) => mean + ((var + VARIANCE_FLOOR)?.sqrt()? * eps?)?,
+        None => Ok(mean),
+    }
 }
 
 /// A mean-field Gaussian dense layer with the local reparameterisation.
@@ -114,13 +120,11 @@ impl BayesianModule for MeanFieldLinear {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let w = &self.weights;
         let mean = add_bias(&x.broadcast_matmul(&w.mu.t()?)?, &w.bias)?;
-        match pass.rng() {
-            Some(rng) => {
-                let var = x.sqr()?.broadcast_matmul(&w.sigma_sq()?.t()?)?;
-                local_noise(mean, var, rng)
-            }
-            None => Ok(mean),
+        if !pass.is_sampling() {
+            return Ok(mean);
         }
+        let var = x.sqr()?.broadcast_matmul(&w.sigma_sq()?.t()?)?;
+        local_noise(mean, var, pass)
     }
 
     fn kl(&self) -> Result<Option<Tensor>> {
@@ -229,13 +233,14 @@ impl MeanFieldConv2d {
 impl BayesianModule for MeanFieldConv2d {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let w = &self.weights;
-        let y = match (pass.rng(), self.mode) {
-            (None, _) => self.conv(x, &w.mu)?,
-            (Some(rng), MeanFieldConvMode::Shared) => self.conv(x, &w.sample(rng)?)?,
-            (Some(rng), MeanFieldConvMode::Local) => {
-                let mean = self.conv(x, &w.mu)?;
-                let var = self.conv(&x.sqr()?, &w.sigma_sq()?)?;
-                local_noise(mean, var, rng)?
+        let y = if self.mode == MeanFieldConvMode::Local && pass.is_sampling() {
+            let mean = self.conv(x, &w.mu)?;
+            let var = self.conv(&x.sqr()?, &w.sigma_sq()?)?;
+            local_noise(mean, var, pass)?
+        } else {
+            match pass.rng() {
+                Some(rng) => self.conv(x, &w.sample(rng)?)?,
+                None => self.conv(x, &w.mu)?,
             }
         };
         self.add_bias(y)

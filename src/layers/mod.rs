@@ -31,17 +31,21 @@ pub use whvi::{
     WhviLinearConfig,
 };
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Shape, Tensor};
 
+use crate::dist::Shard;
 use crate::rng::WhviRng;
 
 /// What a forward pass does with the posterior, and where its noise comes from.
 ///
 /// The caller owns the random generator, so a seed reproduces a run bit for bit on the CPU.
+/// A pass over one rank's [`Shard`] of a global batch draws per-example noise for the whole
+/// batch and keeps its rows, and batch normalisation sums its statistics over the ranks.
 pub struct Pass<'a> {
     train: bool,
     statistics: bool,
     rng: Option<&'a mut WhviRng>,
+    shard: Option<Shard>,
 }
 
 impl<'a> Pass<'a> {
@@ -52,7 +56,20 @@ impl<'a> Pass<'a> {
             train: true,
             statistics: true,
             rng: Some(rng),
+            shard: None,
         }
+    }
+
+    /// The same pass over this rank's `shard` of a global batch: the input holds the shard's
+    /// rows only.
+    pub fn on_shard(mut self, shard: Shard) -> Self {
+        self.shard = Some(shard);
+        self
+    }
+
+    /// The shard of a global batch this pass computes, if it computes one.
+    pub fn shard(&self) -> Option<&Shard> {
+        self.shard.as_ref()
     }
 
     /// The same pass, leaving BatchNorm's running statistics as they are: for the second and
@@ -75,6 +92,7 @@ impl<'a> Pass<'a> {
             train: false,
             statistics: false,
             rng: Some(rng),
+            shard: None,
         }
     }
 
@@ -84,6 +102,7 @@ impl<'a> Pass<'a> {
             train: false,
             statistics: false,
             rng: None,
+            shard: None,
         }
     }
 
@@ -100,6 +119,31 @@ impl<'a> Pass<'a> {
     /// The generator of a sampling pass; `None` in a mean pass.
     pub fn rng(&mut self) -> Option<&mut WhviRng> {
         self.rng.as_deref_mut()
+    }
+
+    /// Per-example noise of `shape` (its first dimension a whole number of entries per input
+    /// row) from `draw`; `None` in a mean pass. On a shard, `draw` makes the global batch's
+    /// noise and this rank's rows are kept, so every rank's generator stays in step with one
+    /// process drawing for the whole batch.
+    pub fn per_example_noise(
+        &mut self,
+        shape: impl Into<Shape>,
+        draw: impl FnOnce(Shape, &mut WhviRng) -> Result<Tensor>,
+    ) -> Option<Result<Tensor>> {
+        let rng = self.rng.as_deref_mut()?;
+        let shape = shape.into();
+        let Some(shard) = &self.shard else {
+            return Some(draw(shape, rng));
+        };
+        let noise = || {
+            let mut dims = shape.dims().to_vec();
+            let local = *dims.first().unwrap_or(&1);
+            if let Some(first) = dims.first_mut() {
+                *first = shard.global_rows(local)?;
+            }
+            shard.take(&draw(Shape::from(dims), rng)?)
+        };
+        Some(noise())
     }
 }
 

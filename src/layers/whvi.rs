@@ -146,20 +146,27 @@ impl WhviBlocks {
             .broadcast_add(&self.mu)
     }
 
-    /// `g` for a pass: `[samples, blocks, D]` draws when sampling, else `mu` as `[1, blocks, D]`.
-    fn g_for(&self, samples: usize, pass: &mut Pass) -> Result<Tensor> {
+    /// `g` for a pass: one draw `[1, blocks, D]` shared by the batch (`per_example` false) or
+    /// one per example `[rows, blocks, D]` when sampling, else `mu` as `[1, blocks, D]`.
+    fn g_for(&self, rows: usize, per_example: bool, pass: &mut Pass) -> Result<Tensor> {
+        if per_example && pass.is_sampling() {
+            return self.g_from_noise(&self.noise_for(rows, pass)?);
+        }
         match pass.rng() {
-            Some(rng) => self.sample_g(samples, rng),
+            Some(rng) => self.sample_g(1, rng),
             None => self.mu.unsqueeze(0),
         }
     }
 
-    /// The standard-normal noise of a pass: `[samples, blocks, D]` draws when sampling (the
-    /// same draws [`WhviBlocks::sample_g`] makes), else zeros `[1, blocks, D]` (g = mu).
-    fn noise_for(&self, samples: usize, pass: &mut Pass) -> Result<Tensor> {
-        match pass.rng() {
-            Some(rng) => self.standard_noise(samples, rng),
-            None => Tensor::zeros((1, self.blocks, self.d), self.mu.dtype(), self.mu.device()),
+    /// The standard-normal noise of a pass: one draw `[rows, blocks, D]` per example when
+    /// sampling (the draws [`WhviBlocks::sample_g`] makes), else zeros `[1, blocks, D]` (g = mu).
+    fn noise_for(&self, rows: usize, pass: &mut Pass) -> Result<Tensor> {
+        let (dtype, device) = (self.mu.dtype(), self.mu.device());
+        match pass.per_example_noise((rows, self.blocks, self.d), |shape, rng| {
+            standard_normal(shape, dtype, device, rng)
+        }) {
+            Some(noise) => noise,
+            None => Tensor::zeros((1, self.blocks, self.d), dtype, device),
         }
     }
 
@@ -545,8 +552,7 @@ impl BayesianModule for WhviConv2d {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
         let batch = self.check_input(x)?;
         let per_example = self.sampling == ConvSampling::PerExample && pass.is_sampling();
-        let samples = if per_example { batch } else { 1 };
-        let g = self.blocks.g_for(samples, pass)?;
+        let g = self.blocks.g_for(batch, per_example, pass)?;
         let filters = self.filters(&g)?;
         let bias = Some(&self.bias);
         if per_example {

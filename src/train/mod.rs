@@ -32,6 +32,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::data::ImageDataset;
+use crate::dist::Group;
 use crate::metrics::{self, Predictions};
 use crate::rng::RngState;
 use crate::zoo::BuildOptions;
@@ -189,7 +190,28 @@ pub fn train(
     progress: &mut dyn Progress,
     stop: Arc<AtomicBool>,
 ) -> Result<TrainOutcome> {
-    let mut run = Run::set_up(config, start, device, progress)?;
+    train_in_group(config, start, device, &Group::solo(), progress, stop)
+}
+
+/// [`train`] as one rank of `group` (e.g. [`Group::from_environment`] under `mpirun`): every
+/// rank runs this with the same `config`, computes its shard of each global batch of
+/// `config.batch_size`, and all make the same updates (see [`crate::dist`]). Only rank 0
+/// validates, writes the checkpoints and the log, reports `progress` and returns a test
+/// report; a resumed run reads the same `last.safetensors` on every rank.
+pub fn train_in_group(
+    config: &TrainConfig,
+    start: Start,
+    device: &Device,
+    group: &Group,
+    progress: &mut dyn Progress,
+    stop: Arc<AtomicBool>,
+) -> Result<TrainOutcome> {
+    let mut quiet = QuietProgress;
+    let progress: &mut dyn Progress = match group.is_leader() {
+        true => progress,
+        false => &mut quiet,
+    };
+    let mut run = Run::set_up(config, start, device, group, progress)?;
     let started = Instant::now();
     let mut logs = Vec::new();
     while run.state.epoch < config.epochs {
@@ -198,7 +220,9 @@ pub fn train(
         };
         logs.push(run.end_epoch(progress, data_rng)?);
         if let Some(limit) = config.time_limit_minutes {
-            if started.elapsed().as_secs_f64() > limit * 60.0 && run.state.epoch < config.epochs {
+            // The leader's clock decides (it also validates), so that all ranks stop together.
+            let out_of_time = group.is_leader() && started.elapsed().as_secs_f64() > limit * 60.0;
+            if group.any(out_of_time) && run.state.epoch < config.epochs {
                 progress.message(&format!(
                     "time limit of {limit} minutes reached after epoch {}",
                     run.state.epoch

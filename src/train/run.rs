@@ -16,6 +16,7 @@ use super::{
 };
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::{self, shuffled_order, Augment, Batches, ImageDataset, Normalization};
+use crate::dist::Group;
 use crate::metrics::{self, MetricsReport};
 use crate::optim::{AnyOptimizer, NamedOptimizer};
 use crate::params::Params;
@@ -41,6 +42,8 @@ pub(super) struct Run<'a> {
     batches_per_epoch: usize,
     total_steps: u64,
     augment: Augment,
+    /// The ranks this run is split over; only the leader writes files.
+    pub(super) group: Group,
 }
 
 impl<'a> Run<'a> {
@@ -50,11 +53,14 @@ impl<'a> Run<'a> {
         config: &'a TrainConfig,
         start: Start,
         device: &Device,
+        group: &Group,
         progress: &mut dyn Progress,
     ) -> Result<Self> {
         config.validate()?;
+        check_group(config, device, group)?;
+        let leader = group.is_leader();
         let (last_path, best_path, log_path) = paths(&config.out);
-        if start == Start::New {
+        if start == Start::New && leader {
             refuse_existing_run(&config.out)?;
         }
         let data = data::load(config.dataset, config.data.as_deref())?;
@@ -73,13 +79,15 @@ impl<'a> Run<'a> {
         crate::zoo::check_fits_in_memory(&crate::zoo::plan(&spec, &options)?, 4)?;
 
         let (params, state, optimizer_state) = match start {
-            Start::Resume => resumed(config, &last_path, &log_path, device)?,
-            Start::New | Start::Replace => fresh(config, &log_path)?,
+            Start::Resume => resumed(config, &last_path, leader.then_some(&log_path), device)?,
+            Start::New | Start::Replace => fresh(config, leader.then_some(&log_path))?,
         };
         let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
         let parameters = named_parameters(&params, &network.parameters())?;
         // Only now: a run that fails on its data or its network leaves no empty directory.
-        std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
+        if leader {
+            std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
+        }
         let mut optimizer =
             AnyOptimizer::from_named(trainable(&parameters), config.optimizer_config(&parameters))?;
         if start == Start::Resume {
@@ -111,6 +119,7 @@ impl<'a> Run<'a> {
                 false => Augment::NONE,
             },
             train_set,
+            group: group.clone(),
         })
     }
 
@@ -160,10 +169,10 @@ impl<'a> Run<'a> {
             let outcome = match train_step(
                 &self.network,
                 &mut self.optimizer,
-                &images,
-                &labels,
+                (&images, &labels),
                 settings,
                 &mut noise_rng,
+                &self.group,
             ) {
                 Err(Error::Diverged(what)) => {
                     return Err(Error::Diverged(format!(
@@ -186,7 +195,8 @@ impl<'a> Run<'a> {
                 state.sums.loss / state.sums.seen as f64,
                 state.sums.correct / state.sums.seen as f64,
             );
-            if stop.load(Ordering::SeqCst) {
+            // Every rank stops at the same batch, whichever received the signal.
+            if self.group.any(stop.load(Ordering::SeqCst)) {
                 interrupted = true;
                 break;
             }
@@ -201,7 +211,9 @@ impl<'a> Run<'a> {
     pub(super) fn interrupt(&mut self, progress: &mut dyn Progress) -> Result<Error> {
         self.meta.epoch = self.state.epoch;
         self.meta.step = self.optimizer.step_count();
-        self.save_last()?;
+        if self.group.is_leader() {
+            self.save_last()?;
+        }
         progress.finish_epoch("interrupted");
         Ok(Error::Interrupted(format!(
             "saved a resumable checkpoint at epoch {}, batch {}: {}; continue with --resume",
@@ -260,6 +272,9 @@ impl<'a> Run<'a> {
         self.meta.step = self.optimizer.step_count();
         self.meta.metrics =
             Some(serde_json::to_value(&log).map_err(|e| Error::invalid(e.to_string()))?);
+        if !self.group.is_leader() {
+            return Ok(log);
+        }
         if improved {
             let mut best = self.meta.clone();
             best.resume = None;
@@ -288,8 +303,9 @@ impl<'a> Run<'a> {
 
     /// Validation accuracy, NLL and ECE-15 after the current epoch (`None` without a
     /// validation split).
+    /// Only the leader validates: its result decides which checkpoint it writes.
     fn validate(&self) -> Result<(Option<f64>, Option<f64>, Option<f64>)> {
-        if self.val_set.is_empty() {
+        if self.val_set.is_empty() || !self.group.is_leader() {
             return Ok((None, None, None));
         }
         let mut eval_rng = seeded(self.config.seed ^ (self.state.epoch as u64 + 1) << 20);
@@ -309,9 +325,10 @@ impl<'a> Run<'a> {
         Ok((Some(acc), Some(nll), Some(ece)))
     }
 
-    /// The best checkpoint's metrics on the test set (`None` with `test_samples` 0).
+    /// The best checkpoint's metrics on the test set (`None` with `test_samples` 0, and on
+    /// ranks other than the leader, which wrote the checkpoint).
     pub(super) fn test_report(&self, device: &Device) -> Result<Option<MetricsReport>> {
-        if self.config.test_samples == 0 {
+        if self.config.test_samples == 0 || !self.group.is_leader() {
             return Ok(None);
         }
         let loaded = Checkpoint::load(&self.best_path, device)?;
@@ -333,10 +350,11 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The state of a new run; an old log in the directory is removed (`--overwrite`).
+/// The state of a new run; an old log in the directory is removed (`--overwrite`) when
+/// `log_path` is given (by the rank that writes).
 fn fresh(
     config: &TrainConfig,
-    log_path: &std::path::Path,
+    log_path: Option<&std::path::Path>,
 ) -> Result<(Params, ResumeState, BTreeMap<String, Tensor>)> {
     let state = ResumeState {
         epoch: 0,
@@ -348,18 +366,19 @@ fn fresh(
         best_val_nll: None,
         config: config.clone(),
     };
-    if log_path.exists() {
+    if let Some(log_path) = log_path.filter(|p| p.exists()) {
         std::fs::remove_file(log_path).map_err(|e| Error::io(log_path, e))?;
     }
     Ok((Params::new(config.seed), state, Default::default()))
 }
 
 /// The weights, state and optimiser tensors of the run saved in `last_path`, refused when it
-/// was written with another configuration.
+/// was written with another configuration. The log at `log_path`, when given (to the rank that
+/// writes), is made to match the checkpoint.
 fn resumed(
     config: &TrainConfig,
     last_path: &std::path::Path,
-    log_path: &std::path::Path,
+    log_path: Option<&std::path::Path>,
     device: &Device,
 ) -> Result<(Params, ResumeState, BTreeMap<String, Tensor>)> {
     let checkpoint = Checkpoint::read(last_path, device)?;
@@ -385,7 +404,9 @@ fn resumed(
     }
     // From here on the run lives where it is now (it may have been moved).
     state.config = config.clone();
-    reconcile_log(log_path, state.epoch, checkpoint.meta.metrics.as_ref())?;
+    if let Some(log_path) = log_path {
+        reconcile_log(log_path, state.epoch, checkpoint.meta.metrics.as_ref())?;
+    }
     let params = Params::from_tensors(checkpoint.weights)?;
     Ok((params, state, checkpoint.optimizer))
 }
@@ -415,4 +436,28 @@ fn batches_per_epoch(
         )));
     }
     Ok(batches)
+}
+
+/// Refuses a group this run cannot be split over: several ranks need the CPU (batch
+/// normalisation is synchronised in the CPU op; the NCCL path for GPUs is not written yet) and
+/// a batch of at least one example per rank.
+fn check_group(config: &TrainConfig, device: &Device, group: &Group) -> Result<()> {
+    let ranks = group.size();
+    if ranks == 1 {
+        return Ok(());
+    }
+    if !device.is_cpu() {
+        return Err(Error::invalid(format!(
+            "training over {ranks} ranks runs on the CPU only for now (GPU all-reduce through \
+             NCCL is not implemented); use --device cpu, or one process per GPU job"
+        )));
+    }
+    if config.batch_size < ranks {
+        return Err(Error::invalid(format!(
+            "--batch-size {} is the global batch and cannot be split over {ranks} ranks; use at \
+             least {ranks}",
+            config.batch_size
+        )));
+    }
+    Ok(())
 }

@@ -4,8 +4,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use candle_nn::Optimizer;
 
+use crate::dist::Group;
 use crate::layers::Pass;
-use crate::loss::elbo_loss;
+use crate::loss::elbo_loss_part;
 use crate::optim::{clip_grad_norm, gradients_are_finite, AnyOptimizer, NamedOptimizer};
 use crate::rng::WhviRng;
 use crate::zoo::Network;
@@ -38,14 +39,25 @@ pub struct StepOutcome {
 /// Samples the posterior `settings.mc_samples` times, back-propagates the mean negative ELBO and
 /// applies the optimiser. A non-finite loss or gradient norm is [`Error::Diverged`] and leaves
 /// the parameters untouched.
+///
+/// `images` and `labels` are the global batch. In a `group` of several ranks each computes its
+/// shard of it and the gradients are summed before the update, so every rank makes the update
+/// one process would make on the whole batch (see [`crate::dist`]); the outcome is the global
+/// batch's.
 pub fn train_step(
     network: &Network,
     optimizer: &mut AnyOptimizer,
-    images: &Tensor,
-    labels: &Tensor,
+    (images, labels): (&Tensor, &Tensor),
     settings: StepSettings,
     rng: &mut WhviRng,
+    group: &Group,
 ) -> Result<StepOutcome> {
+    let shard = group.shard(labels.dim(0)?)?;
+    let sharded = group.size() > 1;
+    let (images, labels) = match sharded {
+        true => (&shard.take(images)?, &shard.take(labels)?),
+        false => (images, labels),
+    };
     let samples = settings.mc_samples.max(1);
     let mut loss_sum: Option<Tensor> = None;
     // Summed as tensors and read once, after the backward pass is queued: on a GPU every read
@@ -58,7 +70,10 @@ pub fn train_step(
     };
     for sample in 0..samples {
         // One update of BatchNorm's running statistics per step, not one per sample.
-        let pass = Pass::train(rng);
+        let pass = match sharded {
+            true => Pass::train(rng).on_shard(shard.clone()),
+            false => Pass::train(rng),
+        };
         let mut pass = if sample == 0 {
             pass
         } else {
@@ -66,7 +81,15 @@ pub fn train_step(
         };
         let logits = network.forward_pass(images, &mut pass)?;
         let kl = network.kl()?;
-        let loss = elbo_loss(&logits, labels, &kl, settings.n_train, settings.beta)?;
+        let loss = elbo_loss_part(
+            &logits,
+            labels,
+            &kl,
+            settings.n_train,
+            settings.beta,
+            shard.fraction(),
+            group.size(),
+        )?;
         let nll = candle_nn::loss::cross_entropy(&logits, labels)?.detach();
         let correct = logits
             .argmax(1)?
@@ -88,12 +111,20 @@ pub fn train_step(
         0,
     )?
     .to_vec1::<f32>()?;
-    let [loss_value, nll, correct] = [0, 1, 2].map(|i| measured[i] as f64);
+    // This shard's parts of the global batch's loss, mean NLL and count of correct predictions.
+    let mut measured = [
+        measured[0] as f64,
+        measured[1] as f64 * shard.fraction(),
+        measured[2] as f64,
+    ];
+    group.sum_f64(&mut measured);
+    let [loss_value, nll, correct] = measured;
     if !loss_value.is_finite() {
         return Err(Error::Diverged(format!(
             "the training loss became {loss_value}"
         )));
     }
+    group.sum_gradients(&mut grads, optimizer.vars())?;
     apply_gradients(optimizer, &mut grads, settings.clip_grad)?;
     Ok(StepOutcome {
         loss: loss_value,

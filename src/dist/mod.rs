@@ -1,0 +1,393 @@
+//! Data-parallel training across processes: a [`Group`] of ranks that sum values with an
+//! all-reduce, and the [`Shard`] of a global batch that one rank computes.
+//!
+//! N ranks compute the same update as one process on the whole batch, to floating-point
+//! reordering: every rank builds the same global batch (same data, shuffling and augmentation
+//! generators) and keeps its own rows; per-example noise is drawn for the whole batch and
+//! narrowed the same way, so the generators stay in step; batch normalisation sums its
+//! statistics over all ranks (synchronised, in the forward and the backward pass); each rank
+//! weights its share of the mean NLL by its rows and the KL term by `1 / N`, and the gradients
+//! are summed before every optimiser step. Only rank 0 writes files.
+//!
+//! The engine is MPI (the `mpi` cargo feature; `mpirun -n N whvi train ...`). Without it, or
+//! outside a launcher, a run is a group of one and nothing here costs anything.
+
+#[cfg(feature = "mpi")]
+mod mpi;
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::{Error, Result};
+
+/// The collective operations a group of ranks needs. Every rank must make the same calls in the
+/// same order (each one blocks until all ranks have made it).
+pub trait Collective: Send + Sync + std::fmt::Debug {
+    /// This process's rank, from 0.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// Replaces `values` by their element-wise sum over all ranks.
+    fn sum_f64(&self, values: &mut [f64]);
+    /// Replaces `values` by their element-wise sum over all ranks.
+    fn sum_f32(&self, values: &mut [f32]);
+    /// Ends every rank of the job with exit status `code`.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// A group of one process: sums are the values themselves.
+#[derive(Debug, Clone, Copy)]
+struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn sum_f64(&self, _: &mut [f64]) {}
+    fn sum_f32(&self, _: &mut [f32]) {}
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// Gradients are summed in buckets of this many values: one all-reduce per bucket, not per
+/// tensor (a VGG has dozens of small ones), and no copy of the whole model at once.
+const GRADIENT_BUCKET: usize = 1 << 22;
+
+/// The ranks of a training job, shared by everything that takes part in a step.
+#[derive(Debug, Clone)]
+pub struct Group {
+    collective: Arc<dyn Collective>,
+    /// Nanoseconds this rank spent in collective calls (waiting for the others included).
+    collective_nanos: Arc<AtomicU64>,
+}
+
+impl Group {
+    /// A group of one process.
+    pub fn solo() -> Self {
+        Group::new(Arc::new(Solo))
+    }
+
+    /// A group over a collective engine.
+    pub fn new(collective: Arc<dyn Collective>) -> Self {
+        Group {
+            collective,
+            collective_nanos: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The group this process was started in: the MPI world under `mpirun` / `srun` (with the
+    /// `mpi` feature), else a group of one. Started by a launcher in a build without the
+    /// feature is an error that says how to rebuild.
+    pub fn from_environment() -> Result<Self> {
+        let Some(size) = launcher_size() else {
+            return Ok(Group::solo());
+        };
+        #[cfg(feature = "mpi")]
+        {
+            let _ = size;
+            Ok(Group::new(Arc::new(mpi::MpiGroup::init()?)))
+        }
+        #[cfg(not(feature = "mpi"))]
+        match size {
+            1 => Ok(Group::solo()),
+            n => Err(Error::invalid(format!(
+                "started as one of {n} ranks by an MPI launcher, but this whvi was built without \
+                 MPI; rebuild with `cargo build --release --features mpi` (needs Open MPI: \
+                 `apt-get install openmpi-bin libopenmpi-dev libclang-dev`)"
+            ))),
+        }
+    }
+
+    /// This process's rank, from 0.
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    /// The number of ranks.
+    pub fn size(&self) -> usize {
+        self.collective.size()
+    }
+
+    /// Whether this rank writes the run's files and reports progress.
+    pub fn is_leader(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Element-wise sums over all ranks.
+    pub fn sum_f64(&self, values: &mut [f64]) {
+        self.timed(|c| c.sum_f64(values))
+    }
+
+    /// Seconds this rank has spent in the group's collective calls so far, waiting for the
+    /// other ranks included: the all-reduce's share of a step is its growth over the step.
+    pub fn collective_seconds(&self) -> f64 {
+        self.collective_nanos.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    fn timed(&self, call: impl FnOnce(&dyn Collective)) {
+        if self.size() == 1 {
+            return;
+        }
+        let start = Instant::now();
+        call(self.collective.as_ref());
+        let nanos = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.collective_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Whether `flag` is set on any rank.
+    pub fn any(&self, flag: bool) -> bool {
+        if self.size() == 1 {
+            return flag;
+        }
+        let mut v = [f64::from(u8::from(flag))];
+        self.sum_f64(&mut v);
+        v[0] > 0.0
+    }
+
+    /// Ends every rank of the job with exit status `code` (after this rank printed why).
+    pub fn abort(&self, code: i32) -> ! {
+        self.collective.abort(code)
+    }
+
+    /// This rank's part of a global batch of `total` examples.
+    pub fn shard(&self, total: usize) -> Result<Shard> {
+        let size = self.size();
+        if total < size {
+            return Err(Error::invalid(format!(
+                "a batch of {total} cannot be split over {size} ranks; use --batch-size of at \
+                 least {size}"
+            )));
+        }
+        let rank = self.rank();
+        Ok(Shard {
+            group: self.clone(),
+            rows: rank * total / size..(rank + 1) * total / size,
+            total,
+        })
+    }
+
+    /// Replaces the gradient of each of `vars` in `grads` by its sum over all ranks. Every rank
+    /// must hold gradients for the same variables (the same network gives that).
+    pub fn sum_gradients(&self, grads: &mut GradStore, vars: &[Var]) -> Result<()> {
+        if self.size() == 1 {
+            return Ok(());
+        }
+        let present: Vec<&Var> = vars.iter().filter(|v| grads.get(v).is_some()).collect();
+        let mut start = 0;
+        while start < present.len() {
+            let mut end = start;
+            let mut count = 0;
+            while end < present.len() && (end == start || count < GRADIENT_BUCKET) {
+                count += present[end].elem_count();
+                end += 1;
+            }
+            self.sum_bucket(grads, &present[start..end])?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn sum_bucket(&self, grads: &mut GradStore, vars: &[&Var]) -> Result<()> {
+        let mut flat: Vec<f32> = Vec::new();
+        for var in vars {
+            let grad = grads.get(var).expect("filtered on presence");
+            flat.extend(
+                grad.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        self.timed(|c| c.sum_f32(&mut flat));
+        let mut offset = 0;
+        for var in vars {
+            let n = var.elem_count();
+            let summed = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
+                .to_dtype(var.dtype())?;
+            grads.insert(var.as_tensor(), summed);
+            offset += n;
+        }
+        Ok(())
+    }
+}
+
+/// One rank's rows of a global batch.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    group: Group,
+    rows: Range<usize>,
+    total: usize,
+}
+
+impl Shard {
+    /// The group the batch is split over.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    /// This rank's rows of the global batch.
+    pub fn rows(&self) -> Range<usize> {
+        self.rows.clone()
+    }
+
+    /// The global batch size.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// This rank's share of the global batch's examples.
+    pub fn fraction(&self) -> f64 {
+        self.rows.len() as f64 / self.total as f64
+    }
+
+    /// This rank's rows of `t`, whose first dimension is `k` entries per example of the global
+    /// batch (k = 1 for images and labels).
+    pub fn take(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let dim0 = t.dim(0)?;
+        if !dim0.is_multiple_of(self.total) {
+            candle_core::bail!(
+                "a tensor of {dim0} rows is not split evenly over a batch of {}",
+                self.total
+            );
+        }
+        let k = dim0 / self.total;
+        t.narrow(0, k * self.rows.start, k * self.rows.len())
+    }
+
+    /// The first dimension of `local_rows` rows of this rank as the global batch's.
+    pub fn global_rows(&self, local_rows: usize) -> candle_core::Result<usize> {
+        if !local_rows.is_multiple_of(self.rows.len()) {
+            candle_core::bail!(
+                "a tensor of {local_rows} rows is not split evenly over this rank's {} examples",
+                self.rows.len()
+            );
+        }
+        Ok(local_rows / self.rows.len() * self.total)
+    }
+}
+
+/// The number of ranks an MPI launcher (Open MPI's mpirun, MPICH's PMI, Slurm's srun) started,
+/// when this process was started by one. `SLURM_STEP_NUM_TASKS` (not `SLURM_NTASKS`, which a
+/// batch script's own shell has too) is set for the tasks of one `srun` step.
+fn launcher_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Rank `rank` of `size` ranks that all hold the same values: a sum multiplies by `size`.
+    #[derive(Debug)]
+    struct Mirrored {
+        rank: usize,
+        size: usize,
+    }
+
+    impl Collective for Mirrored {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn size(&self) -> usize {
+            self.size
+        }
+        fn sum_f64(&self, values: &mut [f64]) {
+            // As a real all-reduce, it takes time (which the group counts).
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            values.iter_mut().for_each(|v| *v *= self.size as f64);
+        }
+        fn sum_f32(&self, values: &mut [f32]) {
+            values.iter_mut().for_each(|v| *v *= self.size as f32);
+        }
+        fn abort(&self, code: i32) -> ! {
+            panic!("abort({code})")
+        }
+    }
+
+    fn group(rank: usize, size: usize) -> Group {
+        Group::new(Arc::new(Mirrored { rank, size }))
+    }
+
+    #[test]
+    fn the_shards_of_a_batch_cover_it_once_in_rank_order() {
+        for (total, size) in [(32, 2), (10, 3), (7, 7), (100, 6)] {
+            let shards: Vec<Shard> = (0..size)
+                .map(|r| group(r, size).shard(total).unwrap())
+                .collect();
+            let rows: Vec<usize> = shards.iter().flat_map(|s| s.rows()).collect();
+            assert_eq!(rows, (0..total).collect::<Vec<_>>());
+            let lens: Vec<usize> = shards.iter().map(|s| s.rows().len()).collect();
+            assert!(
+                lens.iter().max().unwrap() - lens.iter().min().unwrap() <= 1,
+                "{lens:?}"
+            );
+            let fractions: f64 = shards.iter().map(Shard::fraction).sum();
+            assert!((fractions - 1.0).abs() < 1e-12);
+        }
+        let err = group(0, 4).shard(3).unwrap_err().to_string();
+        assert!(err.contains("--batch-size of at least 4"), "{err}");
+    }
+
+    #[test]
+    fn a_shard_takes_its_rows_of_global_tensors_with_several_entries_per_example() {
+        let shard = group(1, 2).shard(4).unwrap();
+        let labels = Tensor::new(&[0u32, 1, 2, 3], &Device::Cpu).unwrap();
+        assert_eq!(
+            shard.take(&labels).unwrap().to_vec1::<u32>().unwrap(),
+            [2, 3]
+        );
+        // Two entries per example (e.g. a WHVI layer on [B, 2, F] input).
+        let rows = Tensor::arange(0u32, 8, &Device::Cpu).unwrap();
+        assert_eq!(
+            shard.take(&rows).unwrap().to_vec1::<u32>().unwrap(),
+            [4, 5, 6, 7]
+        );
+        assert_eq!(shard.global_rows(4).unwrap(), 8);
+        assert!(shard.global_rows(3).is_err());
+        assert!(shard
+            .take(&Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap())
+            .is_err());
+    }
+
+    #[test]
+    fn gradients_are_summed_per_variable_and_variables_without_one_are_left_out() {
+        let device = Device::Cpu;
+        let a = Var::new(&[1f32, 2.0, 3.0], &device).unwrap();
+        let b = Var::new(&[[4f32, 5.0], [6.0, 7.0]], &device).unwrap();
+        let unused = Var::new(&[8f32], &device).unwrap();
+        let loss = ((a.as_tensor() * 2.0).unwrap().sum_all().unwrap()
+            + b.as_tensor().sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+        let mut grads = loss.backward().unwrap();
+        let vars = [a.clone(), unused.clone(), b.clone()];
+        group(0, 3).sum_gradients(&mut grads, &vars).unwrap();
+        let ga = grads.get(&a).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ga, [6.0, 6.0, 6.0]);
+        let gb = grads.get(&b).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(gb, [[24.0, 30.0], [36.0, 42.0]]);
+        assert!(grads.get(&unused).is_none());
+    }
+
+    #[test]
+    fn time_in_collective_calls_is_counted_only_for_several_ranks() {
+        let (solo, pair) = (Group::solo(), group(0, 2));
+        let mut values = [1.0, 2.0];
+        solo.sum_f64(&mut values);
+        pair.sum_f64(&mut values);
+        assert_eq!(values, [2.0, 4.0]);
+        assert_eq!(solo.collective_seconds(), 0.0);
+        assert!(pair.collective_seconds() > 0.0);
+        assert!(pair.any(true) && !pair.any(false) && solo.any(true));
+    }
+}

@@ -1,0 +1,278 @@
+//! Training over MPI ranks (`cargo test --features mpi`; needs Open MPI's `mpirun`): two ranks
+//! with half of each batch make the updates one process makes, a two-rank run resumes, and a
+//! rank that dies ends the job and leaves the last checkpoint readable.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use whvi::checkpoint::Checkpoint;
+
+use common::write_dataset;
+
+const WHVI: &str = env!("CARGO_BIN_EXE_whvi");
+
+fn temp_root(name: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("whvi-mpi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+/// A small WHVI network with batch normalisation after each convolution.
+fn tiny_spec(root: &Path) -> PathBuf {
+    let path = root.join("tiny.toml");
+    std::fs::write(
+        &path,
+        "name = \"tiny\"\nsummary = \"a test network\"\ninput = [3, 32, 32]\nclasses = 10\n\
+         batch_norm = true\nfeatures = [{ conv = 8, kernel = 3, stride = 2 }, \"M\", \
+         { conv = 16, kernel = 3 }, \"M\", \"M\"]\nhead = [64]\n",
+    )
+    .unwrap();
+    path
+}
+
+/// `whvi train` arguments of a run on the data in `root`: WHVI layers, with a mean-field
+/// convolution (local reparameterisation) and MC dropout before the hidden dense layer, so that
+/// every kind of per-example noise is drawn.
+fn train_args(root: &Path, out: &str, epochs: usize) -> Vec<String> {
+    let spec = tiny_spec(root);
+    [
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data",
+        root.to_str().unwrap(),
+        "--model",
+        spec.to_str().unwrap(),
+        "--method",
+        "whvi",
+        "--bayes",
+        "all",
+        "--layer",
+        "conv2=mean-field",
+        "--layer",
+        "fc1=mc-dropout",
+        "--batch-size",
+        "32",
+        "--validation",
+        "64",
+        "--eval-samples",
+        "2",
+        "--test-samples",
+        "0",
+        "--quiet",
+        "--threads",
+        "1",
+        "--epochs",
+        &epochs.to_string(),
+        "--out",
+        root.join(out).to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn mpirun(ranks: usize, args: &[String]) -> Command {
+    let mut command = Command::new("mpirun");
+    command
+        .args(["--allow-run-as-root", "--oversubscribe", "-n"])
+        .arg(ranks.to_string())
+        .arg(WHVI)
+        .args(args);
+    command
+}
+
+fn finished(mut command: Command) -> Output {
+    let output = command.output().expect("mpirun (Open MPI) is on the PATH");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn tensors(path: &Path) -> Vec<(String, Tensor)> {
+    let checkpoint = Checkpoint::read(path, &Device::Cpu).unwrap();
+    let optimizer = checkpoint.optimizer.into_iter();
+    let optimizer = optimizer.map(|(name, t)| (format!("optimizer.{name}"), t));
+    checkpoint.weights.into_iter().chain(optimizer).collect()
+}
+
+fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    (norm(&(&a - &b).unwrap()) / norm(&a).max(1e-300)).sqrt()
+}
+
+/// Tensors whose exact gradient is zero because batch normalisation follows their layer: a
+/// convolution's bias (BN subtracts the channel mean) and a WHVI convolution's output diagonal
+/// `s1` (BN divides out each channel's scale). Their gradient is rounding residue, which Adam
+/// turns into steps of about the learning rate, so they (and the running statistics that see
+/// the bias) differ as much between one process at 1 and at 2 threads: no reordering of sums
+/// reproduces them.
+fn batch_norm_makes_irrelevant(name: &str) -> bool {
+    let layer_is_conv = |n: &str| n.split('.').any(|part| part.starts_with("conv"));
+    layer_is_conv(name) && (name.ends_with(".bias") || name.ends_with(".s1"))
+        || name.contains("running_")
+}
+
+#[test]
+fn two_ranks_with_half_batches_update_like_one_process() {
+    let root = write_dataset(&temp_root("equal"), 64);
+    let mut one = Command::new(WHVI);
+    one.args(train_args(&root, "one", 2));
+    finished(one);
+    finished(mpirun(2, &train_args(&root, "two", 2)));
+
+    let (one, two) = (
+        tensors(&root.join("one/last.safetensors")),
+        tensors(&root.join("two/last.safetensors")),
+    );
+    assert_eq!(
+        one.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        two.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    let mut compared = 0;
+    for ((name, a), (_, b)) in one.iter().zip(&two) {
+        if batch_norm_makes_irrelevant(name) {
+            continue;
+        }
+        let d = relative_difference(a, b);
+        assert!(d <= 1e-5, "{name}: relative difference {d:e}");
+        compared += 1;
+    }
+    // Every other weight, BN scale and shift, and their Adam moments were compared.
+    assert!(compared >= 30, "only {compared} tensors compared");
+    // The first step's logged loss is the global batch's on both.
+    let log = |run: &str| std::fs::read_to_string(root.join(run).join("metrics.jsonl")).unwrap();
+    let loss = |line: &str| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["train_loss"].as_f64().unwrap()
+    };
+    let (a, b) = (log("one"), log("two"));
+    for (x, y) in a.lines().zip(b.lines()) {
+        assert!(
+            (loss(x) - loss(y)).abs() <= 1e-6 * loss(x).abs(),
+            "{x}\n{y}"
+        );
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn a_two_rank_run_stopped_after_an_epoch_resumes_to_the_uninterrupted_run() {
+    let root = write_dataset(&temp_root("resume"), 64);
+    finished(mpirun(2, &train_args(&root, "straight", 2)));
+    // A time limit of 60 µs stops after the first epoch (which takes longer) with a resumable
+    // checkpoint.
+    let mut first = train_args(&root, "resumed", 2);
+    first.extend(["--time-limit".to_string(), "0.000001".to_string()]);
+    finished(mpirun(2, &first));
+    let log = std::fs::read_to_string(root.join("resumed/metrics.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 1, "{log}");
+    let mut rest = train_args(&root, "resumed", 2);
+    rest.push("--resume".to_string());
+    finished(mpirun(2, &rest));
+
+    let straight = tensors(&root.join("straight/last.safetensors"));
+    let resumed = tensors(&root.join("resumed/last.safetensors"));
+    assert_eq!(straight.len(), resumed.len());
+    for ((name, a), (_, b)) in straight.iter().zip(&resumed) {
+        assert_eq!(relative_difference(a, b), 0.0, "{name}");
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The pid of the rank `rank` that `mpirun` started, once it runs.
+fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+    let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The parent pid is the second field after the parenthesised command name.
+            let parent: u32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let environ = std::fs::read(entry.path().join("environ")).ok()?;
+            let has_rank = environ.split(|&b| b == 0).any(|v| v == wanted.as_bytes());
+            (parent == launcher && has_rank).then_some(pid)
+        })
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the job did not end within {limit:?} of a rank's death");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes() {
+    let root = write_dataset(&temp_root("killed"), 128);
+    let mut job = mpirun(2, &train_args(&root, "run", 400))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun (Open MPI) is on the PATH");
+    let last = root.join("run/last.safetensors");
+    wait_for("the first checkpoint", Duration::from_secs(120), || {
+        last.exists()
+    });
+    let victim = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
+    // SIGKILL: no handler runs, as when a node is lost.
+    let killed = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status();
+    assert!(killed.unwrap().success());
+    let status = exit_within(&mut job, Duration::from_secs(60));
+    assert!(!status.success(), "the job must fail when a rank dies");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("rank 1") && stderr.contains("signal 9"),
+        "mpirun names the dead rank and the signal: {stderr}"
+    );
+    // The checkpoint was written atomically: it reads, and the run resumes from it.
+    Checkpoint::read(&last, &Device::Cpu).expect("the last checkpoint stays intact");
+    let mut resume = train_args(&root, "run", 400);
+    resume.extend(["--resume", "--time-limit", "0.000001"].map(String::from));
+    finished(mpirun(2, &resume));
+    std::fs::remove_dir_all(root).unwrap();
+}
