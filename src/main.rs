@@ -152,7 +152,20 @@ fn eval_command(args: &args::EvalArgs) -> whvi::Result<()> {
     args.runtime.apply()?;
     let device = args.runtime.device()?;
     let config = args.to_config()?;
-    let reports = whvi::eval::evaluate(&config, &device, &mut |line| eprintln!("{line}"))?;
+    let group = whvi::dist::Group::from_environment()?;
+    let leader = group.is_leader();
+    let mut progress = |line: &str| {
+        if leader {
+            eprintln!("{line}")
+        }
+    };
+    let reports = match whvi::eval::evaluate_in_group(&config, &device, &group, &mut progress) {
+        Ok(reports) => reports,
+        Err(e) => return Err(end_group_on_error(&group, e)),
+    };
+    if !leader {
+        return Ok(());
+    }
     for report in &reports {
         println!("{}\n{}", report.checkpoint.display(), report.metrics);
         if let Some(mean) = &report.corruption_mean {

@@ -276,3 +276,93 @@ fn a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes() {
     finished(mpirun(2, &resume));
     std::fs::remove_dir_all(root).unwrap();
 }
+
+/// The report without its timing, which differs from run to run.
+fn report_without_seconds(path: &Path) -> serde_json::Value {
+    fn strip(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => map
+                .into_iter()
+                .filter(|(k, _)| k != "seconds")
+                .map(|(k, v)| (k, strip(v)))
+                .collect(),
+            serde_json::Value::Array(items) => items.into_iter().map(strip).collect(),
+            other => other,
+        }
+    }
+    strip(serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
+}
+
+#[test]
+fn evaluation_spread_over_two_ranks_reports_what_one_process_does() {
+    let root = write_dataset(&temp_root("eval"), 64);
+    finished(mpirun(2, &train_args(&root, "run", 1)));
+    let eval_args = |report: &str, probs: &str| -> Vec<String> {
+        let checkpoint = root.join("run/best.safetensors");
+        let mut args: Vec<String> = ["eval", checkpoint.to_str().unwrap(), "--data"]
+            .map(String::from)
+            .to_vec();
+        args.push(root.display().to_string());
+        args.extend(
+            [
+                "--samples",
+                "3",
+                "--corruptions",
+                "all",
+                "--corruption-images",
+                "40",
+                "--ood",
+                "noise",
+                "--threads",
+                "1",
+                "--report",
+            ]
+            .map(String::from),
+        );
+        args.push(root.join(report).display().to_string());
+        args.push("--save-probs".into());
+        args.push(root.join(probs).display().to_string());
+        args
+    };
+    let mut one = Command::new(WHVI);
+    one.args(eval_args("one.json", "one-probs"));
+    finished(one);
+    let two = finished(mpirun(2, &eval_args("two.json", "two-probs")));
+    // Rank 0 alone prints the report.
+    let printed = String::from_utf8_lossy(&two.stdout);
+    assert_eq!(printed.matches("report: ").count(), 1, "{printed}");
+
+    let (a, b) = (
+        report_without_seconds(&root.join("one.json")),
+        report_without_seconds(&root.join("two.json")),
+    );
+    assert_eq!(a, b);
+    let corruptions = a["corruptions"].as_array().unwrap();
+    assert_eq!(
+        corruptions.len(),
+        14 * 5,
+        "every corruption at every severity"
+    );
+    // Every set's predictions were saved once, whichever rank made them, with the same bytes.
+    let files = |dir: &str| -> Vec<(String, Vec<u8>)> {
+        let run = std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(run.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let (saved_one, saved_two) = (files("one-probs"), files("two-probs"));
+    assert!(saved_one.len() > 2 * 70, "{} files", saved_one.len());
+    assert!(saved_one == saved_two, "the saved predictions differ");
+    std::fs::remove_dir_all(root).unwrap();
+}

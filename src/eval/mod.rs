@@ -18,12 +18,13 @@ use candle_core::{DType, Device};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use cifar10c::corruption_rng;
+use cifar10c::{corruption_rng, SEVERITIES};
 
 use crate::checkpoint::{
     pretrained, write_atomic, Checkpoint, CheckpointMeta, Checksum, LoadedModel,
 };
 use crate::data::{self, DatasetKind, ImageDataset, Normalization, Resize};
+use crate::dist::Group;
 use crate::metrics::{
     self, apply_temperature, compute_report, fit_temperature_from_probs, plot_corruption,
     plot_ood_histogram, plot_reliability, CorruptionPoint, Logits, MetricsReport, NpyArray,
@@ -658,6 +659,21 @@ pub fn evaluate(
     device: &Device,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<EvalReport>> {
+    evaluate_in_group(config, device, &Group::solo(), progress)
+}
+
+/// [`evaluate`] as one rank of `group` (e.g. [`Group::from_environment`] under `mpirun`):
+/// the corruptions of a shift evaluation are spread over the ranks (rank r takes corruptions
+/// r, r + N, ...; each set keeps its own generator, so the numbers are those of one process),
+/// the clean, OOD and validation sets are predicted by every rank, and every rank returns the
+/// whole reports. Only rank 0 writes the report file and the plots; saved predictions are
+/// written by the rank that made them.
+pub fn evaluate_in_group(
+    config: &EvalConfig,
+    device: &Device,
+    group: &Group,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<EvalReport>> {
     config.validate()?;
     // Every checkpoint is loaded before any is evaluated: a bad second file is reported
     // before the first one's work is done.
@@ -686,7 +702,16 @@ pub fn evaluate(
     };
     let mut reports = Vec::new();
     for members in groups {
-        reports.push(evaluate_one(config, members, shift.as_ref(), progress)?);
+        reports.push(evaluate_one(
+            config,
+            members,
+            shift.as_ref(),
+            group,
+            progress,
+        )?);
+    }
+    if !group.is_leader() {
+        return Ok(reports);
     }
     if let (Some(dir), true) = (&config.plots, reports.len() > 1 && config.shift.is_some()) {
         let points = methods_under_shift(&reports);
@@ -768,12 +793,21 @@ struct Evaluation<'a> {
     normalization: Normalization,
     /// Where the predictions are saved (`None`: they are not).
     probs_dir: Option<PathBuf>,
+    /// The ranks the corrupted sets are spread over.
+    group: Group,
 }
 
 impl Evaluation<'_> {
     /// Predicts `data` with the set's own generator (one per ensemble member) and saves the
-    /// predictions when asked.
-    fn predict(&self, set: &str, data: &ImageDataset, keep_samples: bool) -> Result<Predictions> {
+    /// predictions when asked. A set that every rank predicts (`every_rank`) is saved by the
+    /// leader; one that a single rank predicts, by that rank.
+    fn predict(
+        &self,
+        set: &str,
+        data: &ImageDataset,
+        keep_samples: bool,
+        every_rank: bool,
+    ) -> Result<Predictions> {
         let ensemble = self.networks.len() > 1;
         let options = PredictOptions {
             samples: self.config.samples,
@@ -798,7 +832,8 @@ impl Evaluation<'_> {
             )?);
         }
         let preds = ensemble_predictions(members)?;
-        if let Some(dir) = &self.probs_dir {
+        let saves = !every_rank || self.group.is_leader();
+        if let Some(dir) = self.probs_dir.as_ref().filter(|_| saves) {
             let labels = (!set.starts_with("ood-")).then(|| data.labels());
             save_predictions(dir, set, &preds, labels, self.config.save_samples)?;
         }
@@ -814,7 +849,7 @@ impl Evaluation<'_> {
         temperature: Option<f64>,
     ) -> Result<CorruptionResult> {
         let set = format!("{}-{severity}", corruption.name());
-        let mean = self.predict(&set, data, false)?;
+        let mean = self.predict(&set, data, false, false)?;
         let (p, l) = (mean.mean(), labels_of(data));
         Ok(CorruptionResult {
             scaled: temperature
@@ -830,7 +865,8 @@ impl Evaluation<'_> {
         })
     }
 
-    /// Every corrupted set of `source`, each severity of each corruption.
+    /// Every corrupted set of `source`, each severity of each corruption. In a group of ranks,
+    /// rank r predicts the corruptions r, r + N, ... and every rank ends with all results.
     fn shift(
         &self,
         source: &ShiftSource,
@@ -840,7 +876,10 @@ impl Evaluation<'_> {
         progress: &mut dyn FnMut(&str),
     ) -> Result<Vec<CorruptionResult>> {
         let limit = self.config.corruption_images;
-        let mut results = Vec::new();
+        let (rank, ranks) = (self.group.rank(), self.group.size());
+        let mine = |i: usize| i % ranks == rank;
+        // Each set's corruption and severity, and its result where this rank computed it.
+        let mut results: Vec<(Corruption, usize, Option<CorruptionResult>)> = Vec::new();
         match (source, files) {
             (ShiftSource::Cifar10C(_), Some(files)) => {
                 if test.shape() != (3, 32, 32) || test.num_classes() != 10 {
@@ -849,7 +888,11 @@ impl Evaluation<'_> {
                          CIFAR-10 model on it",
                     ));
                 }
-                for corruption in files.corruptions() {
+                for (i, corruption) in files.corruptions().into_iter().enumerate() {
+                    if !mine(i) {
+                        results.extend((1..=SEVERITIES).map(|s| (corruption, s, None)));
+                        continue;
+                    }
                     progress(&format!(
                         "{}: {} (CIFAR-10-C files)",
                         files.dir().display(),
@@ -858,18 +901,24 @@ impl Evaluation<'_> {
                     // --limit caps the corrupted sets as it caps the clean one.
                     let sets = files.load(corruption, limit.min(test.len()), test.classes())?;
                     for (severity, set) in (1..).zip(&sets) {
-                        results.push(self.corrupted(corruption, severity, set, temperature)?);
+                        let result = self.corrupted(corruption, severity, set, temperature)?;
+                        results.push((corruption, severity, Some(result)));
                     }
                 }
             }
             (ShiftSource::OnTheFly(corruptions), _) => {
                 let base = test.first(limit)?;
-                for &corruption in corruptions {
-                    for severity in 1..=5 {
+                for (i, &corruption) in corruptions.iter().enumerate() {
+                    for severity in 1..=SEVERITIES {
+                        if !mine(i) {
+                            results.push((corruption, severity, None));
+                            continue;
+                        }
                         progress(&format!("{} severity {severity}", corruption.name()));
                         let mut rng = corruption_rng(self.config.seed, corruption, severity);
                         let set = corrupt_dataset(&base, corruption, severity, &mut rng)?;
-                        results.push(self.corrupted(corruption, severity, &set, temperature)?);
+                        let result = self.corrupted(corruption, severity, &set, temperature)?;
+                        results.push((corruption, severity, Some(result)));
                     }
                 }
             }
@@ -877,8 +926,52 @@ impl Evaluation<'_> {
                 return Err(Error::data(dir, "the CIFAR-10-C directory was not opened"))
             }
         }
-        Ok(results)
+        Ok(gather_results(&self.group, results, temperature.is_some()))
     }
+}
+
+/// Every rank's corrupted-set results on every rank: each set's metrics are summed over the
+/// ranks, where only the rank that computed them contributes (others add zeros, which leaves
+/// the values as they are, bit for bit).
+fn gather_results(
+    group: &Group,
+    results: Vec<(Corruption, usize, Option<CorruptionResult>)>,
+    scaled: bool,
+) -> Vec<CorruptionResult> {
+    const FIELDS: usize = 8;
+    let mut values = vec![0.0; results.len() * FIELDS];
+    for (slot, (_, _, result)) in values.chunks_mut(FIELDS).zip(&results) {
+        if let Some(r) = result {
+            let s = r.scaled.unwrap_or(ScaledMetrics {
+                nll: 0.0,
+                brier: 0.0,
+                ece15: 0.0,
+            });
+            let images = r.images as f64;
+            slot.copy_from_slice(&[
+                r.accuracy, r.nll, r.brier, r.ece15, images, s.nll, s.brier, s.ece15,
+            ]);
+        }
+    }
+    group.sum_f64(&mut values);
+    results
+        .into_iter()
+        .zip(values.chunks(FIELDS))
+        .map(|((corruption, severity, _), v)| CorruptionResult {
+            corruption,
+            severity,
+            images: v[4] as usize,
+            accuracy: v[0],
+            nll: v[1],
+            brier: v[2],
+            ece15: v[3],
+            scaled: scaled.then_some(ScaledMetrics {
+                nll: v[5],
+                brier: v[6],
+                ece15: v[7],
+            }),
+        })
+        .collect()
 }
 
 /// Writes one set's predictions as `.npy` files into `dir` (see [`evaluate`]).
@@ -930,6 +1023,7 @@ struct Prepared<'a> {
 fn prepare<'a>(
     config: &'a EvalConfig,
     members: Vec<Member>,
+    group: &Group,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Prepared<'a>> {
     let paths: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
@@ -996,6 +1090,7 @@ fn prepare<'a>(
         networks,
         normalization,
         probs_dir,
+        group: group.clone(),
     };
     Ok(Prepared {
         paths,
@@ -1047,7 +1142,7 @@ fn temperature_of(
                 prepared.eval.config.prefix_of(&prepared.paths[0]),
                 val.len()
             ));
-            let val_preds = prepared.eval.predict("validation", &val, false)?;
+            let val_preds = prepared.eval.predict("validation", &val, false, true)?;
             Ok(Some(temperature_report(
                 &val_preds,
                 &labels_of(&val),
@@ -1067,10 +1162,11 @@ fn evaluate_one(
     config: &EvalConfig,
     members: Vec<Member>,
     shift_files: Option<&Cifar10C>,
+    group: &Group,
     progress: &mut dyn FnMut(&str),
 ) -> Result<EvalReport> {
     let started = Instant::now();
-    let prepared = prepare(config, members, progress)?;
+    let prepared = prepare(config, members, group, progress)?;
     let path = prepared.paths[0].as_path();
     let (eval, test) = (&prepared.eval, &prepared.test);
     progress(&format!(
@@ -1079,7 +1175,7 @@ fn evaluate_one(
         test.len(),
         config.samples
     ));
-    let preds = eval.predict("clean", test, true)?;
+    let preds = eval.predict("clean", test, true, true)?;
     let labels = labels_of(test);
     let ood_preds = match &config.ood {
         Some(source) => {
@@ -1091,7 +1187,7 @@ fn evaluate_one(
                 ood.len(),
                 source.name()
             ));
-            Some(eval.predict(&format!("ood-{}", source.name()), &ood, true)?)
+            Some(eval.predict(&format!("ood-{}", source.name()), &ood, true, true)?)
         }
         None => None,
     };
@@ -1125,7 +1221,7 @@ fn evaluate_one(
         meta: prepared.metas[0].clone(),
         seconds: 0.0,
     };
-    if let Some(dir) = &config.plots {
+    if let Some(dir) = config.plots.as_ref().filter(|_| group.is_leader()) {
         let title = format!("{} — T = {}", report_label(&report), config.samples);
         let prefix = dir.join(config.prefix_of(path));
         write_plots(

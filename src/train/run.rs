@@ -211,12 +211,16 @@ impl<'a> Run<'a> {
     pub(super) fn interrupt(&mut self, progress: &mut dyn Progress) -> Result<Error> {
         self.meta.epoch = self.state.epoch;
         self.meta.step = self.optimizer.step_count();
-        if self.group.is_leader() {
-            self.save_last()?;
-        }
+        let saver = match self.group.is_leader() {
+            true => {
+                self.save_last()?;
+                "saved"
+            }
+            false => "rank 0 saved",
+        };
         progress.finish_epoch("interrupted");
         Ok(Error::Interrupted(format!(
-            "saved a resumable checkpoint at epoch {}, batch {}: {}; continue with --resume",
+            "{saver} a resumable checkpoint at epoch {}, batch {}: {}; continue with --resume",
             self.state.epoch + 1,
             self.state.batch_in_epoch,
             self.last_path.display()
