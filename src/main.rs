@@ -330,7 +330,7 @@ fn end_group_on_error(group: &whvi::dist::Group, e: whvi::Error) -> whvi::Error 
         return e;
     }
     eprintln!(
-        "whvi: rank {} of {}: error: {}; ending the job (the last checkpoint is kept)",
+        "whvi: rank {} of {}: error: {}; ending the job (checkpoints already written stay as they are)",
         group.rank(),
         group.size(),
         e.without_backtrace()

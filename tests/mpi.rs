@@ -366,3 +366,22 @@ fn evaluation_spread_over_two_ranks_reports_what_one_process_does() {
     assert!(saved_one == saved_two, "the saved predictions differ");
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn a_batch_smaller_than_the_ranks_is_refused_and_ends_the_job() {
+    let root = write_dataset(&temp_root("small-batch"), 16);
+    let mut args = train_args(&root, "run", 1);
+    let batch = args.iter().position(|a| a == "--batch-size").unwrap();
+    args[batch + 1] = "1".into();
+    let output = mpirun(2, &args)
+        .output()
+        .expect("mpirun (Open MPI) is on the PATH");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--batch-size 1 is the global batch and cannot be split over 2 ranks"),
+        "{stderr}"
+    );
+    assert!(!root.join("run").exists(), "a refused run writes nothing");
+    std::fs::remove_dir_all(root).unwrap();
+}
