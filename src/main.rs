@@ -323,10 +323,10 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
 }
 
 /// A rank that fails while the others wait in a collective call would leave them hanging: it
-/// says why and ends the whole job. An interruption reaches every rank at the same batch and
-/// is returned as it is.
+/// says why and ends the whole job.
 fn end_group_on_error(group: &whvi::dist::Group, e: whvi::Error) -> whvi::Error {
-    if group.size() == 1 || matches!(e, whvi::Error::Interrupted(_)) {
+    // An interruption and a divergence reach every rank at the same batch: each ends itself.
+    if group.size() == 1 || matches!(e, whvi::Error::Interrupted(_) | whvi::Error::Diverged(_)) {
         return e;
     }
     eprintln!(

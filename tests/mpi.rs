@@ -131,24 +131,30 @@ fn batch_norm_makes_irrelevant(name: &str) -> bool {
         || name.contains("running_")
 }
 
-#[test]
-fn two_ranks_with_half_batches_update_like_one_process() {
-    let root = write_dataset(&temp_root("equal"), 64);
+/// Trains with `extra` arguments as one process and as `ranks` ranks, and compares the last
+/// checkpoints and the logged losses.
+fn ranks_update_like_one_process(name: &str, ranks: usize, extra: &[&str]) {
+    let root = write_dataset(&temp_root(name), 64);
+    let args = |out: &str| -> Vec<String> {
+        let mut args = train_args(&root, out, 2);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
     let mut one = Command::new(WHVI);
-    one.args(train_args(&root, "one", 2));
+    one.args(args("one"));
     finished(one);
-    finished(mpirun(2, &train_args(&root, "two", 2)));
+    finished(mpirun(ranks, &args("ranks")));
 
-    let (one, two) = (
+    let (one, many) = (
         tensors(&root.join("one/last.safetensors")),
-        tensors(&root.join("two/last.safetensors")),
+        tensors(&root.join("ranks/last.safetensors")),
     );
     assert_eq!(
         one.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-        two.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        many.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     let mut compared = 0;
-    for ((name, a), (_, b)) in one.iter().zip(&two) {
+    for ((name, a), (_, b)) in one.iter().zip(&many) {
         if batch_norm_makes_irrelevant(name) {
             continue;
         }
@@ -158,13 +164,14 @@ fn two_ranks_with_half_batches_update_like_one_process() {
     }
     // Every other weight, BN scale and shift, and their Adam moments were compared.
     assert!(compared >= 30, "only {compared} tensors compared");
-    // The first step's logged loss is the global batch's on both.
+    // Each epoch's logged loss is the global batch's on both.
     let log = |run: &str| std::fs::read_to_string(root.join(run).join("metrics.jsonl")).unwrap();
     let loss = |line: &str| -> f64 {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         v["train_loss"].as_f64().unwrap()
     };
-    let (a, b) = (log("one"), log("two"));
+    let (a, b) = (log("one"), log("ranks"));
+    assert_eq!(a.lines().count(), 2);
     for (x, y) in a.lines().zip(b.lines()) {
         assert!(
             (loss(x) - loss(y)).abs() <= 1e-6 * loss(x).abs(),
@@ -172,6 +179,19 @@ fn two_ranks_with_half_batches_update_like_one_process() {
         );
     }
     std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn two_ranks_with_half_batches_update_like_one_process() {
+    ranks_update_like_one_process("equal", 2, &[]);
+}
+
+/// Shards of 10, 11 and 11 examples; two posterior samples a step (batch norm synchronised in
+/// each); WHVI convolutions drawing filters per example.
+#[test]
+fn three_uneven_shards_with_two_samples_and_per_example_filters_update_like_one_process() {
+    let extra = ["--mc-samples", "2", "--conv-sampling", "per-example"];
+    ranks_update_like_one_process("uneven", 3, &extra);
 }
 
 #[test]
@@ -383,5 +403,46 @@ fn a_batch_smaller_than_the_ranks_is_refused_and_ends_the_job() {
         "{stderr}"
     );
     assert!(!root.join("run").exists(), "a refused run writes nothing");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn sigint_to_the_ranks_stops_them_at_one_batch_with_a_resumable_checkpoint() {
+    let root = write_dataset(&temp_root("sigint"), 128);
+    let mut job = mpirun(2, &train_args(&root, "run", 400))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mpirun (Open MPI) is on the PATH");
+    let last = root.join("run/last.safetensors");
+    wait_for("the first checkpoint", Duration::from_secs(120), || {
+        last.exists()
+    });
+    let ranks: Vec<u32> = (0..2)
+        .map(|r| rank_pid(job.id(), r).expect("the ranks are children of mpirun"))
+        .collect();
+    for pid in &ranks {
+        let sent = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+        assert!(sent.unwrap().success());
+    }
+    let status = exit_within(&mut job, Duration::from_secs(60));
+    assert!(!status.success(), "an interrupted run exits with 130");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut stderr).unwrap();
+    // Both ranks stopped after the same batch, which rank 0 saved.
+    let stop_of = |prefix: &str| -> String {
+        let line = stderr.lines().find(|l| l.contains(prefix));
+        let line = line.unwrap_or_else(|| panic!("no '{prefix}' in {stderr}"));
+        line[line.find(" at epoch").unwrap()..].to_string()
+    };
+    assert_eq!(
+        stop_of("interrupted: saved a resumable"),
+        stop_of("interrupted: rank 0 saved a resumable")
+    );
+    let mut resume = train_args(&root, "run", 400);
+    resume.extend(["--resume", "--time-limit", "0.000001"].map(String::from));
+    finished(mpirun(2, &resume));
     std::fs::remove_dir_all(root).unwrap();
 }

@@ -7,7 +7,7 @@
 //! narrowed the same way, so the generators stay in step; batch normalisation sums its
 //! statistics over all ranks (synchronised, in the forward and the backward pass); each rank
 //! weights its share of the mean NLL by its rows and the KL term by `1 / N`, and the gradients
-//! are summed before every optimiser step. Only rank 0 writes files.
+//! are summed before every optimiser step. In training, only rank 0 writes files.
 //!
 //! The engine is MPI (the `mpi` cargo feature; `mpirun -n N whvi train ...`). Without it, or
 //! outside a launcher, a run is a group of one and nothing here costs anything.
@@ -93,8 +93,19 @@ impl Group {
         };
         #[cfg(feature = "mpi")]
         {
-            let _ = size;
-            Ok(Group::new(Arc::new(mpi::MpiGroup::init()?)))
+            let world = mpi::MpiGroup::init()?;
+            if world.size() != size {
+                return Err(Error::invalid(format!(
+                    "the launcher started {size} ranks but MPI sees {} here: whvi is linked \
+                     against another MPI than the launcher's, or srun runs without PMI (use \
+                     `srun --mpi=pmix`, or the mpirun of the MPI whvi was built with)",
+                    world.size()
+                )));
+            }
+            if size > 1 {
+                abort_the_job_on_panic(world.rank(), size);
+            }
+            Ok(Group::new(Arc::new(world)))
         }
         #[cfg(not(feature = "mpi"))]
         match size {
@@ -163,7 +174,7 @@ impl Group {
         let size = self.size();
         if total < size {
             return Err(Error::invalid(format!(
-                "a batch of {total} cannot be split over {size} ranks; use --batch-size of at \
+                "a global batch of {total} cannot be split over {size} ranks; use a batch of at \
                  least {size}"
             )));
         }
@@ -238,11 +249,6 @@ impl Shard {
         self.rows.clone()
     }
 
-    /// The global batch size.
-    pub fn total(&self) -> usize {
-        self.total
-    }
-
     /// This rank's share of the global batch's examples.
     pub fn fraction(&self) -> f64 {
         self.rows.len() as f64 / self.total as f64
@@ -272,6 +278,18 @@ impl Shard {
         }
         Ok(local_rows / self.rows.len() * self.total)
     }
+}
+
+/// A panic on one rank while the others wait in a collective call would hang the job (its
+/// unwinding finalises MPI, which waits for every rank): after the usual message, the job ends.
+#[cfg(feature = "mpi")]
+fn abort_the_job_on_panic(rank: usize, size: usize) {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        eprintln!("whvi: rank {rank} of {size} panicked; ending the job");
+        mpi::abort_world(101)
+    }));
 }
 
 /// The number of ranks an MPI launcher (Open MPI's mpirun, MPICH's PMI, Slurm's srun) started,
@@ -336,7 +354,7 @@ mod tests {
             assert!((fractions - 1.0).abs() < 1e-12);
         }
         let err = group(0, 4).shard(3).unwrap_err().to_string();
-        assert!(err.contains("--batch-size of at least 4"), "{err}");
+        assert!(err.contains("a batch of at least 4"), "{err}");
     }
 
     #[test]

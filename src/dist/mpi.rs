@@ -1,6 +1,8 @@
 //! The MPI engine of a [`Group`](super::Group) (the `mpi` feature).
 
+use std::mem::ManuallyDrop;
 use std::sync::Mutex;
+use std::thread::ThreadId;
 
 use mpi::collective::SystemOperation;
 use mpi::environment::{Threading, Universe};
@@ -11,13 +13,15 @@ use super::Collective;
 use crate::{Error, Result};
 
 /// The MPI world of this job. MPI is initialised at the "serialized" threading level and every
-/// call holds `world`'s lock, so calls may come from any thread but never two at once.
+/// collective call holds `world`'s lock, so calls may come from any thread but never two at
+/// once.
 pub(super) struct MpiGroup {
     world: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
-    // Dropped last: finalises MPI.
-    _universe: Universe,
+    /// Finalises MPI when dropped, which MPI allows only on the thread that initialised it.
+    universe: ManuallyDrop<Universe>,
+    init_thread: ThreadId,
 }
 
 // SAFETY: the communicator handle is only used under the mutex, and MPI was initialised for
@@ -52,7 +56,8 @@ impl MpiGroup {
             world: Mutex::new(world),
             rank,
             size,
-            _universe: universe,
+            universe: ManuallyDrop::new(universe),
+            init_thread: std::thread::current().id(),
         })
     }
 
@@ -87,6 +92,23 @@ impl Collective for MpiGroup {
     }
 
     fn abort(&self, code: i32) -> ! {
-        self.world().abort(code)
+        abort_world(code)
+    }
+}
+
+/// Ends every rank of the job. Not through [`MpiGroup`]'s lock: another thread may be blocked
+/// in a collective call under it.
+pub(super) fn abort_world(code: i32) -> ! {
+    SimpleCommunicator::world().abort(code)
+}
+
+impl Drop for MpiGroup {
+    fn drop(&mut self) {
+        // The group is dropped on the main thread in whvi's own use (the last handle goes with
+        // the run). Elsewhere MPI stays initialised, and mpirun reports the missing finalise.
+        if std::thread::current().id() == self.init_thread {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe { ManuallyDrop::drop(&mut self.universe) }
+        }
     }
 }

@@ -172,10 +172,11 @@ impl BayesianModule for BatchNorm2d {
         }
         if sync.is_some() && pass.is_train() {
             bail!(
-                "batch norm synchronised over ranks runs on the CPU (f32 or f64); multi-rank \
-                 training on {:?} {:?} is not supported",
-                x.device().location(),
-                x.dtype()
+                "batch norm synchronised over ranks runs in the CPU op, on f32 or f64 input \
+                 [batch, channels, height, width]; got {:?} input of shape {:?} on {:?}",
+                x.dtype(),
+                x.dims(),
+                x.device().location()
             );
         }
         // candle-nn's layer updates the running statistics in every training pass: put them
