@@ -446,3 +446,26 @@ fn sigint_to_the_ranks_stops_them_at_one_batch_with_a_resumable_checkpoint() {
     finished(mpirun(2, &resume));
     std::fs::remove_dir_all(root).unwrap();
 }
+
+#[test]
+fn ranks_started_with_different_settings_are_refused() {
+    let root = write_dataset(&temp_root("mismatch"), 32);
+    let args = train_args(&root, "run", 1);
+    let mut other = args.clone();
+    other.extend(["--seed", "7"].map(String::from));
+    // One launch, two programs (MPMD): rank 1 has another seed.
+    let output = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "1", WHVI])
+        .args(&args)
+        .args([":", "-n", "1", WHVI])
+        .args(&other)
+        .output()
+        .expect("mpirun (Open MPI) is on the PATH");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the ranks hold different settings or data"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}

@@ -82,6 +82,10 @@ impl<'a> Run<'a> {
             Start::Resume => resumed(config, &last_path, leader.then_some(&log_path), device)?,
             Start::New | Start::Replace => fresh(config, leader.then_some(&log_path))?,
         };
+        group.check_same(
+            "settings or data",
+            settings_checksum(config, &train_set, &state)?,
+        )?;
         let network = Network::build(&spec, &options, params.var_builder(DType::F32, device))?;
         let parameters = named_parameters(&params, &network.parameters())?;
         // Only now: a run that fails on its data or its network leaves no empty directory.
@@ -99,6 +103,10 @@ impl<'a> Run<'a> {
             Some(serde_json::to_value(config).map_err(|e| Error::invalid(e.to_string()))?);
         meta.seed = Some(config.seed);
         let batches_per_epoch = batches_per_epoch(&train_set, config, &state)?;
+        group.check_same(
+            "settings or data",
+            settings_checksum(config, &train_set, &state)?,
+        )?;
         Ok(Run {
             config,
             last_path,
@@ -235,6 +243,8 @@ impl<'a> Run<'a> {
         progress: &mut dyn Progress,
         data_rng: RngState,
     ) -> Result<EpochLog> {
+        self.group
+            .check_same("weights after an epoch", weights_checksum(&self.params)?)?;
         let (val_accuracy, val_nll, val_ece) = self.validate()?;
         let state = &mut self.state;
         let seconds = state.sums.seconds;
@@ -464,4 +474,29 @@ fn check_group(config: &TrainConfig, device: &Device, group: &Group) -> Result<(
         )));
     }
     Ok(())
+}
+
+/// A checksum of what every rank must start from: the settings, the resume state and the
+/// training labels.
+fn settings_checksum(
+    config: &TrainConfig,
+    train_set: &ImageDataset,
+    state: &ResumeState,
+) -> Result<u32> {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&serde_json::to_vec(config).map_err(|e| Error::invalid(e.to_string()))?);
+    crc.update(&serde_json::to_vec(state).map_err(|e| Error::invalid(e.to_string()))?);
+    crc.update(train_set.labels());
+    Ok(crc.finalize())
+}
+
+/// A checksum of every trained tensor's bytes, in name order.
+fn weights_checksum(params: &Params) -> Result<u32> {
+    let mut crc = crc32fast::Hasher::new();
+    for (name, var) in params.named_vars() {
+        crc.update(name.as_bytes());
+        let values = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        values.iter().for_each(|v| crc.update(&v.to_le_bytes()));
+    }
+    Ok(crc.finalize())
 }
