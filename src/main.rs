@@ -325,16 +325,34 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
 /// A rank that fails while the others wait in a collective call would leave them hanging: it
 /// says why and ends the whole job.
 fn end_group_on_error(group: &whvi::dist::Group, e: whvi::Error) -> whvi::Error {
-    // An interruption and a divergence reach every rank at the same batch: each ends itself.
-    if group.size() == 1 || matches!(e, whvi::Error::Interrupted(_) | whvi::Error::Diverged(_)) {
+    if group.size() == 1 {
         return e;
     }
-    eprintln!(
+    // An interruption and a divergence reach every rank at the same batch. The first rank to
+    // exit makes mpirun end the others, so each says its part before any leaves.
+    // One write per message: mpirun interleaves the ranks' output write by write.
+    let say = |line: String| eprint!("{line}\n");
+    let code = match &e {
+        whvi::Error::Interrupted(message) => {
+            say(format!("whvi: interrupted: {message}"));
+            Some(130)
+        }
+        whvi::Error::Diverged(message) => {
+            say(format!("whvi: error: {message}"));
+            Some(1)
+        }
+        _ => None,
+    };
+    if let Some(code) = code {
+        group.any(false);
+        std::process::exit(code);
+    }
+    say(format!(
         "whvi: rank {} of {}: error: {}; ending the job (checkpoints already written stay as they are)",
         group.rank(),
         group.size(),
         e.without_backtrace()
-    );
+    ));
     group.abort(1)
 }
 

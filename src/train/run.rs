@@ -226,6 +226,8 @@ impl<'a> Run<'a> {
             }
             false => "rank 0 saved",
         };
+        // A rank that exited now would make mpirun end the job while rank 0 is still saving.
+        self.group.any(false);
         progress.finish_epoch("interrupted");
         Ok(Error::Interrupted(format!(
             "{saver} a resumable checkpoint at epoch {}, batch {}: {}; continue with --resume",
