@@ -331,7 +331,9 @@ fn end_group_on_error(group: &whvi::dist::Group, e: whvi::Error) -> whvi::Error 
     // An interruption and a divergence reach every rank at the same batch. The first rank to
     // exit makes mpirun end the others, so each says its part before any leaves.
     // One write per message: mpirun interleaves the ranks' output write by write.
-    let say = |line: String| eprint!("{line}\n");
+    let say = |line: String| {
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
+    };
     let code = match &e {
         whvi::Error::Interrupted(message) => {
             say(format!("whvi: interrupted: {message}"));
