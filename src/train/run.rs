@@ -245,8 +245,10 @@ impl<'a> Run<'a> {
         progress: &mut dyn Progress,
         data_rng: RngState,
     ) -> Result<EpochLog> {
-        self.group
-            .check_same("weights after an epoch", weights_checksum(&self.params)?)?;
+        if self.group.size() > 1 {
+            let checksum = weights_checksum(&self.params)?;
+            self.group.check_same("weights after an epoch", checksum)?;
+        }
         let (val_accuracy, val_nll, val_ece) = self.validate()?;
         let state = &mut self.state;
         let seconds = state.sums.seconds;
