@@ -263,10 +263,9 @@ fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-#[test]
-fn a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes() {
-    let root = write_dataset(&temp_root("killed"), 128);
-    let mut job = mpirun(2, &train_args(&root, "run", 400))
+/// A long 2-rank run in `root/run`, once its first checkpoint is written.
+fn long_run_after_its_first_epoch(root: &Path) -> Child {
+    let job = mpirun(2, &train_args(root, "run", 400))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -275,25 +274,49 @@ fn a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes() {
     wait_for("the first checkpoint", Duration::from_secs(120), || {
         last.exists()
     });
-    let victim = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
-    // SIGKILL: no handler runs, as when a node is lost.
-    let killed = Command::new("kill")
-        .args(["-9", &victim.to_string()])
+    job
+}
+
+/// Sends `signal` to rank `rank` of the job.
+fn signal_rank(job: &Child, rank: usize, signal: &str) {
+    let pid = rank_pid(job.id(), rank).expect("the ranks are children of mpirun");
+    let sent = Command::new("kill")
+        .args([signal, &pid.to_string()])
         .status();
-    assert!(killed.unwrap().success());
+    assert!(sent.unwrap().success());
+}
+
+/// Waits (at most a minute) for the job to fail, and returns what it wrote to stderr.
+fn failure_output(mut job: Child) -> String {
     let status = exit_within(&mut job, Duration::from_secs(60));
-    assert!(!status.success(), "the job must fail when a rank dies");
+    assert!(!status.success(), "the job must fail");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut stderr).unwrap();
+    stderr
+}
+
+/// One more epoch of the run in `root/run`, resumed by 2 ranks.
+fn resume_for_an_epoch(root: &Path) {
+    let mut resume = train_args(root, "run", 400);
+    resume.extend(["--resume", "--time-limit", "0.000001"].map(String::from));
+    finished(mpirun(2, &resume));
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes() {
+    let root = write_dataset(&temp_root("killed"), 128);
+    let job = long_run_after_its_first_epoch(&root);
+    // SIGKILL: no handler runs, as when a node is lost.
+    signal_rank(&job, 1, "-9");
+    let stderr = failure_output(job);
     assert!(
         stderr.contains("rank 1") && stderr.contains("signal 9"),
         "mpirun names the dead rank and the signal: {stderr}"
     );
     // The checkpoint was written atomically: it reads, and the run resumes from it.
+    let last = root.join("run/last.safetensors");
     Checkpoint::read(&last, &Device::Cpu).expect("the last checkpoint stays intact");
-    let mut resume = train_args(&root, "run", 400);
-    resume.extend(["--resume", "--time-limit", "0.000001"].map(String::from));
-    finished(mpirun(2, &resume));
+    resume_for_an_epoch(&root);
     std::fs::remove_dir_all(root).unwrap();
 }
 
@@ -409,28 +432,11 @@ fn a_batch_smaller_than_the_ranks_is_refused_and_ends_the_job() {
 #[test]
 fn sigint_to_the_ranks_stops_them_at_one_batch_with_a_resumable_checkpoint() {
     let root = write_dataset(&temp_root("sigint"), 128);
-    let mut job = mpirun(2, &train_args(&root, "run", 400))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mpirun (Open MPI) is on the PATH");
-    let last = root.join("run/last.safetensors");
-    wait_for("the first checkpoint", Duration::from_secs(120), || {
-        last.exists()
-    });
-    let ranks: Vec<u32> = (0..2)
-        .map(|r| rank_pid(job.id(), r).expect("the ranks are children of mpirun"))
-        .collect();
-    for pid in &ranks {
-        let sent = Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status();
-        assert!(sent.unwrap().success());
-    }
-    let status = exit_within(&mut job, Duration::from_secs(60));
-    assert!(!status.success(), "an interrupted run exits with 130");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut stderr).unwrap();
+    let job = long_run_after_its_first_epoch(&root);
+    signal_rank(&job, 0, "-INT");
+    signal_rank(&job, 1, "-INT");
+    // An interrupted run exits with 130.
+    let stderr = failure_output(job);
     // Both ranks stopped after the same batch, which rank 0 saved.
     let stop_of = |prefix: &str| -> String {
         let line = stderr.lines().find(|l| l.contains(prefix));
@@ -441,9 +447,7 @@ fn sigint_to_the_ranks_stops_them_at_one_batch_with_a_resumable_checkpoint() {
         stop_of("interrupted: saved a resumable"),
         stop_of("interrupted: rank 0 saved a resumable")
     );
-    let mut resume = train_args(&root, "run", 400);
-    resume.extend(["--resume", "--time-limit", "0.000001"].map(String::from));
-    finished(mpirun(2, &resume));
+    resume_for_an_epoch(&root);
     std::fs::remove_dir_all(root).unwrap();
 }
 
