@@ -80,4 +80,44 @@ mod tests {
         }
         assert!(elbo_loss(&logits, &y, &kl, 0, 1.0).is_err());
     }
+
+    /// The contract data-parallel training rests on: the parts of ranks with shares of the
+    /// batch sum to the whole batch's loss.
+    #[test]
+    fn the_parts_of_a_split_batch_sum_to_its_loss() {
+        let logits = Tensor::new(
+            &[
+                [2.0f64, 0.5, -1.0],
+                [0.0, 0.0, 0.0],
+                [-3.0, 1.0, 4.0],
+                [1.5, -0.5, 0.25],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let targets = Tensor::new(&[0u32, 2, 1, 1], &Device::Cpu).unwrap();
+        let kl = Tensor::new(50.0f64, &Device::Cpu).unwrap();
+        let whole = elbo_loss(&logits, &targets, &kl, 1000, 0.5)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        // Shards of 1 and 3 examples over 2 ranks.
+        let part = |start: usize, len: usize| {
+            let (l, t) = (
+                logits.narrow(0, start, len).unwrap(),
+                targets.narrow(0, start, len).unwrap(),
+            );
+            elbo_loss_part(&l, &t, &kl, 1000, 0.5, len as f64 / 4.0, 2)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let summed = part(0, 1) + part(1, 3);
+        assert!(
+            (summed - whole).abs() <= 1e-12 * whole.abs(),
+            "{summed} vs {whole}"
+        );
+        // Each part alone is not the whole (the test can fail).
+        assert!((part(1, 3) - whole).abs() > 1e-3);
+    }
 }
