@@ -300,3 +300,69 @@ fn a_pass_without_statistics_normalises_by_the_batch_and_keeps_the_running_stati
         );
     }
 }
+
+/// Ties inside windows (values on a coarse grid) and negative maxima (a shift below zero), so
+/// that the first-maximum rule and the ReLU's mask both matter.
+fn coarse(shape: &[usize], seed: u64, dtype: DType, shift: f64) -> Tensor {
+    let x = random(shape, seed, DType::F64);
+    let grid = (x * 2.0).unwrap().round().unwrap();
+    grid.affine(0.5, shift).unwrap().to_dtype(dtype).unwrap()
+}
+
+#[test]
+fn batch_norm_with_relu_and_max_pool_matches_the_layers_apart() {
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+        for (h, w) in [(4, 6), (5, 3), (7, 7), (2, 2)] {
+            for train in [true, false] {
+                let (apart, _, maps) = batch_norms(3, dtype, true);
+                let fused =
+                    BatchNorm2d::new(3, VarBuilder::from_varmap(&maps[0], dtype, &Device::Cpu))
+                        .unwrap()
+                        .with_relu()
+                        .with_max_pool();
+                let x = Var::from_tensor(&coarse(&[2, 3, h, w], 8, dtype, -0.3)).unwrap();
+                let upstream = random(&[2, 3, h / 2, w / 2], 9, dtype);
+                let run = |layers: &[&dyn BayesianModule]| {
+                    let mut rng = seeded(0);
+                    let mut y = x.as_tensor().clone();
+                    for layer in layers {
+                        let mut pass = if train {
+                            Pass::train(&mut rng).without_statistics()
+                        } else {
+                            Pass::mean()
+                        };
+                        y = layer.forward_pass(&y, &mut pass).unwrap();
+                    }
+                    let grads = (&y * &upstream).unwrap().sum_all().unwrap().backward();
+                    (y, grads.unwrap())
+                };
+                let (y_fused, g_fused) = run(&[&fused]);
+                let (y_apart, g_apart) = run(&[&apart, &MaxPool2d::new(2)]);
+                let label = format!("{dtype:?} {h}x{w} train={train}");
+                assert_eq!(max_rel_err(&y_fused, &y_apart), 0.0, "forward, {label}");
+                let err = max_rel_err(g_fused.get(&x).unwrap(), g_apart.get(&x).unwrap());
+                assert!(err < tol, "input gradient, {label}: {err}");
+                for name in ["weight", "bias"] {
+                    let v = var_of(&maps[0], name);
+                    let err = max_rel_err(g_fused.get(&v).unwrap(), g_apart.get(&v).unwrap());
+                    assert!(err < tol, "{name} gradient, {label}: {err}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm_with_max_pool_rejects_an_input_smaller_than_the_window() {
+    let (ours, _, _) = batch_norms(3, DType::F32, true);
+    let ours = ours.with_max_pool();
+    let mut rng = seeded(0);
+    let err = ours
+        .forward_pass(
+            &random(&[2, 3, 1, 4], 1, DType::F32),
+            &mut Pass::train(&mut rng),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2x2 window does not fit a 1x4 input"), "{err}");
+}

@@ -11,6 +11,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use candle_nn::{BatchNormConfig, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
+use super::pool::{window_max, MaxPool2d};
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::cpu::{slice, with_slices};
 use crate::dist::Group;
@@ -27,6 +28,7 @@ pub struct BatchNorm2d {
     running_var: Var,
     channels: usize,
     relu: bool,
+    pool: bool,
 }
 
 impl BatchNorm2d {
@@ -50,12 +52,23 @@ impl BatchNorm2d {
             running_var,
             channels,
             relu: false,
+            pool: false,
         })
     }
 
     /// The same layer with a ReLU applied to its output (in the op itself on the CPU).
     pub fn with_relu(mut self) -> Self {
         self.relu = true;
+        self
+    }
+
+    /// The same layer with a 2x2 max pool (stride 2) applied to its output, after the ReLU if
+    /// it has one. On the CPU the op pools each window as it normalises it and recomputes the
+    /// window in the backward pass, so the full-size output is never written, nor the pool's
+    /// full-size input gradient: of the five sweeps over the activation that the two layers
+    /// made apart, two remain.
+    pub fn with_max_pool(mut self) -> Self {
+        self.pool = true;
         self
     }
 
@@ -78,6 +91,12 @@ impl BatchNorm2d {
                 "batch norm: expected input [batch, {}, height, width], got {:?}",
                 self.channels,
                 x.dims()
+            );
+        }
+        if self.pool && h.min(w) < 2 {
+            bail!(
+                "max pool: a 2x2 window does not fit a {h}x{w} input; use a larger input or \
+                 fewer pooling stages"
             );
         }
         let x = x.contiguous()?;
@@ -130,6 +149,7 @@ impl BatchNorm2d {
             mean,
             batch_stats: train,
             relu: self.relu,
+            pool: self.pool.then_some(w),
         };
         x.apply_op3(&self.weight, &self.bias, op)
     }
@@ -194,8 +214,9 @@ impl BayesianModule for BatchNorm2d {
             self.running_mean.set(&mean)?;
             self.running_var.set(&var)?;
         }
-        if self.relu {
-            y.relu()
+        let y = if self.relu { y.relu()? } else { y };
+        if self.pool {
+            MaxPool2d::new(2).forward_pass(&y, pass)
         } else {
             Ok(y)
         }
@@ -212,7 +233,8 @@ impl BayesianModule for BatchNorm2d {
 
     fn describe(&self) -> String {
         let relu = if self.relu { " + ReLU" } else { "" };
-        format!("BatchNorm2d({}){relu}", self.channels)
+        let pool = if self.pool { " + MaxPool2d(2)" } else { "" };
+        format!("BatchNorm2d({}){relu}{pool}", self.channels)
     }
 }
 
@@ -247,9 +269,9 @@ fn moments(sums: &[f64], channels: usize, count: usize) -> (Vec<f64>, Vec<f64>) 
         .unzip()
 }
 
-/// `y = [relu](weight·(x - mean)·inv_std + bias)` per channel, applied through `apply_op3(x,
-/// weight, bias)`. With `batch_stats` the statistics are the batch's own, so the input gradient
-/// includes the path through them.
+/// `y = [pool]([relu](weight·(x - mean)·inv_std + bias))` per channel, applied through
+/// `apply_op3(x, weight, bias)`. With `batch_stats` the statistics are the batch's own, so the
+/// input gradient includes the path through them.
 #[derive(Debug, Clone)]
 struct BatchNormOp {
     /// Pixels per channel and image (`H·W`, at least 1).
@@ -262,57 +284,206 @@ struct BatchNormOp {
     inv_std: Vec<f64>,
     batch_stats: bool,
     relu: bool,
+    /// The input's width when a 2x2 max pool follows: the output is then pooled.
+    pool: Option<usize>,
+}
+
+/// Per-channel `(scale, shift)` of a normalisation: `z = scale·x + shift`.
+type Affine<T> = (T, T);
+
+/// The input gradient's coefficients for one channel: `dx = k·(dy' - shift - (x - mean)·slope)`.
+#[derive(Clone, Copy)]
+struct InputGrad<T> {
+    k: T,
+    shift: T,
+    slope: T,
+    mean: T,
+}
+
+impl<T: candle_core::WithDType> InputGrad<T> {
+    #[inline(always)]
+    fn at(&self, x: T, dy: T) -> T {
+        self.k * (dy - self.shift - (x - self.mean) * self.slope)
+    }
 }
 
 impl BatchNormOp {
+    /// Channel `c`'s normalisation as a scale and shift.
+    fn affine<T: candle_core::WithDType>(&self, c: usize, weight: &[T], bias: &[T]) -> Affine<T> {
+        let scale = weight[c].to_f64() * self.inv_std[c];
+        let shift = bias[c].to_f64() - self.mean[c] * scale;
+        (T::from_f64(scale), T::from_f64(shift))
+    }
+
+    /// One value normalised, then clamped when a ReLU follows (the forward and the pooled
+    /// backward compute it alike, so the backward finds the forward's window maxima).
+    #[inline(always)]
+    fn normalise<T: candle_core::WithDType>(&self, x: T, (scale, shift): Affine<T>) -> T {
+        let z = x * scale + shift;
+        let zero = T::from_f64(0.0);
+        if self.relu && z < zero {
+            zero
+        } else {
+            z
+        }
+    }
+
+    /// [`BatchNormOp::normalise`] of a window's four values (written out: `[T; 4]::map` is
+    /// left out of line, a call per window).
+    #[inline(always)]
+    fn normalise_window<T: candle_core::WithDType>(
+        &self,
+        [a, b, c, d]: [T; 4],
+        affine: Affine<T>,
+    ) -> [T; 4] {
+        [
+            self.normalise(a, affine),
+            self.normalise(b, affine),
+            self.normalise(c, affine),
+            self.normalise(d, affine),
+        ]
+    }
+
+    /// The position (row-major) of the first maximum of a window of inputs `x` and the
+    /// gradient `g` of the window's output as it reaches that input: zero when the ReLU clamped
+    /// the maximum. Selects rather than branches: the mask is as unpredictable as the data.
+    #[inline(always)]
+    fn window_grad<T: candle_core::WithDType>(
+        &self,
+        x: [T; 4],
+        affine: Affine<T>,
+        g: T,
+    ) -> (usize, T) {
+        let zero = T::from_f64(0.0);
+        let (best, at) = window_max(self.normalise_window(x, affine));
+        let masked = self.relu && best <= zero;
+        (at & 3, if masked { zero } else { g })
+    }
+
+    /// Output values per channel and image.
+    fn out_plane(&self) -> usize {
+        match self.pool {
+            Some(w) => (self.plane / w / 2) * (w / 2),
+            None => self.plane,
+        }
+    }
+
     fn forward<T: candle_core::WithDType>(&self, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
-        let (channels, plane) = (self.mean.len(), self.plane);
-        let mut y = vec![T::from_f64(0.0); x.len()];
-        y.par_chunks_mut(plane)
+        let (channels, plane, out_plane) = (self.mean.len(), self.plane, self.out_plane());
+        let mut y = vec![T::from_f64(0.0); x.len() / plane * out_plane];
+        y.par_chunks_mut(out_plane)
             .zip(x.par_chunks(plane))
             .enumerate()
-            .for_each(|(i, (p, xp))| {
-                let c = i % channels;
-                let scale = weight[c].to_f64() * self.inv_std[c];
-                let shift = bias[c].to_f64() - self.mean[c] * scale;
-                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
-                let zero = T::from_f64(0.0);
-                for (v, &xv) in p.iter_mut().zip(xp) {
-                    let z = xv * scale + shift;
-                    *v = if self.relu && z < zero { zero } else { z };
+            .for_each(|(i, (out, xp))| {
+                let affine = self.affine(i % channels, weight, bias);
+                let Some(w) = self.pool else {
+                    for (v, &xv) in out.iter_mut().zip(xp) {
+                        *v = self.normalise(xv, affine);
+                    }
+                    return;
+                };
+                let wo = w / 2;
+                for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
+                    let windows = window_row(xp, w, oy);
+                    for (x, y) in windows.zip(out_row) {
+                        *y = window_max(self.normalise_window(x, affine)).0;
+                    }
                 }
             });
         y
     }
 
-    /// Gradients of x, weight and bias from the input, the output (whose sign is the ReLU's
-    /// mask) and the output gradient.
+    /// Per plane: `(Σ dy', Σ dy'·(x - mean))`, `dy'` the gradient past the pool and the ReLU.
+    fn plane_grad_sums<T: candle_core::WithDType>(
+        &self,
+        c: usize,
+        (xp, yp, gp): (&[T], &[T], &[T]),
+        affine: Affine<T>,
+    ) -> (f64, f64) {
+        let m = self.mean[c];
+        let Some(w) = self.pool else {
+            let zero = T::from_f64(0.0);
+            return xp
+                .iter()
+                .zip(yp)
+                .zip(gp)
+                .fold((0.0, 0.0), |(s, sx), ((&xv, &yv), &g)| {
+                    let g = if self.relu && yv <= zero {
+                        0.0
+                    } else {
+                        g.to_f64()
+                    };
+                    (s + g, sx + g * (xv.to_f64() - m))
+                });
+        };
+        let (mut s, mut sx) = (0.0, 0.0);
+        for (oy, g_row) in gp.chunks_exact(w / 2).enumerate() {
+            for (x, &g) in window_row(xp, w, oy).zip(g_row) {
+                let (at, g) = self.window_grad(x, affine, g);
+                let g = g.to_f64();
+                s += g;
+                sx += g * (x[at].to_f64() - m);
+            }
+        }
+        (s, sx)
+    }
+
+    /// One plane of the input gradient.
+    fn plane_input_grad<T: candle_core::WithDType>(
+        &self,
+        (dp, xp, yp, gp): (&mut [T], &[T], &[T], &[T]),
+        affine: Affine<T>,
+        coefficients: InputGrad<T>,
+    ) {
+        let zero = T::from_f64(0.0);
+        let Some(w) = self.pool else {
+            for (((d, &xv), &yv), &g) in dp.iter_mut().zip(xp).zip(yp).zip(gp) {
+                let g = if self.relu && yv <= zero { zero } else { g };
+                *d = coefficients.at(xv, g);
+            }
+            return;
+        };
+        // `dy'` is zero but at each window's maximum.
+        let wo = w / 2;
+        for (oy, g_row) in gp.chunks_exact(wo).enumerate() {
+            let (upper, lower) = dp[2 * oy * w..][..2 * w].split_at_mut(w);
+            let grads = upper.chunks_exact_mut(2).zip(lower.chunks_exact_mut(2));
+            for ((x, &g), (du, dl)) in window_row(xp, w, oy).zip(g_row).zip(grads) {
+                let (at, g) = self.window_grad(x, affine, g);
+                let pick = |i: usize| if at == i { g } else { zero };
+                du[0] = coefficients.at(x[0], pick(0));
+                du[1] = coefficients.at(x[1], pick(1));
+                dl[0] = coefficients.at(x[2], pick(2));
+                dl[1] = coefficients.at(x[3], pick(3));
+            }
+        }
+        // A trailing column or row outside the windows.
+        let pooled_rows = 2 * (gp.len() / wo);
+        for (row, (d, xr)) in dp.chunks_exact_mut(w).zip(xp.chunks_exact(w)).enumerate() {
+            let from = if row < pooled_rows { 2 * wo } else { 0 };
+            for (d, &xv) in d[from..].iter_mut().zip(&xr[from..]) {
+                *d = coefficients.at(xv, zero);
+            }
+        }
+    }
+
+    /// Gradients of x, weight and bias from the input, the output (unpooled: the sign of its
+    /// values is the ReLU's mask; pooled: unused, the windows are recomputed) and the output
+    /// gradient.
     fn gradients<T: candle_core::WithDType>(
         &self,
-        x: &[T],
-        weight: &[T],
-        y: &[T],
-        dy: &[T],
+        [x, weight, bias, y, dy]: [&[T]; 5],
         want_input: bool,
     ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
-        let (channels, plane) = (self.mean.len(), self.plane);
-        let zero = T::from_f64(0.0);
-        let masked = |yv: T, g: T| if self.relu && yv <= zero { zero } else { g };
-        // Per plane: Σ dy' and Σ dy'·(x - mean), dy' the gradient past the ReLU.
+        let (channels, plane, out_plane) = (self.mean.len(), self.plane, self.out_plane());
         let sums: Vec<(f64, f64)> = x
             .par_chunks(plane)
-            .zip(y.par_chunks(plane))
-            .zip(dy.par_chunks(plane))
+            .zip(y.par_chunks(out_plane))
+            .zip(dy.par_chunks(out_plane))
             .enumerate()
-            .map(|(i, ((xp, yp), gp))| {
-                let m = self.mean[i % channels];
-                xp.iter()
-                    .zip(yp)
-                    .zip(gp)
-                    .fold((0.0, 0.0), |(s, sx), ((&xv, &yv), &g)| {
-                        let g = masked(yv, g).to_f64();
-                        (s + g, sx + g * (xv.to_f64() - m))
-                    })
+            .map(|(i, planes)| {
+                let (c, ((xp, yp), gp)) = (i % channels, planes);
+                self.plane_grad_sums(c, (xp, yp, gp), self.affine(c, weight, bias))
             })
             .collect();
         let mut sum_dy = vec![0.0; channels];
@@ -334,37 +505,58 @@ impl BatchNormOp {
             sum_dy = global;
         }
         let dx = want_input.then(|| {
-            let n = self.count as f64;
-            let mut dx = vec![zero; x.len()];
+            let mut dx = vec![T::from_f64(0.0); x.len()];
             dx.par_chunks_mut(plane)
                 .zip(x.par_chunks(plane))
-                .zip(y.par_chunks(plane).zip(dy.par_chunks(plane)))
+                .zip(y.par_chunks(out_plane).zip(dy.par_chunks(out_plane)))
                 .enumerate()
                 .for_each(|(i, ((dp, xp), (yp, gp)))| {
                     let c = i % channels;
-                    let k = weight[c].to_f64() * self.inv_std[c];
-                    // dx = k·(dy' - mean(dy') - (x - mean)·inv_std²·mean(dy'·(x - mean)))
-                    let (shift, slope) = if self.batch_stats {
-                        let s = self.inv_std[c];
-                        (sum_dy[c] / n, sum_dy_xc[c] / n * s * s)
-                    } else {
-                        (0.0, 0.0)
-                    };
-                    let m = self.mean[c];
-                    let (k, shift, slope, m) = (
-                        T::from_f64(k),
-                        T::from_f64(shift),
-                        T::from_f64(slope),
-                        T::from_f64(m),
+                    let coefficients = self.input_grad_coefficients(c, weight, &sum_dy, &sum_dy_xc);
+                    self.plane_input_grad(
+                        (dp, xp, yp, gp),
+                        self.affine(c, weight, bias),
+                        coefficients,
                     );
-                    for (((d, &xv), &yv), &g) in dp.iter_mut().zip(xp).zip(yp).zip(gp) {
-                        *d = k * (masked(yv, g) - shift - (xv - m) * slope);
-                    }
                 });
             dx
         });
         (dx, d_weight, d_bias)
     }
+
+    /// `dx = k·(dy' - mean(dy') - (x - mean)·inv_std²·mean(dy'·(x - mean)))` for channel `c`,
+    /// from the (global) channel sums; without batch statistics only `k·dy'` remains.
+    fn input_grad_coefficients<T: candle_core::WithDType>(
+        &self,
+        c: usize,
+        weight: &[T],
+        sum_dy: &[f64],
+        sum_dy_xc: &[f64],
+    ) -> InputGrad<T> {
+        let n = self.count as f64;
+        let (shift, slope) = if self.batch_stats {
+            let s = self.inv_std[c];
+            (sum_dy[c] / n, sum_dy_xc[c] / n * s * s)
+        } else {
+            (0.0, 0.0)
+        };
+        InputGrad {
+            k: T::from_f64(weight[c].to_f64() * self.inv_std[c]),
+            shift: T::from_f64(shift),
+            slope: T::from_f64(slope),
+            mean: T::from_f64(self.mean[c]),
+        }
+    }
+}
+
+/// The 2x2 windows (stride 2) under output row `oy` of a plane `w` wide, each as its four
+/// inputs in row-major order; a trailing column that does not fill a window is left out, as by
+/// [`MaxPool2d`].
+fn window_row<T: Copy>(plane: &[T], w: usize, oy: usize) -> impl Iterator<Item = [T; 4]> + '_ {
+    let wo = w / 2;
+    let upper = plane[2 * oy * w..][..2 * wo].chunks_exact(2);
+    let lower = plane[(2 * oy + 1) * w..][..2 * wo].chunks_exact(2);
+    upper.zip(lower).map(|(u, l)| [u[0], u[1], l[0], l[1]])
 }
 
 impl CustomOp3 for BatchNormOp {
@@ -398,7 +590,11 @@ impl CustomOp3 for BatchNormOp {
             )),
             _ => bail!("batch norm: f32 or f64 expected"),
         };
-        Ok((out, x_layout.shape().clone()))
+        let shape = match (self.pool, x_layout.dims()) {
+            (Some(_), &[b, c, h, w]) => Shape::from((b, c, h / 2, w / 2)),
+            _ => x_layout.shape().clone(),
+        };
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -411,25 +607,24 @@ impl CustomOp3 for BatchNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = grad_res.contiguous()?;
         let want_input = x.track_op();
-        let tensors = [x, weight, res, &dy];
+        let tensors = [x, weight, bias, res, &dy];
         match x.dtype() {
-            DType::F32 => gradient_tensors::<f32>(self, tensors, bias, want_input),
-            DType::F64 => gradient_tensors::<f64>(self, tensors, bias, want_input),
+            DType::F32 => gradient_tensors::<f32>(self, tensors, want_input),
+            DType::F64 => gradient_tensors::<f64>(self, tensors, want_input),
             other => bail!("batch norm backward: f32 or f64 expected, got {other:?}"),
         }
     }
 }
 
-/// The op's gradients as tensors: `[x, weight, y, dy]` in, `(dx, dweight, dbias)` out.
+/// The op's gradients as tensors: `[x, weight, bias, y, dy]` in, `(dx, dweight, dbias)` out.
 fn gradient_tensors<T: candle_core::WithDType>(
     op: &BatchNormOp,
-    tensors: [&Tensor; 4],
-    bias: &Tensor,
+    tensors: [&Tensor; 5],
     want_input: bool,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let [x, weight, ..] = tensors;
+    let [x, weight, bias, ..] = tensors;
     let (dx, dw, db) = with_slices::<T, _>("batch norm backward", &tensors, |d| {
-        op.gradients(d[0], d[1], d[2], d[3], want_input)
+        op.gradients([d[0], d[1], d[2], d[3], d[4]], want_input)
     })?;
     let device = x.device();
     Ok((

@@ -25,7 +25,7 @@ pub use meanfield::{MeanFieldConv2d, MeanFieldConv2dConfig, MeanFieldConvMode, M
 pub use noise::standard_normal;
 pub use pool::MaxPool2d;
 pub use prior::{gaussian_kl, Prior};
-pub use sequential::{Activation, Flatten, ReluAppliedBefore, Sequential};
+pub use sequential::{Activation, AppliedBefore, Flatten, Sequential};
 pub use whvi::{
     whvi_conv2d, whvi_linear, ConvSampling, WhviBlocks, WhviConv2d, WhviConv2dConfig, WhviLinear,
     WhviLinearConfig,

@@ -47,33 +47,73 @@ impl BayesianModule for MaxPool2d {
 }
 
 /// Whether `v` replaces `best` as a window's maximum: larger, or the first NaN (a NaN wins and
-/// stays, as in PyTorch). `v != v` is the NaN test that compiles to one compare.
+/// stays, as in PyTorch). `v != v` is the NaN test that compiles to one compare; `|` and `&`
+/// rather than `||` and `&&`, whose short circuits compiled to branches.
 #[inline(always)]
 #[allow(clippy::eq_op)]
 fn beats<T: PartialOrd + Copy>(v: T, best: T) -> bool {
-    v > best || (v != v && best == best)
+    (v > best) | ((v != v) & (best == best))
 }
 
-/// [`MaxPoolOp::for_each_window`] for 2x2 windows (every VGG pool), on slices of the window's
-/// two rows so that the four reads need no bounds checks of their own.
-fn for_each_2x2_window<T: PartialOrd + Copy>(
+/// The maximum of a 2x2 window `[a, b, c, d]` (row-major) and the position of its first
+/// maximum. The comparisons become selects, not branches: on real activations a branch per
+/// comparison is mispredicted about half the time, which made pooling run at a few cycles per
+/// input value.
+#[inline(always)]
+pub(super) fn window_max<T: PartialOrd + Copy>([a, b, c, d]: [T; 4]) -> (T, usize) {
+    let (best, at) = challenge((a, 0), b, 1);
+    let (best, at) = challenge((best, at), c, 2);
+    challenge((best, at), d, 3)
+}
+
+/// The window's running maximum and its position after value `v` at position `i`.
+#[inline(always)]
+fn challenge<T: PartialOrd + Copy>((best, at): (T, usize), v: T, i: usize) -> (T, usize) {
+    let wins = beats(v, best);
+    (if wins { v } else { best }, if wins { i } else { at })
+}
+
+/// The 2x2 pool (every VGG pool) of one `h x w` plane into `out` (`ho x wo`).
+fn forward_2x2<T: PartialOrd + Copy>(plane: &[T], w: usize, wo: usize, out: &mut [T]) {
+    for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
+        let upper = &plane[2 * oy * w..][..2 * wo];
+        let lower = &plane[(2 * oy + 1) * w..][..2 * wo];
+        for ((u, l), y) in upper
+            .chunks_exact(2)
+            .zip(lower.chunks_exact(2))
+            .zip(out_row)
+        {
+            *y = window_max([u[0], u[1], l[0], l[1]]).0;
+        }
+    }
+}
+
+/// The input gradient of the 2x2 pool for one plane: each window's output gradient `g` at its
+/// first maximum and zero at its other three inputs, all four written (no scattered stores);
+/// `d` starts zeroed, which covers rows and columns outside the windows.
+fn input_grad_2x2<T: candle_core::WithDType>(
     plane: &[T],
     w: usize,
-    (ho, wo): (usize, usize),
-    mut f: impl FnMut(usize, usize),
+    wo: usize,
+    g: &[T],
+    d: &mut [T],
 ) {
-    for oy in 0..ho {
-        let top = 2 * oy * w;
-        let upper = &plane[top..][..2 * wo];
-        let lower = &plane[top + w..][..2 * wo];
-        for (ox, (u, l)) in upper.chunks_exact(2).zip(lower.chunks_exact(2)).enumerate() {
-            let (mut best, mut at) = (u[0], 0);
-            for (offset, v) in [(1, u[1]), (w, l[0]), (w + 1, l[1])] {
-                if beats(v, best) {
-                    (best, at) = (v, offset);
-                }
-            }
-            f(oy * wo + ox, top + 2 * ox + at);
+    let zero = T::from_f64(0.0);
+    for (oy, g_row) in g.chunks_exact(wo).enumerate() {
+        let upper = &plane[2 * oy * w..][..2 * wo];
+        let lower = &plane[(2 * oy + 1) * w..][..2 * wo];
+        let (d_upper, d_lower) = d[2 * oy * w..].split_at_mut(w);
+        let d_lower = &mut d_lower[..2 * wo];
+        let windows = upper.chunks_exact(2).zip(lower.chunks_exact(2));
+        let grads = d_upper[..2 * wo]
+            .chunks_exact_mut(2)
+            .zip(d_lower.chunks_exact_mut(2));
+        for (((u, l), (du, dl)), &gv) in windows.zip(grads).zip(g_row) {
+            let at = window_max([u[0], u[1], l[0], l[1]]).1;
+            du[0] = if at == 0 { gv } else { zero };
+            du[1] = if at == 1 { gv } else { zero };
+            dl[0] = if at == 2 { gv } else { zero };
+            dl[1] = if at == 3 { gv } else { zero };
         }
     }
 }
@@ -103,9 +143,6 @@ impl MaxPoolOp {
         mut f: impl FnMut(usize, usize),
     ) {
         let k = self.size;
-        if k == 2 {
-            return for_each_2x2_window(plane, w, (ho, wo), f);
-        }
         for oy in 0..ho {
             for ox in 0..wo {
                 let mut best = oy * k * w + ox * k;
@@ -132,7 +169,11 @@ impl MaxPoolOp {
         y.par_chunks_mut(ho * wo)
             .zip(x.par_chunks(h * w))
             .for_each(|(out, plane)| {
-                self.for_each_window(plane, w, (ho, wo), |o, i| out[o] = plane[i])
+                if self.size == 2 {
+                    forward_2x2(plane, w, wo, out);
+                } else {
+                    self.for_each_window(plane, w, (ho, wo), |o, i| out[o] = plane[i]);
+                }
             });
         Ok(y)
     }
@@ -151,7 +192,11 @@ impl MaxPoolOp {
         dx.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(dy.par_chunks(ho * wo)))
             .for_each(|(d, (plane, g))| {
-                self.for_each_window(plane, w, (ho, wo), |o, i| d[i] = g[o])
+                if self.size == 2 {
+                    input_grad_2x2(plane, w, wo, g, d);
+                } else {
+                    self.for_each_window(plane, w, (ho, wo), |o, i| d[i] = g[o]);
+                }
             });
         Ok(dx)
     }

@@ -42,18 +42,22 @@ impl BayesianModule for Flatten {
     }
 }
 
-/// The row of a ReLU that the layer before it applies (a [`super::BatchNorm2d`] built
-/// `with_relu`): the identity, so that a network keeps one module per row of its plan.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ReluAppliedBefore;
+/// The row of a layer that an earlier layer applies (a ReLU or max pool fused into a
+/// [`super::BatchNorm2d`] built `with_relu` or `with_max_pool`): the identity, so that a
+/// network keeps one module per row of its plan.
+#[derive(Debug, Clone, Copy)]
+pub struct AppliedBefore {
+    /// The layer's name, as [`BayesianModule::describe`] shows it.
+    pub layer: &'static str,
+}
 
-impl BayesianModule for ReluAppliedBefore {
+impl BayesianModule for AppliedBefore {
     fn forward_pass(&self, x: &Tensor, _pass: &mut Pass) -> Result<Tensor> {
         Ok(x.clone())
     }
 
     fn describe(&self) -> String {
-        "Relu (applied by the layer before)".to_string()
+        format!("{} (applied by an earlier layer)", self.layer)
     }
 }
 

@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use super::spec::{ModelSpec, MAX_SIZE};
 use crate::layers::{
-    Activation, BatchNorm2d, BayesianModule, ConvSampling, DeterministicConv2d,
+    Activation, AppliedBefore, BatchNorm2d, BayesianModule, ConvSampling, DeterministicConv2d,
     DeterministicLinear, Flatten, MaxPool2d, McDropout, MeanFieldConv2d, MeanFieldConv2dConfig,
-    MeanFieldConvMode, MeanFieldLinear, Parameter, Pass, Prior, ReluAppliedBefore, Sequential,
-    WhviConv2d, WhviConv2dConfig, WhviLinear, WhviLinearConfig,
+    MeanFieldConvMode, MeanFieldLinear, Parameter, Pass, Prior, Sequential, WhviConv2d,
+    WhviConv2dConfig, WhviLinear, WhviLinearConfig,
 };
 use crate::{Error, Result};
 
@@ -542,11 +542,16 @@ impl Network {
         let mut body = Sequential::new();
         for (i, row) in plan.iter().enumerate() {
             let vb = vb.pp(&row.name);
-            // A ReLU right after a batch norm runs inside the batch norm's op.
-            let relu_follows = plan
-                .get(i + 1)
-                .is_some_and(|next| next.kind == LayerKind::Relu);
-            let relu_fused = i > 0 && matches!(plan[i - 1].kind, LayerKind::BatchNorm(_));
+            // A ReLU right after a batch norm, and a max pool right after that ReLU, run
+            // inside the batch norm's op.
+            let kind_at = |j: usize| plan.get(j).map(|row| row.kind);
+            let relu_follows = kind_at(i + 1) == Some(LayerKind::Relu);
+            let pool_follows = relu_follows && kind_at(i + 2) == Some(LayerKind::MaxPool);
+            let after_norm = |back: usize| {
+                i >= back && matches!(kind_at(i - back), Some(LayerKind::BatchNorm(_)))
+            };
+            let relu_fused = after_norm(1);
+            let pool_fused = after_norm(2) && kind_at(i - 1) == Some(LayerKind::Relu);
             match (row.kind, row.method) {
                 (
                     LayerKind::Conv {
@@ -605,12 +610,18 @@ impl Network {
                         body.push(DeterministicLinear::new(d_in, d_out, vb)?)
                     }
                 },
+                (LayerKind::BatchNorm(c), _) if pool_follows => {
+                    body.push(BatchNorm2d::new(c, vb)?.with_relu().with_max_pool())
+                }
                 (LayerKind::BatchNorm(c), _) if relu_follows => {
                     body.push(BatchNorm2d::new(c, vb)?.with_relu())
                 }
                 (LayerKind::BatchNorm(c), _) => body.push(BatchNorm2d::new(c, vb)?),
-                (LayerKind::Relu, _) if relu_fused => body.push(ReluAppliedBefore),
+                (LayerKind::Relu, _) if relu_fused => body.push(AppliedBefore { layer: "Relu" }),
                 (LayerKind::Relu, _) => body.push(Activation::Relu),
+                (LayerKind::MaxPool, _) if pool_fused => body.push(AppliedBefore {
+                    layer: "MaxPool2d(2)",
+                }),
                 (LayerKind::MaxPool, _) => body.push(MaxPool2d::new(2)),
                 (LayerKind::Flatten, _) => body.push(Flatten),
                 (LayerKind::Dropout(p), _) => body.push(McDropout::new(p)?),
