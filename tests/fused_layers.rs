@@ -1,5 +1,5 @@
-//! The CPU ops of batch normalisation (+ ReLU) and max pooling against candle's own ops:
-//! outputs, gradients and running statistics.
+//! The CPU ops of batch normalisation (+ ReLU, + 2x2 max pool) and max pooling against
+//! candle's own ops and each other: outputs, gradients and running statistics.
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
@@ -301,8 +301,9 @@ fn a_pass_without_statistics_normalises_by_the_batch_and_keeps_the_running_stati
     }
 }
 
-/// Ties inside windows (values on a coarse grid) and negative maxima (a shift below zero), so
-/// that the first-maximum rule and the ReLU's mask both matter.
+/// Ties inside windows (values on a coarse grid), so that the first-maximum rule matters; the
+/// ReLU's mask zeroes whole windows in training (the batch's mean removed) and, with the shift
+/// below zero, in prediction.
 fn coarse(shape: &[usize], seed: u64, dtype: DType, shift: f64) -> Tensor {
     let x = random(shape, seed, DType::F64);
     let grid = (x * 2.0).unwrap().round().unwrap();
@@ -365,4 +366,14 @@ fn batch_norm_with_max_pool_rejects_an_input_smaller_than_the_window() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("2x2 window does not fit a 1x4 input"), "{err}");
+}
+
+#[test]
+fn batch_norm_with_max_pool_keeps_the_pooled_shape_of_an_empty_batch() {
+    let (ours, _, _) = batch_norms(3, DType::F32, true);
+    let ours = ours.with_max_pool();
+    let y = ours
+        .forward_pass(&random(&[0, 3, 4, 6], 1, DType::F32), &mut Pass::mean())
+        .unwrap();
+    assert_eq!(y.dims(), [0, 3, 2, 3]);
 }

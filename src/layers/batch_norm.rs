@@ -1,11 +1,15 @@
-//! Batch normalisation over channels, optionally followed by a ReLU, as one CPU op.
+//! Batch normalisation over channels, optionally followed by a ReLU and a 2x2 max pool, as one
+//! CPU op.
 //!
 //! candle-nn's `BatchNorm` composes about ten tensor ops (a transpose and copy, means,
 //! broadcast arithmetic), and autograd then runs the backward of each and adds every gradient
 //! into a fresh zero tensor: some thirty sweeps over the activation per layer and step. Here
 //! the forward is two sweeps (channel moments, then normalise-scale-shift-clamp) and the
 //! backward two (channel sums, then the input gradient), with the gradient through the batch
-//! statistics in closed form. Other devices and element types use candle-nn's module.
+//! statistics in closed form. With the pool fused in, the forward pools each window as it
+//! normalises it and keeps a byte per window (where its maximum sits), so neither the
+//! full-size output nor the pool's full-size input gradient is ever stored. Other devices and
+//! element types use candle-nn's module (and [`MaxPool2d`]).
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, ModuleT, VarBuilder};
@@ -15,9 +19,10 @@ use super::pool::{window_max, MaxPool2d};
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::cpu::{slice, with_slices};
 use crate::dist::Group;
+use std::sync::OnceLock;
 
 /// Batch normalisation over the channels of `[B, C, H, W]` (eps 1e-5, momentum 0.1, affine),
-/// with an optional ReLU applied in the same op. Running statistics are stored as parameters
+/// with an optional ReLU and 2x2 max pool applied in the same op. Running statistics are stored as parameters
 /// (`running_mean`, `running_var`) so that checkpoints carry them.
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
@@ -63,10 +68,9 @@ impl BatchNorm2d {
     }
 
     /// The same layer with a 2x2 max pool (stride 2) applied to its output, after the ReLU if
-    /// it has one. On the CPU the op pools each window as it normalises it and recomputes the
-    /// window in the backward pass, so the full-size output is never written, nor the pool's
-    /// full-size input gradient: of the five sweeps over the activation that the two layers
-    /// made apart, two remain.
+    /// it has one. On the CPU the op pools each window as it normalises it, so the full-size
+    /// output is never stored, nor the pool's full-size input gradient; the backward reads
+    /// where each window's maximum was from a byte the forward kept.
     pub fn with_max_pool(mut self) -> Self {
         self.pool = true;
         self
@@ -139,7 +143,10 @@ impl BatchNorm2d {
         };
         let eps = BatchNormConfig::default().eps;
         if x.elem_count() == 0 {
-            return Ok(x);
+            return match self.pool {
+                true => Tensor::zeros((b, c, h / 2, w / 2), x.dtype(), x.device()),
+                false => Ok(x),
+            };
         }
         let op = BatchNormOp {
             plane: h * w,
@@ -150,6 +157,7 @@ impl BatchNorm2d {
             batch_stats: train,
             relu: self.relu,
             pool: self.pool.then_some(w),
+            maxima: OnceLock::new(),
         };
         x.apply_op3(&self.weight, &self.bias, op)
     }
@@ -286,10 +294,25 @@ struct BatchNormOp {
     relu: bool,
     /// The input's width when a 2x2 max pool follows: the output is then pooled.
     pool: Option<usize>,
+    /// With `pool`, per output value: where its window's first maximum sits (bits 0-1, row-major)
+    /// and whether the ReLU zeroed it ([`MASKED`]). The forward writes them so that the backward
+    /// reads a byte per window instead of normalising the window again.
+    maxima: OnceLock<Vec<u8>>,
 }
+
+/// The bit of a window's entry in `BatchNormOp::maxima` that says the ReLU zeroed its maximum,
+/// and with it the window's gradient.
+const MASKED: u8 = 4;
 
 /// Per-channel `(scale, shift)` of a normalisation: `z = scale·x + shift`.
 type Affine<T> = (T, T);
+
+/// One plane of the backward pass's operands: the input, the output, the output gradient and
+/// (pooled) the plane's entries of `BatchNormOp::maxima`.
+type PlaneOperands<'a, T> = (&'a [T], &'a [T], &'a [T], &'a [u8]);
+
+/// The gradients of the input (when asked for), the weight and the bias.
+type Gradients<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
 
 /// The input gradient's coefficients for one channel: `dx = k·(dy' - shift - (x - mean)·slope)`.
 #[derive(Clone, Copy)]
@@ -344,20 +367,13 @@ impl BatchNormOp {
         ]
     }
 
-    /// The position (row-major) of the first maximum of a window of inputs `x` and the
-    /// gradient `g` of the window's output as it reaches that input: zero when the ReLU clamped
-    /// the maximum. Selects rather than branches: the mask is as unpredictable as the data.
+    /// A window of inputs `x` pooled: its maximum after normalisation (and the ReLU), and its
+    /// entry in `maxima`. Selects rather than branches: the mask is as unpredictable as the data.
     #[inline(always)]
-    fn window_grad<T: candle_core::WithDType>(
-        &self,
-        x: [T; 4],
-        affine: Affine<T>,
-        g: T,
-    ) -> (usize, T) {
-        let zero = T::from_f64(0.0);
+    fn pool_window<T: candle_core::WithDType>(&self, x: [T; 4], affine: Affine<T>) -> (T, u8) {
         let (best, at) = window_max(self.normalise_window(x, affine));
-        let masked = self.relu && best <= zero;
-        (at & 3, if masked { zero } else { g })
+        let masked = self.relu && best <= T::from_f64(0.0);
+        (best, (at & 3) as u8 | if masked { MASKED } else { 0 })
     }
 
     /// Output values per channel and image.
@@ -368,37 +384,53 @@ impl BatchNormOp {
         }
     }
 
-    fn forward<T: candle_core::WithDType>(&self, x: &[T], weight: &[T], bias: &[T]) -> Vec<T> {
+    /// The output, and with `pool` the entries of `maxima`.
+    fn forward<T: candle_core::WithDType>(
+        &self,
+        x: &[T],
+        weight: &[T],
+        bias: &[T],
+    ) -> (Vec<T>, Vec<u8>) {
         let (channels, plane, out_plane) = (self.mean.len(), self.plane, self.out_plane());
-        let mut y = vec![T::from_f64(0.0); x.len() / plane * out_plane];
-        y.par_chunks_mut(out_plane)
-            .zip(x.par_chunks(plane))
-            .enumerate()
-            .for_each(|(i, (out, xp))| {
-                let affine = self.affine(i % channels, weight, bias);
-                let Some(w) = self.pool else {
+        let outputs = x.len() / plane * out_plane;
+        let mut y = vec![T::from_f64(0.0); outputs];
+        let Some(w) = self.pool else {
+            y.par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .enumerate()
+                .for_each(|(i, (out, xp))| {
+                    let affine = self.affine(i % channels, weight, bias);
                     for (v, &xv) in out.iter_mut().zip(xp) {
                         *v = self.normalise(xv, affine);
                     }
-                    return;
-                };
-                let wo = w / 2;
-                for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
+                });
+            return (y, Vec::new());
+        };
+        let mut maxima = vec![0; outputs];
+        let wo = w / 2;
+        y.par_chunks_mut(out_plane)
+            .zip(maxima.par_chunks_mut(out_plane))
+            .zip(x.par_chunks(plane))
+            .enumerate()
+            .for_each(|(i, ((out, codes), xp))| {
+                let affine = self.affine(i % channels, weight, bias);
+                let rows = out.chunks_exact_mut(wo).zip(codes.chunks_exact_mut(wo));
+                for (oy, (out_row, code_row)) in rows.enumerate() {
                     let windows = window_row(xp, w, oy);
-                    for (x, y) in windows.zip(out_row) {
-                        *y = window_max(self.normalise_window(x, affine)).0;
+                    for ((x, y), code) in windows.zip(out_row).zip(code_row) {
+                        (*y, *code) = self.pool_window(x, affine);
                     }
                 }
             });
-        y
+        (y, maxima)
     }
 
-    /// Per plane: `(Σ dy', Σ dy'·(x - mean))`, `dy'` the gradient past the pool and the ReLU.
+    /// Per plane: `(Σ dy', Σ dy'·(x - mean))`, `dy'` the gradient past the pool and the ReLU
+    /// (`codes`: the plane's entries of `maxima`, with `pool`).
     fn plane_grad_sums<T: candle_core::WithDType>(
         &self,
         c: usize,
-        (xp, yp, gp): (&[T], &[T], &[T]),
-        affine: Affine<T>,
+        (xp, yp, gp, codes): PlaneOperands<'_, T>,
     ) -> (f64, f64) {
         let m = self.mean[c];
         let Some(w) = self.pool else {
@@ -417,12 +449,12 @@ impl BatchNormOp {
                 });
         };
         let (mut s, mut sx) = (0.0, 0.0);
-        for (oy, g_row) in gp.chunks_exact(w / 2).enumerate() {
-            for (x, &g) in window_row(xp, w, oy).zip(g_row) {
-                let (at, g) = self.window_grad(x, affine, g);
-                let g = g.to_f64();
+        let wo = w / 2;
+        for (oy, (g_row, code_row)) in gp.chunks_exact(wo).zip(codes.chunks_exact(wo)).enumerate() {
+            for ((x, &g), &code) in window_row(xp, w, oy).zip(g_row).zip(code_row) {
+                let g = if code & MASKED != 0 { 0.0 } else { g.to_f64() };
                 s += g;
-                sx += g * (x[at].to_f64() - m);
+                sx += g * (x[usize::from(code & 3)].to_f64() - m);
             }
         }
         (s, sx)
@@ -431,8 +463,8 @@ impl BatchNormOp {
     /// One plane of the input gradient.
     fn plane_input_grad<T: candle_core::WithDType>(
         &self,
-        (dp, xp, yp, gp): (&mut [T], &[T], &[T], &[T]),
-        affine: Affine<T>,
+        dp: &mut [T],
+        (xp, yp, gp, codes): PlaneOperands<'_, T>,
         coefficients: InputGrad<T>,
     ) {
         let zero = T::from_f64(0.0);
@@ -445,12 +477,14 @@ impl BatchNormOp {
         };
         // `dy'` is zero but at each window's maximum.
         let wo = w / 2;
-        for (oy, g_row) in gp.chunks_exact(wo).enumerate() {
+        for (oy, (g_row, code_row)) in gp.chunks_exact(wo).zip(codes.chunks_exact(wo)).enumerate() {
             let (upper, lower) = dp[2 * oy * w..][..2 * w].split_at_mut(w);
             let grads = upper.chunks_exact_mut(2).zip(lower.chunks_exact_mut(2));
-            for ((x, &g), (du, dl)) in window_row(xp, w, oy).zip(g_row).zip(grads) {
-                let (at, g) = self.window_grad(x, affine, g);
-                let pick = |i: usize| if at == i { g } else { zero };
+            let windows = window_row(xp, w, oy).zip(g_row).zip(code_row);
+            for (((x, &g), &code), (du, dl)) in windows.zip(grads) {
+                let g = if code & MASKED != 0 { zero } else { g };
+                let at = code & 3;
+                let pick = |i: u8| if at == i { g } else { zero };
                 du[0] = coefficients.at(x[0], pick(0));
                 du[1] = coefficients.at(x[1], pick(1));
                 dl[0] = coefficients.at(x[2], pick(2));
@@ -468,23 +502,27 @@ impl BatchNormOp {
     }
 
     /// Gradients of x, weight and bias from the input, the output (unpooled: the sign of its
-    /// values is the ReLU's mask; pooled: unused, the windows are recomputed) and the output
+    /// values is the ReLU's mask; pooled: unused, `maxima` has the windows) and the output
     /// gradient.
     fn gradients<T: candle_core::WithDType>(
         &self,
-        [x, weight, bias, y, dy]: [&[T]; 5],
+        [x, weight, y, dy]: [&[T]; 4],
         want_input: bool,
-    ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    ) -> Result<Gradients<T>> {
         let (channels, plane, out_plane) = (self.mean.len(), self.plane, self.out_plane());
+        // One (unused) entry per plane when nothing is pooled, so that the planes zip alike.
+        let unpooled = vec![0; x.len() / plane];
+        let (codes, code_plane) = match (self.pool, self.maxima.get()) {
+            (None, _) => (unpooled.as_slice(), 1),
+            (Some(_), Some(maxima)) => (maxima.as_slice(), out_plane),
+            (Some(_), None) => bail!("batch norm backward: the pooled forward did not run"),
+        };
         let sums: Vec<(f64, f64)> = x
             .par_chunks(plane)
             .zip(y.par_chunks(out_plane))
-            .zip(dy.par_chunks(out_plane))
+            .zip(dy.par_chunks(out_plane).zip(codes.par_chunks(code_plane)))
             .enumerate()
-            .map(|(i, planes)| {
-                let (c, ((xp, yp), gp)) = (i % channels, planes);
-                self.plane_grad_sums(c, (xp, yp, gp), self.affine(c, weight, bias))
-            })
+            .map(|(i, ((xp, yp), (gp, cp)))| self.plane_grad_sums(i % channels, (xp, yp, gp, cp)))
             .collect();
         let mut sum_dy = vec![0.0; channels];
         let mut sum_dy_xc = vec![0.0; channels];
@@ -507,21 +545,17 @@ impl BatchNormOp {
         let dx = want_input.then(|| {
             let mut dx = vec![T::from_f64(0.0); x.len()];
             dx.par_chunks_mut(plane)
-                .zip(x.par_chunks(plane))
+                .zip(x.par_chunks(plane).zip(codes.par_chunks(code_plane)))
                 .zip(y.par_chunks(out_plane).zip(dy.par_chunks(out_plane)))
                 .enumerate()
-                .for_each(|(i, ((dp, xp), (yp, gp)))| {
+                .for_each(|(i, ((dp, (xp, cp)), (yp, gp)))| {
                     let c = i % channels;
                     let coefficients = self.input_grad_coefficients(c, weight, &sum_dy, &sum_dy_xc);
-                    self.plane_input_grad(
-                        (dp, xp, yp, gp),
-                        self.affine(c, weight, bias),
-                        coefficients,
-                    );
+                    self.plane_input_grad(dp, (xp, yp, gp, cp), coefficients);
                 });
             dx
         });
-        (dx, d_weight, d_bias)
+        Ok((dx, d_weight, d_bias))
     }
 
     /// `dx = k·(dy' - mean(dy') - (x - mean)·inv_std²·mean(dy'·(x - mean)))` for channel `c`,
@@ -577,22 +611,32 @@ impl CustomOp3 for BatchNormOp {
         if w_layout.dims() != [channels] || b_layout.dims() != [channels] {
             bail!("batch norm: weight and bias must be [{channels}]");
         }
-        let out = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(
-                slice(x, x_layout, "batch norm")?,
-                slice(weight, w_layout, "batch norm")?,
-                slice(bias, b_layout, "batch norm")?,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward(
-                slice(x, x_layout, "batch norm")?,
-                slice(weight, w_layout, "batch norm")?,
-                slice(bias, b_layout, "batch norm")?,
-            )),
+        let (out, maxima) = match x {
+            CpuStorage::F32(_) => {
+                let (y, maxima) = self.forward(
+                    slice(x, x_layout, "batch norm")?,
+                    slice(weight, w_layout, "batch norm")?,
+                    slice(bias, b_layout, "batch norm")?,
+                );
+                (CpuStorage::F32(y), maxima)
+            }
+            CpuStorage::F64(_) => {
+                let (y, maxima) = self.forward(
+                    slice(x, x_layout, "batch norm")?,
+                    slice(weight, w_layout, "batch norm")?,
+                    slice(bias, b_layout, "batch norm")?,
+                );
+                (CpuStorage::F64(y), maxima)
+            }
             _ => bail!("batch norm: f32 or f64 expected"),
         };
+        if self.pool.is_some() && self.maxima.set(maxima).is_err() {
+            bail!("batch norm: an op object runs its pooled forward once");
+        }
         let shape = match (self.pool, x_layout.dims()) {
             (Some(_), &[b, c, h, w]) => Shape::from((b, c, h / 2, w / 2)),
-            _ => x_layout.shape().clone(),
+            (Some(_), dims) => bail!("batch norm + max pool: expected [B, C, H, W], got {dims:?}"),
+            (None, _) => x_layout.shape().clone(),
         };
         Ok((out, shape))
     }
@@ -607,25 +651,26 @@ impl CustomOp3 for BatchNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = grad_res.contiguous()?;
         let want_input = x.track_op();
-        let tensors = [x, weight, bias, res, &dy];
+        let tensors = [x, weight, res, &dy];
         match x.dtype() {
-            DType::F32 => gradient_tensors::<f32>(self, tensors, want_input),
-            DType::F64 => gradient_tensors::<f64>(self, tensors, want_input),
+            DType::F32 => gradient_tensors::<f32>(self, tensors, bias, want_input),
+            DType::F64 => gradient_tensors::<f64>(self, tensors, bias, want_input),
             other => bail!("batch norm backward: f32 or f64 expected, got {other:?}"),
         }
     }
 }
 
-/// The op's gradients as tensors: `[x, weight, bias, y, dy]` in, `(dx, dweight, dbias)` out.
+/// The op's gradients as tensors: `[x, weight, y, dy]` in, `(dx, dweight, dbias)` out.
 fn gradient_tensors<T: candle_core::WithDType>(
     op: &BatchNormOp,
-    tensors: [&Tensor; 5],
+    tensors: [&Tensor; 4],
+    bias: &Tensor,
     want_input: bool,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let [x, weight, bias, ..] = tensors;
+    let [x, weight, ..] = tensors;
     let (dx, dw, db) = with_slices::<T, _>("batch norm backward", &tensors, |d| {
-        op.gradients([d[0], d[1], d[2], d[3], d[4]], want_input)
-    })?;
+        op.gradients([d[0], d[1], d[2], d[3]], want_input)
+    })??;
     let device = x.device();
     Ok((
         dx.map(|v| Tensor::from_vec(v, x.shape(), device))

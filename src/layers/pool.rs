@@ -46,8 +46,9 @@ impl BayesianModule for MaxPool2d {
     }
 }
 
-/// Whether `v` replaces `best` as a window's maximum: larger, or the first NaN (a NaN wins and
-/// stays, as in PyTorch). `v != v` is the NaN test that compiles to one compare; `|` and `&`
+/// Whether `v` replaces `best` as a window's maximum: larger, or the first NaN. A NaN wins, so
+/// the output is NaN as in PyTorch; the first NaN keeps the gradient (PyTorch's CPU kernel
+/// moves it to the last). `v != v` is the NaN test that compiles to one compare; `|` and `&`
 /// rather than `||` and `&&`, whose short circuits compiled to branches.
 #[inline(always)]
 #[allow(clippy::eq_op)]
@@ -134,7 +135,7 @@ impl MaxPoolOp {
     }
 
     /// Calls `f(output index in the plane, input index of the window's first maximum)` for every
-    /// window of one `h x w` plane.
+    /// window of one `h x w` plane (windows other than 2x2, which have their own loops).
     fn for_each_window<T: PartialOrd + Copy>(
         &self,
         plane: &[T],
