@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 use candle_nn::{BatchNormConfig, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
-use super::pool::{window_max, MaxPool2d};
+use super::pool::{window_max, window_row, MaxPool2d};
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::cpu::{slice, with_slices};
 use crate::dist::Group;
@@ -581,16 +581,6 @@ impl BatchNormOp {
             mean: T::from_f64(self.mean[c]),
         }
     }
-}
-
-/// The 2x2 windows (stride 2) under output row `oy` of a plane `w` wide, each as its four
-/// inputs in row-major order; a trailing column that does not fill a window is left out, as by
-/// [`MaxPool2d`].
-fn window_row<T: Copy>(plane: &[T], w: usize, oy: usize) -> impl Iterator<Item = [T; 4]> + '_ {
-    let wo = w / 2;
-    let upper = plane[2 * oy * w..][..2 * wo].chunks_exact(2);
-    let lower = plane[(2 * oy + 1) * w..][..2 * wo].chunks_exact(2);
-    upper.zip(lower).map(|(u, l)| [u[0], u[1], l[0], l[1]])
 }
 
 impl CustomOp3 for BatchNormOp {

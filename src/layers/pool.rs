@@ -77,16 +77,24 @@ fn challenge<T: PartialOrd + Copy>((best, at): (T, usize), v: T, i: usize) -> (T
 /// The 2x2 pool (every VGG pool) of one `h x w` plane into `out` (`ho x wo`).
 fn forward_2x2<T: PartialOrd + Copy>(plane: &[T], w: usize, wo: usize, out: &mut [T]) {
     for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
-        let upper = &plane[2 * oy * w..][..2 * wo];
-        let lower = &plane[(2 * oy + 1) * w..][..2 * wo];
-        for ((u, l), y) in upper
-            .chunks_exact(2)
-            .zip(lower.chunks_exact(2))
-            .zip(out_row)
-        {
-            *y = window_max([u[0], u[1], l[0], l[1]]).0;
+        for (window, y) in window_row(plane, w, oy).zip(out_row) {
+            *y = window_max(window).0;
         }
     }
+}
+
+/// The 2x2 windows (stride 2) under output row `oy` of a plane `w` wide, each as its four
+/// inputs in row-major order; a trailing column that does not fill a window is left out, as by
+/// PyTorch's pool.
+pub(super) fn window_row<T: Copy>(
+    plane: &[T],
+    w: usize,
+    oy: usize,
+) -> impl Iterator<Item = [T; 4]> + '_ {
+    let wo = w / 2;
+    let upper = plane[2 * oy * w..][..2 * wo].chunks_exact(2);
+    let lower = plane[(2 * oy + 1) * w..][..2 * wo].chunks_exact(2);
+    upper.zip(lower).map(|(u, l)| [u[0], u[1], l[0], l[1]])
 }
 
 /// The input gradient of the 2x2 pool for one plane: each window's output gradient `g` at its
@@ -101,16 +109,12 @@ fn input_grad_2x2<T: candle_core::WithDType>(
 ) {
     let zero = T::from_f64(0.0);
     for (oy, g_row) in g.chunks_exact(wo).enumerate() {
-        let upper = &plane[2 * oy * w..][..2 * wo];
-        let lower = &plane[(2 * oy + 1) * w..][..2 * wo];
         let (d_upper, d_lower) = d[2 * oy * w..].split_at_mut(w);
-        let d_lower = &mut d_lower[..2 * wo];
-        let windows = upper.chunks_exact(2).zip(lower.chunks_exact(2));
         let grads = d_upper[..2 * wo]
             .chunks_exact_mut(2)
-            .zip(d_lower.chunks_exact_mut(2));
-        for (((u, l), (du, dl)), &gv) in windows.zip(grads).zip(g_row) {
-            let at = window_max([u[0], u[1], l[0], l[1]]).1;
+            .zip(d_lower[..2 * wo].chunks_exact_mut(2));
+        for ((window, (du, dl)), &gv) in window_row(plane, w, oy).zip(grads).zip(g_row) {
+            let at = window_max(window).1;
             du[0] = if at == 0 { gv } else { zero };
             du[1] = if at == 1 { gv } else { zero };
             dl[0] = if at == 2 { gv } else { zero };
