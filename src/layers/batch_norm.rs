@@ -16,9 +16,11 @@ use candle_nn::{BatchNormConfig, ModuleT, VarBuilder};
 use rayon::prelude::*;
 
 use super::pool::{window_max, window_row, MaxPool2d};
+use super::pool_simd::{pool_row_f32, Normalise};
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::cpu::{slice, with_slices};
 use crate::dist::Group;
+use crate::simd;
 use std::sync::OnceLock;
 
 /// Batch normalisation over the channels of `[B, C, H, W]` (eps 1e-5, momentum 0.1, affine),
@@ -314,6 +316,45 @@ type PlaneOperands<'a, T> = (&'a [T], &'a [T], &'a [T], &'a [u8]);
 /// The gradients of the input (when asked for), the weight and the bias.
 type Gradients<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
 
+/// The element types of the op; f32 pools with the SIMD kernels of [`super::pool_simd`].
+trait Element: candle_core::WithDType {
+    /// Pools the leading windows of one output row from its two input rows in vectors, as
+    /// [`BatchNormOp::pool_window`] would; returns how many it wrote.
+    fn pool_row_simd(
+        op: &BatchNormOp,
+        rows: (&[Self], &[Self]),
+        affine: Affine<Self>,
+        outputs: (&mut [Self], &mut [u8]),
+    ) -> usize;
+}
+
+impl Element for f32 {
+    fn pool_row_simd(
+        op: &BatchNormOp,
+        rows: (&[f32], &[f32]),
+        (scale, shift): Affine<f32>,
+        outputs: (&mut [f32], &mut [u8]),
+    ) -> usize {
+        let norm = Normalise {
+            scale,
+            shift,
+            relu: op.relu,
+        };
+        pool_row_f32(simd::level(), rows, norm, MASKED, outputs)
+    }
+}
+
+impl Element for f64 {
+    fn pool_row_simd(
+        _: &BatchNormOp,
+        _: (&[f64], &[f64]),
+        _: Affine<f64>,
+        _: (&mut [f64], &mut [u8]),
+    ) -> usize {
+        0
+    }
+}
+
 /// The input gradient's coefficients for one channel: `dx = k·(dy' - shift - (x - mean)·slope)`.
 #[derive(Clone, Copy)]
 struct InputGrad<T> {
@@ -385,12 +426,7 @@ impl BatchNormOp {
     }
 
     /// The output, and with `pool` the entries of `maxima`.
-    fn forward<T: candle_core::WithDType>(
-        &self,
-        x: &[T],
-        weight: &[T],
-        bias: &[T],
-    ) -> (Vec<T>, Vec<u8>) {
+    fn forward<T: Element>(&self, x: &[T], weight: &[T], bias: &[T]) -> (Vec<T>, Vec<u8>) {
         let (channels, plane, out_plane) = (self.mean.len(), self.plane, self.out_plane());
         let outputs = x.len() / plane * out_plane;
         let mut y = vec![T::from_f64(0.0); outputs];
@@ -416,8 +452,11 @@ impl BatchNormOp {
                 let affine = self.affine(i % channels, weight, bias);
                 let rows = out.chunks_exact_mut(wo).zip(codes.chunks_exact_mut(wo));
                 for (oy, (out_row, code_row)) in rows.enumerate() {
-                    let windows = window_row(xp, w, oy);
-                    for ((x, y), code) in windows.zip(out_row).zip(code_row) {
+                    let input_rows = (&xp[2 * oy * w..][..w], &xp[(2 * oy + 1) * w..][..w]);
+                    let done = T::pool_row_simd(self, input_rows, affine, (out_row, code_row));
+                    let windows = window_row(xp, w, oy).skip(done);
+                    let rest = out_row[done..].iter_mut().zip(&mut code_row[done..]);
+                    for (x, (y, code)) in windows.zip(rest) {
                         (*y, *code) = self.pool_window(x, affine);
                     }
                 }

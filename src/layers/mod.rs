@@ -13,6 +13,7 @@ mod dropout;
 mod meanfield;
 mod noise;
 mod pool;
+mod pool_simd;
 mod prior;
 mod sequential;
 mod whvi;
