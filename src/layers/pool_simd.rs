@@ -20,7 +20,8 @@ pub(super) struct Normalise {
 /// Pools the leading windows of one output row at `level`: `upper` and `lower` are the two
 /// input rows (two values per window), `out` and `codes` the row's outputs and window entries
 /// (bits 0-1 the first maximum's position, `masked` when the ReLU zeroed it). Returns how many
-/// windows it wrote, a multiple of the vector width (0 for the portable level).
+/// windows it wrote: whole blocks of 16 at AVX-512, then of 8 (so that rows of 8 to 15 windows,
+/// a 16- to 31-pixel plane, are vectorised too); none at the portable level.
 pub(super) fn pool_row_f32(
     level: Level,
     (upper, lower): (&[f32], &[f32]),
@@ -33,22 +34,26 @@ pub(super) fn pool_row_f32(
         .min(codes.len())
         .min(upper.len() / 2)
         .min(lower.len() / 2);
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     {
-        let rows = (upper.as_ptr(), lower.as_ptr());
-        let dst = (out.as_mut_ptr(), codes.as_mut_ptr());
         if level >= Level::Avx512 && level.is_supported() {
+            let rows = (upper.as_ptr(), lower.as_ptr());
+            let dst = (out.as_mut_ptr(), codes.as_mut_ptr());
             // SAFETY: the CPU has AVX-512 F (checked above); the pointers cover `n` windows
             // (`2n` values per input row, `n` outputs and entries), as `n` is clamped to them.
-            return unsafe { x86::avx512(rows, n, norm, masked, dst) };
+            done = unsafe { x86::avx512(rows, n, norm, masked, dst) };
         }
-        if level >= Level::Avx2 && level.is_supported() {
-            // SAFETY: the CPU has AVX2 and FMA (checked above); the pointers cover `n` windows.
-            return unsafe { x86::avx2(rows, n, norm, masked, dst) };
+        if level >= Level::Avx2 && Level::Avx2.is_supported() {
+            let rows = (upper[2 * done..].as_ptr(), lower[2 * done..].as_ptr());
+            let dst = (out[done..].as_mut_ptr(), codes[done..].as_mut_ptr());
+            // SAFETY: the CPU has AVX2 and FMA (checked above); the pointers cover the `n - done`
+            // windows from `done` on.
+            done += unsafe { x86::avx2(rows, n - done, norm, masked, dst) };
         }
     }
-    let _ = (level, upper, lower, norm, masked, n);
-    0
+    let _ = (level, upper, lower, norm, masked);
+    done
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -280,8 +285,7 @@ mod tests {
         let (upper, lower) = values.split_at(2 * n);
         for level in crate::simd::supported() {
             let width = match level {
-                Level::Avx512 => 16,
-                Level::Avx2 => 8,
+                Level::Avx512 | Level::Avx2 => 8,
                 _ => n + 1,
             };
             for relu in [false, true] {
