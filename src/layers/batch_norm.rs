@@ -309,9 +309,9 @@ const MASKED: u8 = 4;
 /// Per-channel `(scale, shift)` of a normalisation: `z = scale·x + shift`.
 type Affine<T> = (T, T);
 
-/// One plane of the backward pass's operands: the input, the output, the output gradient and
-/// (pooled) the plane's entries of `BatchNormOp::maxima`.
-type PlaneOperands<'a, T> = (&'a [T], &'a [T], &'a [T], &'a [u8]);
+/// One plane of the backward pass's operands: the input, the output gradient and (pooled) the
+/// plane's entries of `BatchNormOp::maxima`.
+type PlaneOperands<'a, T> = (&'a [T], &'a [T], &'a [u8]);
 
 /// The gradients of the input (when asked for), the weight and the bias.
 type Gradients<T> = (Option<Vec<T>>, Vec<T>, Vec<T>);
@@ -464,28 +464,32 @@ impl BatchNormOp {
         (y, maxima)
     }
 
+    /// Whether the ReLU zeroed the output of input `x`: the forward's own arithmetic again, so
+    /// the backward needs no copy of the output (one sweep fewer over memory in each of its
+    /// two passes).
+    #[inline(always)]
+    fn clamped<T: candle_core::WithDType>(&self, x: T, affine: Affine<T>) -> bool {
+        self.relu && self.normalise(x, affine) <= T::from_f64(0.0)
+    }
+
     /// Per plane: `(Σ dy', Σ dy'·(x - mean))`, `dy'` the gradient past the pool and the ReLU
     /// (`codes`: the plane's entries of `maxima`, with `pool`).
     fn plane_grad_sums<T: candle_core::WithDType>(
         &self,
         c: usize,
-        (xp, yp, gp, codes): PlaneOperands<'_, T>,
+        (xp, gp, codes): PlaneOperands<'_, T>,
+        affine: Affine<T>,
     ) -> (f64, f64) {
         let m = self.mean[c];
         let Some(w) = self.pool else {
-            let zero = T::from_f64(0.0);
-            return xp
-                .iter()
-                .zip(yp)
-                .zip(gp)
-                .fold((0.0, 0.0), |(s, sx), ((&xv, &yv), &g)| {
-                    let g = if self.relu && yv <= zero {
-                        0.0
-                    } else {
-                        g.to_f64()
-                    };
-                    (s + g, sx + g * (xv.to_f64() - m))
-                });
+            return xp.iter().zip(gp).fold((0.0, 0.0), |(s, sx), (&xv, &g)| {
+                let g = if self.clamped(xv, affine) {
+                    0.0
+                } else {
+                    g.to_f64()
+                };
+                (s + g, sx + g * (xv.to_f64() - m))
+            });
         };
         let (mut s, mut sx) = (0.0, 0.0);
         let wo = w / 2;
@@ -503,13 +507,14 @@ impl BatchNormOp {
     fn plane_input_grad<T: candle_core::WithDType>(
         &self,
         dp: &mut [T],
-        (xp, yp, gp, codes): PlaneOperands<'_, T>,
+        (xp, gp, codes): PlaneOperands<'_, T>,
+        affine: Affine<T>,
         coefficients: InputGrad<T>,
     ) {
         let zero = T::from_f64(0.0);
         let Some(w) = self.pool else {
-            for (((d, &xv), &yv), &g) in dp.iter_mut().zip(xp).zip(yp).zip(gp) {
-                let g = if self.relu && yv <= zero { zero } else { g };
+            for ((d, &xv), &g) in dp.iter_mut().zip(xp).zip(gp) {
+                let g = if self.clamped(xv, affine) { zero } else { g };
                 *d = coefficients.at(xv, g);
             }
             return;
@@ -540,12 +545,11 @@ impl BatchNormOp {
         }
     }
 
-    /// Gradients of x, weight and bias from the input, the output (unpooled: the sign of its
-    /// values is the ReLU's mask; pooled: unused, `maxima` has the windows) and the output
-    /// gradient.
+    /// Gradients of x, weight and bias from the input, the parameters and the output gradient
+    /// (the ReLU's mask recomputed from the input, the pool's windows read from `maxima`).
     fn gradients<T: candle_core::WithDType>(
         &self,
-        [x, weight, y, dy]: [&[T]; 4],
+        [x, weight, bias, dy]: [&[T]; 4],
         want_input: bool,
     ) -> Result<Gradients<T>> {
         let (channels, plane, out_plane) = (self.mean.len(), self.plane, self.out_plane());
@@ -558,10 +562,12 @@ impl BatchNormOp {
         };
         let sums: Vec<(f64, f64)> = x
             .par_chunks(plane)
-            .zip(y.par_chunks(out_plane))
             .zip(dy.par_chunks(out_plane).zip(codes.par_chunks(code_plane)))
             .enumerate()
-            .map(|(i, ((xp, yp), (gp, cp)))| self.plane_grad_sums(i % channels, (xp, yp, gp, cp)))
+            .map(|(i, (xp, (gp, cp)))| {
+                let c = i % channels;
+                self.plane_grad_sums(c, (xp, gp, cp), self.affine(c, weight, bias))
+            })
             .collect();
         let mut sum_dy = vec![0.0; channels];
         let mut sum_dy_xc = vec![0.0; channels];
@@ -584,13 +590,14 @@ impl BatchNormOp {
         let dx = want_input.then(|| {
             let mut dx = vec![T::from_f64(0.0); x.len()];
             dx.par_chunks_mut(plane)
-                .zip(x.par_chunks(plane).zip(codes.par_chunks(code_plane)))
-                .zip(y.par_chunks(out_plane).zip(dy.par_chunks(out_plane)))
+                .zip(x.par_chunks(plane))
+                .zip(dy.par_chunks(out_plane).zip(codes.par_chunks(code_plane)))
                 .enumerate()
-                .for_each(|(i, ((dp, (xp, cp)), (yp, gp)))| {
+                .for_each(|(i, ((dp, xp), (gp, cp)))| {
                     let c = i % channels;
                     let coefficients = self.input_grad_coefficients(c, weight, &sum_dy, &sum_dy_xc);
-                    self.plane_input_grad(dp, (xp, yp, gp, cp), coefficients);
+                    let affine = self.affine(c, weight, bias);
+                    self.plane_input_grad(dp, (xp, gp, cp), affine, coefficients);
                 });
             dx
         });
@@ -675,28 +682,27 @@ impl CustomOp3 for BatchNormOp {
         x: &Tensor,
         weight: &Tensor,
         bias: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = grad_res.contiguous()?;
         let want_input = x.track_op();
-        let tensors = [x, weight, res, &dy];
+        let tensors = [x, weight, bias, &dy];
         match x.dtype() {
-            DType::F32 => gradient_tensors::<f32>(self, tensors, bias, want_input),
-            DType::F64 => gradient_tensors::<f64>(self, tensors, bias, want_input),
+            DType::F32 => gradient_tensors::<f32>(self, tensors, want_input),
+            DType::F64 => gradient_tensors::<f64>(self, tensors, want_input),
             other => bail!("batch norm backward: f32 or f64 expected, got {other:?}"),
         }
     }
 }
 
-/// The op's gradients as tensors: `[x, weight, y, dy]` in, `(dx, dweight, dbias)` out.
+/// The op's gradients as tensors: `[x, weight, bias, dy]` in, `(dx, dweight, dbias)` out.
 fn gradient_tensors<T: candle_core::WithDType>(
     op: &BatchNormOp,
     tensors: [&Tensor; 4],
-    bias: &Tensor,
     want_input: bool,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let [x, weight, ..] = tensors;
+    let [x, weight, bias, _] = tensors;
     let (dx, dw, db) = with_slices::<T, _>("batch norm backward", &tensors, |d| {
         op.gradients([d[0], d[1], d[2], d[3]], want_input)
     })??;
