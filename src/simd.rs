@@ -1,7 +1,8 @@
 //! Which SIMD instruction set the CPU kernels use: detected once at run time, and capped by the
 //! `WHVI_SIMD` environment variable.
 //!
-//! The kernels written with `core::arch` (the FWHT) pick their vector width from [`level`].
+//! The kernels written with `core::arch` (the FWHT, and the forward of the fused batch norm +
+//! ReLU + max pool) pick their vector width from [`level`].
 //! Setting `WHVI_SIMD=avx2` on an AVX-512 machine, or `WHVI_SIMD=portable` anywhere, runs the
 //! narrower code paths, so that both can be measured and compared on one machine; every path
 //! gives the same results bit for bit.

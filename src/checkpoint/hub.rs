@@ -1,7 +1,7 @@
 //! Checkpoints on the Hugging Face hub: `hf://OWNER/REPO/FILE` wherever a checkpoint path is
 //! taken. The file is downloaded through the `hf-hub` crate into the hub's usual cache
 //! (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`) from `$HF_ENDPOINT` (default
-//! https://huggingface.co); a file already cached is not downloaded again.
+//! <https://huggingface.co>); a file already cached is not downloaded again.
 
 use std::path::{Path, PathBuf};
 

@@ -379,8 +379,9 @@ impl BatchNormOp {
         (T::from_f64(scale), T::from_f64(shift))
     }
 
-    /// One value normalised, then clamped when a ReLU follows (the forward and the pooled
-    /// backward compute it alike, so the backward finds the forward's window maxima).
+    /// One value normalised, then clamped when a ReLU follows. The backward's mask
+    /// ([`BatchNormOp::clamped`]) is exact only because it calls this with the same `affine`:
+    /// a multiply and an add rounded apart, never fused.
     #[inline(always)]
     fn normalise<T: candle_core::WithDType>(&self, x: T, (scale, shift): Affine<T>) -> T {
         let z = x * scale + shift;
@@ -464,9 +465,9 @@ impl BatchNormOp {
         (y, maxima)
     }
 
-    /// Whether the ReLU zeroed the output of input `x`: the forward's own arithmetic again, so
-    /// the backward needs no copy of the output (one sweep fewer over memory in each of its
-    /// two passes).
+    /// Whether the ReLU zeroed (or left at zero) the output of input `x`: the forward's own
+    /// arithmetic again, so neither backward sweep reads the output (one full-size stream fewer
+    /// in each).
     #[inline(always)]
     fn clamped<T: candle_core::WithDType>(&self, x: T, affine: Affine<T>) -> bool {
         self.relu && self.normalise(x, affine) <= T::from_f64(0.0)

@@ -9,7 +9,8 @@
 
 use crate::simd::Level;
 
-/// The normalisation of one channel: `z = x·scale + shift`, then `max(z, 0)` when `relu`.
+/// The normalisation of one channel: `z = x·scale + shift`, then `+0.0` for `z < 0` when `relu`
+/// (a NaN or `-0.0` passes unchanged, as in the scalar code; an IEEE `max` would not do that).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Normalise {
     pub scale: f32,
@@ -274,22 +275,31 @@ mod tests {
     #[test]
     fn every_level_pools_like_the_scalar_code() {
         let n = 41;
-        // Ties (a coarse grid), negative maxima, signed zeros and NaNs.
+        // Ties (a coarse grid), NaNs and signed zeros; the shifts below make whole windows
+        // negative (masked by the ReLU) and, with `-0.0`, normalised values of -0.0.
         let values: Vec<f32> = (0..4 * n)
             .map(|k| match k % 23 {
                 5 | 17 if k % 3 == 0 => f32::NAN,
-                9 => -0.0,
+                9 | 14 => -0.0,
                 _ => ((k * 37) % 11) as f32 * 0.5 - 2.5,
             })
             .collect();
         let (upper, lower) = values.split_at(2 * n);
+        let affines = [
+            (1.5, -0.25),
+            (-0.75, 0.1),
+            (1.5, -6.0),
+            (1.0, -0.0),
+            (-1.0, -0.0),
+        ];
+        let mut seen = [0usize; 3];
         for level in crate::simd::supported() {
             let width = match level {
                 Level::Avx512 | Level::Avx2 => 8,
                 _ => n + 1,
             };
             for relu in [false, true] {
-                for (scale, shift) in [(1.5, -0.25), (-0.75, 0.1)] {
+                for (scale, shift) in affines {
                     let norm = Normalise { scale, shift, relu };
                     let (mut out, mut codes) = (vec![0.0; n], vec![0; n]);
                     let done = pool_row_f32(level, (upper, lower), norm, 4, (&mut out, &mut codes));
@@ -302,16 +312,44 @@ mod tests {
                             lower[2 * i + 1],
                         ];
                         let (best, code) = reference(x, norm);
-                        let label = format!("{level:?} relu={relu} scale={scale} window {i}");
+                        let label = format!("{level:?} relu={relu} {scale}x+{shift} window {i}");
                         assert_eq!(codes[i], code, "{label}");
                         assert!(
                             out[i].to_bits() == best.to_bits() || out[i].is_nan() && best.is_nan(),
                             "{label}: {} against {best}",
                             out[i]
                         );
+                        seen[0] += usize::from(code & 4 != 0);
+                        seen[1] += usize::from(best.to_bits() == (-0.0f32).to_bits());
+                        seen[2] += usize::from(code & 3 != 0);
                     }
                 }
             }
         }
+        // The data reach the ReLU's mask, a -0.0 maximum and maxima off the first position
+        // (on a CPU with vector levels; the portable level pools nothing here).
+        if crate::simd::supported().len() > 1 {
+            assert!(seen.iter().all(|&count| count > 0), "{seen:?}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_kernel_takes_whole_blocks_of_16() {
+        if !Level::Avx512.is_supported() {
+            return;
+        }
+        let (rows, mut out, mut codes) = (vec![1.0f32; 82], vec![0.0f32; 41], vec![0u8; 41]);
+        let norm = Normalise {
+            scale: 1.0,
+            shift: 0.0,
+            relu: true,
+        };
+        let dst = (out.as_mut_ptr(), codes.as_mut_ptr());
+        // SAFETY: AVX-512 F is supported (checked above); each row holds 2·41 values and the
+        // outputs 41.
+        let done = unsafe { x86::avx512((rows.as_ptr(), rows.as_ptr()), 41, norm, 4, dst) };
+        assert_eq!(done, 32);
+        assert!(out[..32].iter().all(|&v| v == 1.0) && out[32..].iter().all(|&v| v == 0.0));
     }
 }
