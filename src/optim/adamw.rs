@@ -1,7 +1,9 @@
 //! Adam with decoupled (AdamW) or coupled (Adam) weight decay.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var, WithDType};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var, WithDType};
 use candle_nn::Optimizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -147,30 +149,32 @@ impl Update {
     }
 
     /// The same update in one sweep over the CPU data of f32 / f64 tensors (a dozen candle ops
-    /// stream the parameter-sized tensors a dozen times); `None` elsewhere.
+    /// stream the parameter-sized tensors a dozen times), `param` updated in place: the new
+    /// moments `(m, v)`, or `None` off that path (another device or type, a strided parameter,
+    /// or a gradient or moment sharing its storage).
     fn fused(
         &self,
         param: &Tensor,
         grad: &Tensor,
         prev: Option<&Moments>,
-    ) -> candle_core::Result<Option<(Tensor, Tensor, Tensor)>> {
-        if !param.device().is_cpu() {
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        if !param.device().is_cpu() || !param.is_contiguous() {
             return Ok(None);
         }
         match param.dtype() {
-            DType::F32 => self.fused_typed::<f32>(param, grad, prev).map(Some),
-            DType::F64 => self.fused_typed::<f64>(param, grad, prev).map(Some),
+            DType::F32 => self.fused_typed::<f32>(param, grad, prev),
+            DType::F64 => self.fused_typed::<f64>(param, grad, prev),
             _ => Ok(None),
         }
     }
 
-    fn fused_typed<T: WithDType>(
+    fn fused_typed<T: SweepElem>(
         &self,
         param: &Tensor,
         grad: &Tensor,
         prev: Option<&Moments>,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (param, grad) = (param.contiguous()?, grad.contiguous()?);
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let grad = grad.contiguous()?;
         let zeros;
         let (m, v) = match prev {
             Some(prev) => (prev.m.contiguous()?, prev.v.contiguous()?),
@@ -179,48 +183,156 @@ impl Update {
                 (zeros.clone(), zeros)
             }
         };
-        let t = |x: f64| T::from_f64(x);
-        let shrink = t(if self.decoupled {
-            1.0 - self.lr * self.decay
-        } else {
-            1.0
-        });
-        let coupled = t(if self.decoupled { 0.0 } else { self.decay });
-        let (beta1, beta2) = (t(self.beta1), t(self.beta2));
-        let (one_minus_beta1, one_minus_beta2) = (t(1.0 - self.beta1), t(1.0 - self.beta2));
-        let (step_size, eps) = (t(self.lr / self.bias_correction1), t(self.eps));
-        let root_correction2 = t(1.0 / self.bias_correction2.sqrt());
-        let (p_new, m_new, v_new) = with_slices::<T, _>("adamw", &[&param, &grad, &m, &v], |d| {
-            let n = d[0].len();
-            let (mut p_new, mut m_new, mut v_new) =
-                (vec![t(0.0); n], vec![t(0.0); n], vec![t(0.0); n]);
-            p_new
-                .par_chunks_mut(CHUNK)
-                .zip(m_new.par_chunks_mut(CHUNK))
-                .zip(v_new.par_chunks_mut(CHUNK))
-                .enumerate()
-                .for_each(|(chunk, ((ps, ms), vs))| {
-                    let at = chunk * CHUNK;
-                    for j in 0..ps.len() {
-                        let (p, g) = (d[0][at + j], d[1][at + j]);
-                        let g = g + coupled * p;
-                        let m = beta1 * d[2][at + j] + one_minus_beta1 * g;
-                        let v = beta2 * d[3][at + j] + one_minus_beta2 * g * g;
-                        let denom = v.to_f64().sqrt();
-                        let denom = t(denom) * root_correction2 + eps;
-                        ps[j] = p * shrink - m / denom * step_size;
-                        ms[j] = m;
-                        vs[j] = v;
-                    }
-                });
-            (p_new, m_new, v_new)
-        })?;
+        // The sweep reads these under read locks while it writes the parameter under a write
+        // lock: on one storage that would deadlock.
+        let parameter_storage = storage_start::<T>(param)?;
+        for other in [&grad, &m, &v] {
+            if storage_start::<T>(other)? == parameter_storage {
+                return Ok(None);
+            }
+        }
+        let sweep = Sweep::new(self);
+        let (m_new, v_new) = with_slices::<T, _>("adamw", &[&grad, &m, &v], |d| {
+            let op = InPlace {
+                sweep,
+                inputs: [d[0], d[1], d[2]],
+                moments: Mutex::new(None),
+            };
+            param.inplace_op1(&op)?;
+            let moments = op.moments.into_inner().unwrap_or_else(|e| e.into_inner());
+            moments.ok_or_else(|| candle_core::Error::Msg("adamw: the sweep did not run".into()))
+        })??;
         let (shape, device) = (param.shape(), param.device());
-        Ok((
-            Tensor::from_vec(p_new, shape, device)?,
+        Ok(Some((
             Tensor::from_vec(m_new, shape, device)?,
             Tensor::from_vec(v_new, shape, device)?,
-        ))
+        )))
+    }
+}
+
+/// Where the CPU storage behind `t` starts: equal for two tensors exactly when they share it.
+fn storage_start<T: WithDType>(t: &Tensor) -> candle_core::Result<*const T> {
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(T::cpu_storage_as_slice(cpu)?.as_ptr()),
+        _ => candle_core::bail!("adamw: the fused update runs on the CPU only"),
+    }
+}
+
+/// The constants of one variable's update, in its element type.
+#[derive(Debug, Clone, Copy)]
+struct Sweep<T> {
+    shrink: T,
+    coupled: T,
+    beta1: T,
+    beta2: T,
+    one_minus_beta1: T,
+    one_minus_beta2: T,
+    step_size: T,
+    eps: T,
+    root_correction2: T,
+}
+
+impl<T: WithDType> Sweep<T> {
+    fn new(rule: &Update) -> Self {
+        let t = |x: f64| T::from_f64(x);
+        Sweep {
+            shrink: t(if rule.decoupled {
+                1.0 - rule.lr * rule.decay
+            } else {
+                1.0
+            }),
+            coupled: t(if rule.decoupled { 0.0 } else { rule.decay }),
+            beta1: t(rule.beta1),
+            beta2: t(rule.beta2),
+            one_minus_beta1: t(1.0 - rule.beta1),
+            one_minus_beta2: t(1.0 - rule.beta2),
+            step_size: t(rule.lr / rule.bias_correction1),
+            eps: t(rule.eps),
+            root_correction2: t(1.0 / rule.bias_correction2.sqrt()),
+        }
+    }
+
+    /// Updates `p` from `[g, m, v]` in place and returns the new `(m, v)`.
+    fn run(&self, p: &mut [T], [g, m, v]: [&[T]; 3]) -> (Vec<T>, Vec<T>) {
+        let n = p.len();
+        let (mut m_new, mut v_new) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        p.par_chunks_mut(CHUNK)
+            .zip(m_new.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .zip(v_new.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((ps, ms), vs))| {
+                let at = chunk * CHUNK;
+                for j in 0..ps.len() {
+                    let (p, g) = (ps[j], g[at + j]);
+                    let g = g + self.coupled * p;
+                    let m = self.beta1 * m[at + j] + self.one_minus_beta1 * g;
+                    let v = self.beta2 * v[at + j] + self.one_minus_beta2 * g * g;
+                    let denom = T::from_f64(v.to_f64().sqrt()) * self.root_correction2 + self.eps;
+                    ps[j] = p * self.shrink - m / denom * self.step_size;
+                    ms[j].write(m);
+                    vs[j].write(v);
+                }
+            });
+        // SAFETY: the chunks above cover elements 0..n of both moments, and each chunk wrote
+        // every one of its elements.
+        unsafe {
+            m_new.set_len(n);
+            v_new.set_len(n);
+        }
+        (m_new, v_new)
+    }
+}
+
+/// The element types of the in-place sweep: their mutable CPU data.
+trait SweepElem: WithDType {
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+impl SweepElem for f32 {
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [f32]> {
+        match storage {
+            CpuStorage::F32(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+impl SweepElem for f64 {
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [f64]> {
+        match storage {
+            CpuStorage::F64(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+/// The update as an in-place op on the parameter (candle's `Var::set` would copy a new
+/// parameter into the variable: two more sweeps over it, and a zeroed buffer): it reads the
+/// gradient and the moments `inputs` and leaves the new moments in `moments`.
+struct InPlace<'a, T> {
+    sweep: Sweep<T>,
+    inputs: [&'a [T]; 3],
+    moments: Mutex<Option<(Vec<T>, Vec<T>)>>,
+}
+
+impl<T: SweepElem> InplaceOp1 for InPlace<'_, T> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (Some(data), Some((start, end))) = (T::slice_mut(storage), layout.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw: the parameter must be contiguous, of its update's type");
+        };
+        let p = &mut data[start..end];
+        if self.inputs.iter().any(|s| s.len() != p.len()) {
+            candle_core::bail!("adamw: gradient, moments and parameter differ in size");
+        }
+        let moments = self.sweep.run(p, self.inputs);
+        *self.moments.lock().unwrap_or_else(|e| e.into_inner()) = Some(moments);
+        Ok(())
     }
 }
 
@@ -311,11 +423,14 @@ impl Optimizer for AdamW {
             // alive, and the next step's moment this one: memory grows without bound.
             let grad = grad.detach();
             let param = var.as_detached_tensor();
-            let (new_param, m, v) = match rule.fused(&param, &grad, prev)? {
-                Some(updated) => updated,
-                None => rule.composed(param, grad, prev)?,
+            let (m, v) = match rule.fused(&param, &grad, prev)? {
+                Some(moments) => moments,
+                None => {
+                    let (new_param, m, v) = rule.composed(param, grad, prev)?;
+                    var.set(&new_param)?;
+                    (m, v)
+                }
             };
-            var.set(&new_param)?;
             self.moments[i] = Some(Moments { m, v, step });
         }
         self.step += 1;
@@ -427,6 +542,31 @@ mod tests {
     }
 
     #[test]
+    fn a_gradient_sharing_the_parameters_storage_takes_the_composed_update() {
+        // Read and write locks on one storage in the fused sweep would deadlock.
+        let rule = Update {
+            lr: 1e-3,
+            decay: 0.0,
+            decoupled: true,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            bias_correction1: 0.1,
+            bias_correction2: 0.001,
+        };
+        let param = random(100, 1, DType::F32);
+        let before = param.to_vec1::<f32>().unwrap();
+        let view = param.narrow(0, 0, 100).unwrap();
+        assert!(rule.fused(&param, &view, None).unwrap().is_none());
+        assert_eq!(param.to_vec1::<f32>().unwrap(), before);
+        assert!(rule
+            .fused(&param, &param.copy().unwrap(), None)
+            .unwrap()
+            .is_some());
+        assert_ne!(param.to_vec1::<f32>().unwrap(), before);
+    }
+
+    #[test]
     fn the_fused_cpu_update_equals_the_composed_one() {
         // More elements than one parallel chunk, so that chunk offsets are exercised.
         let n = CHUNK + 1234;
@@ -449,13 +589,10 @@ mod tests {
                     step: 2,
                 };
                 for prev in [None, Some(&prev)] {
-                    let fused = rule.fused(&param, &grad, prev).unwrap().unwrap();
+                    let updated = param.copy().unwrap();
+                    let (m, v) = rule.fused(&updated, &grad, prev).unwrap().unwrap();
                     let composed = rule.composed(param.clone(), grad.clone(), prev).unwrap();
-                    for (a, b) in [
-                        (fused.0, composed.0),
-                        (fused.1, composed.1),
-                        (fused.2, composed.2),
-                    ] {
+                    for (a, b) in [(updated, composed.0), (m, composed.1), (v, composed.2)] {
                         let diff = (a - b)
                             .unwrap()
                             .abs()
