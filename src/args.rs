@@ -167,6 +167,10 @@ pub struct BuildArgs {
     /// number; NAME=VALUE sets one layer's (repeat the flag for several).
     #[arg(long = "prior-variance", value_name = "[NAME=]VALUE")]
     pub priors: Vec<String>,
+    /// Initial posterior standard deviation of the Bayesian layers, as a fraction of their
+    /// initial mean's scale [default: 0.01].
+    #[arg(long, value_name = "FRACTION")]
+    pub initial_sigma: Option<f64>,
     /// Width multiplier for convolutions and hidden dense layers (e.g. 0.25 for CPU runs).
     #[arg(long)]
     pub width: Option<f64>,
@@ -218,6 +222,7 @@ impl BuildArgs {
         set(&mut options.method, self.method.map(Method::from));
         set(&mut options.policy, self.bayes.map(BayesPolicy::from));
         set(&mut options.width, self.width);
+        set(&mut options.initial_sigma, self.initial_sigma);
         set(&mut options.dropout, self.dropout);
         if self.classes.is_some() {
             options.classes = self.classes;
@@ -422,9 +427,13 @@ pub struct TrainArgs {
     /// Linear learning-rate warm-up, in optimisation steps [default: 0].
     #[arg(long)]
     pub warmup_steps: Option<u64>,
-    /// KL warm-up: beta rises from 0 to 1 over this many epochs [default: 0].
+    /// KL warm-up: beta rises from 0 to --kl-weight over this many epochs [default: 0].
     #[arg(long)]
     pub kl_warmup: Option<u64>,
+    /// Weight of the KL term after the warm-up [default: 1, the ELBO]; another value trains a
+    /// tempered posterior (below 1 a cold one, narrower than Bayes' rule gives).
+    #[arg(long, value_name = "BETA")]
+    pub kl_weight: Option<f64>,
     /// Posterior samples per training step [default: 1].
     #[arg(long)]
     pub mc_samples: Option<usize>,
@@ -494,6 +503,7 @@ impl TrainArgs {
         let schedule = self.schedule_of(&config.schedule);
         set(&mut config.schedule, schedule);
         set(&mut config.kl_warmup.epochs, self.kl_warmup);
+        set(&mut config.kl_weight, self.kl_weight);
         set(&mut config.mc_samples, self.mc_samples);
         if self.clip_grad.is_some() {
             config.clip_grad = self.clip_grad;

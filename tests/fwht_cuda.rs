@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 use whvi::fwht::{fwht, Scaling};
-use whvi::layers::{Prior, WhviBlocks};
+use whvi::layers::{PosteriorConfig, WhviBlocks};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need an NVIDIA GPU and a build with --features cuda")
@@ -146,7 +146,7 @@ fn a_whvi_layer_gives_the_same_outputs_and_input_gradients() {
             .map(|(k, v)| (k.clone(), v.to_device(device).unwrap()))
             .collect();
         let vb = VarBuilder::from_tensors(on_device, DType::F32, device);
-        WhviBlocks::new(d_in, d_out, Prior::HeLike, vb).unwrap()
+        WhviBlocks::new(d_in, d_out, PosteriorConfig::default(), vb).unwrap()
     };
     let x = Tensor::from_vec(data(batch, d_in), (batch, d_in), &Device::Cpu).unwrap();
     let eps = Tensor::from_vec(data(batch, blocks * d), (batch, blocks, d), &Device::Cpu).unwrap();

@@ -5,8 +5,8 @@ use rand::Rng;
 use rand_distr::StandardNormal;
 use whvi::layers::{
     standard_normal, Activation, BayesianModule, ConvSampling, Flatten, MaxPool2d, MeanFieldConv2d,
-    MeanFieldConv2dConfig, MeanFieldConvMode, MeanFieldLinear, Pass, Prior, Sequential, WhviBlocks,
-    WhviConv2d, WhviConv2dConfig, WhviLinear, WhviLinearConfig,
+    MeanFieldConv2dConfig, MeanFieldConvMode, MeanFieldLinear, Pass, PosteriorConfig, Prior,
+    Sequential, WhviBlocks, WhviConv2d, WhviConv2dConfig, WhviLinear, WhviLinearConfig,
 };
 use whvi::params::Params;
 use whvi::rng::seeded;
@@ -80,7 +80,7 @@ fn fwht_path_equals_explicit_matrix_forward_and_gradients() {
     for (d_in, d_out) in SHAPES {
         let params = Params::new(3);
         let vb = params.var_builder(DType::F64, &CPU);
-        let blocks = WhviBlocks::new(d_in, d_out, Prior::HeLike, vb).unwrap();
+        let blocks = WhviBlocks::new(d_in, d_out, PosteriorConfig::default(), vb).unwrap();
         // Widen sigma so that the noise path matters for the gradients.
         var(&params, "log_sigma")
             .set(&(blocks.parameters().3.ones_like().unwrap() * -1.0).unwrap())
@@ -140,7 +140,7 @@ fn fused_noise_path_equals_composed_ops_forward_and_gradients() {
         for (d_in, d_out) in SHAPES {
             let params = Params::new(4);
             let vb = params.var_builder(dtype, &CPU);
-            let blocks = WhviBlocks::new(d_in, d_out, Prior::HeLike, vb).unwrap();
+            let blocks = WhviBlocks::new(d_in, d_out, PosteriorConfig::default(), vb).unwrap();
             var(&params, "log_sigma")
                 .set(&(blocks.parameters().3.ones_like().unwrap() * -1.0).unwrap())
                 .unwrap();
@@ -279,7 +279,16 @@ fn linear_output_mean_and_covariance_match_closed_form() {
 fn kl_matches_closed_form_and_monte_carlo() {
     let params = Params::new(4);
     let vb = params.var_builder(DType::F64, &CPU);
-    let blocks = WhviBlocks::new(7, 12, Prior::Variance(0.05), vb).unwrap();
+    let blocks = WhviBlocks::new(
+        7,
+        12,
+        PosteriorConfig {
+            prior: Prior::Variance(0.05),
+            ..PosteriorConfig::default()
+        },
+        vb,
+    )
+    .unwrap();
     var(&params, "log_sigma")
         .set(&random_tensor(&[2, 8], 8).affine(0.2, -1.0).unwrap())
         .unwrap();
@@ -364,7 +373,7 @@ fn initial_mean_matrix_has_he_scale() {
         let blocks = WhviBlocks::new(
             d_in,
             d_out,
-            Prior::HeLike,
+            PosteriorConfig::default(),
             params.var_builder(DType::F64, &CPU),
         )
         .unwrap();
@@ -536,7 +545,7 @@ fn parameter_counts() {
     .unwrap();
     // 64·9 = 576 -> D = 1024, one block.
     assert_eq!(conv.num_params(), 4 * 1024 + 128);
-    let mf = MeanFieldLinear::new(300, 700, Prior::HeLike, vb.pp("c")).unwrap();
+    let mf = MeanFieldLinear::new(300, 700, PosteriorConfig::default(), vb.pp("c")).unwrap();
     assert_eq!(mf.num_params(), 2 * 300 * 700 + 700);
     let mfc = MeanFieldConv2d::new(
         3,
@@ -749,6 +758,60 @@ fn the_fused_backward_repeats_bit_for_bit_at_three_threads() {
     }
 }
 
+/// `initial_sigma` sets where `log_sigma` starts, as a fraction of the initial mean's scale
+/// (WHVI: `sqrt(2 / (D · d_in))`; mean-field: `sqrt(2 / d_in)`), and a width that is not a
+/// positive number is refused.
+#[test]
+fn the_initial_sigma_is_a_fraction_of_the_initial_means_scale() {
+    let starting_sigma = |params: &Params, name: &str| -> Vec<f32> {
+        let log_sigma = var(params, name).as_tensor().flatten_all().unwrap();
+        log_sigma.exp().unwrap().to_vec1().unwrap()
+    };
+    for fraction in [1e-2, 0.3] {
+        let posterior = PosteriorConfig {
+            initial_sigma: fraction,
+            ..PosteriorConfig::default()
+        };
+        let params = Params::new(1);
+        WhviBlocks::new(100, 128, posterior, params.var_builder(DType::F32, &CPU)).unwrap();
+        let whvi_scale = (2.0 / (128.0 * 100.0_f64)).sqrt();
+        for sigma in starting_sigma(&params, "log_sigma") {
+            let want = fraction * whvi_scale;
+            assert!(
+                (sigma as f64 - want).abs() < 1e-6 * want,
+                "{sigma} vs {want}"
+            );
+        }
+        let params = Params::new(1);
+        MeanFieldLinear::new(50, 3, posterior, params.var_builder(DType::F32, &CPU)).unwrap();
+        for sigma in starting_sigma(&params, "log_sigma") {
+            let want = fraction * (2.0 / 50.0_f64).sqrt();
+            assert!(
+                (sigma as f64 - want).abs() < 1e-6 * want,
+                "{sigma} vs {want}"
+            );
+        }
+    }
+    for bad in [0.0, -0.1, f64::NAN, f64::INFINITY] {
+        let posterior = PosteriorConfig {
+            initial_sigma: bad,
+            ..PosteriorConfig::default()
+        };
+        let params = Params::new(1);
+        let vb = params.var_builder(DType::F32, &CPU);
+        let err = WhviBlocks::new(8, 8, posterior, vb.clone()).err().unwrap();
+        assert!(
+            err.to_string().contains("positive fraction"),
+            "{bad}: {err}"
+        );
+        let err = MeanFieldLinear::new(8, 8, posterior, vb).err().unwrap();
+        assert!(
+            err.to_string().contains("positive fraction"),
+            "{bad}: {err}"
+        );
+    }
+}
+
 /// Sizes a layer cannot take are errors, not panics or overflowed shapes.
 #[test]
 fn layers_refuse_sizes_they_cannot_take() {
@@ -765,7 +828,7 @@ fn layers_refuse_sizes_they_cannot_take() {
     assert!(err.to_string().contains("too many"), "{err}");
     // A zero fan-in made the He variance infinite and the KL NaN.
     for (d_in, d_out) in [(0, 3), (3, 0)] {
-        let err = MeanFieldLinear::new(d_in, d_out, Prior::HeLike, vb())
+        let err = MeanFieldLinear::new(d_in, d_out, PosteriorConfig::default(), vb())
             .err()
             .unwrap();
         assert!(err.to_string().contains("sizes >= 1"), "{err}");

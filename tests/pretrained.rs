@@ -161,6 +161,18 @@ fn card_is_written_as_a_hub_model_card_readme() {
     }
     assert!(text.contains("| accuracy | 0.8812 |"), "{text}");
     assert!(text.contains("whvi eval pretrained:lenet5-test"));
+    assert!(!text.contains("tempered"), "{text}");
+    // A run with a KL weight other than 1 says that its posterior is tempered.
+    let mut meta = Checkpoint::read_meta(&out).unwrap();
+    let card = meta.card.clone().unwrap();
+    meta.training.as_mut().unwrap()["kl_weight"] = serde_json::json!(0.1);
+    let tempered = card.to_markdown(&meta);
+    assert!(
+        tempered.contains("A tempered posterior: the KL term was weighted by beta = 0.1"),
+        "{tempered}"
+    );
+    meta.training.as_mut().unwrap()["kl_weight"] = serde_json::json!(1.0);
+    assert!(!card.to_markdown(&meta).contains("tempered"));
     let err = card::write_readme(&out, None, false).unwrap_err();
     assert!(err.to_string().contains("--force"), "{err}");
     assert!(card::write_readme(&out, None, true).is_ok());

@@ -316,11 +316,52 @@ fn settings_out_of_range_are_refused_with_the_setting_named() {
             "{limit}: {err}"
         );
     }
+    for weight in [f64::NAN, -1.0, 0.0, f64::INFINITY] {
+        let config = TrainConfig {
+            kl_weight: weight,
+            ..TrainConfig::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("kl_weight must be a positive number"),
+            "{weight}: {err}"
+        );
+    }
     let config = TrainConfig {
         time_limit_minutes: Some(0.5),
+        kl_weight: 0.1,
         ..TrainConfig::default()
     };
     config.validate().unwrap();
+}
+
+#[test]
+fn the_kl_weight_scales_the_warm_up_and_old_records_read_as_the_elbo() {
+    let root = write_dataset(&temp_root("tempered"), 128);
+    let config = TrainConfig {
+        kl_weight: 0.25,
+        kl_warmup: whvi::optim::KlWarmup { epochs: 2 },
+        ..config(&root, "run")
+    };
+    assert_eq!(config.beta(0.0), 0.0);
+    assert_eq!(config.beta(1.0), 0.125);
+    assert_eq!(config.beta(5.0), 0.25);
+    let outcome = train(
+        &config,
+        Start::New,
+        &Device::Cpu,
+        &mut QuietProgress,
+        never(),
+    )
+    .unwrap();
+    let betas: Vec<f64> = outcome.epochs.iter().map(|e| e.beta).collect();
+    assert_eq!(betas, [0.125, 0.25]);
+    // A record written before the setting existed is a plain ELBO run.
+    let mut record = serde_json::to_value(&config).unwrap();
+    record.as_object_mut().unwrap().remove("kl_weight").unwrap();
+    let old: TrainConfig = serde_json::from_value(record).unwrap();
+    assert_eq!(old.kl_weight, 1.0);
+    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]

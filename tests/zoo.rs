@@ -380,6 +380,61 @@ fn priors_are_set_globally_and_per_layer() {
 }
 
 #[test]
+fn the_initial_sigma_reaches_every_bayesian_layer_and_is_recorded() {
+    let sigmas = |options: &BuildOptions| -> Vec<f32> {
+        let (network, params) = build("lenet5", options);
+        let named = named_parameters(&params, &network.parameters()).unwrap();
+        named
+            .iter()
+            .filter(|p| p.name.ends_with("log_sigma"))
+            .map(|p| {
+                let values: Vec<f32> = p.var.flatten_all().unwrap().to_vec1().unwrap();
+                values[0].exp()
+            })
+            .collect()
+    };
+    for method in [Method::Whvi, Method::MeanField] {
+        let narrow = BuildOptions {
+            method,
+            ..BuildOptions::default()
+        };
+        let wide = BuildOptions {
+            initial_sigma: 0.25,
+            ..narrow.clone()
+        };
+        let (a, b) = (sigmas(&narrow), sigmas(&wide));
+        assert_eq!(
+            a.len(),
+            3,
+            "{method:?}: lenet5's head has three Bayesian layers"
+        );
+        for (a, b) in a.iter().zip(&b) {
+            assert!((b / a - 25.0).abs() < 1e-3, "{method:?}: {a} -> {b}");
+        }
+        let json = serde_json::to_string(&wide).unwrap();
+        assert_eq!(serde_json::from_str::<BuildOptions>(&json).unwrap(), wide);
+    }
+    // Options saved before the setting existed start at the default width.
+    let mut old = serde_json::to_value(BuildOptions::default()).unwrap();
+    old.as_object_mut()
+        .unwrap()
+        .remove("initial_sigma")
+        .unwrap();
+    let old: BuildOptions = serde_json::from_value(old).unwrap();
+    assert_eq!(old.initial_sigma, whvi::layers::DEFAULT_INITIAL_SIGMA);
+    let spec = ModelSpec::lookup("lenet5").unwrap();
+    let err = plan(
+        &spec,
+        &BuildOptions {
+            initial_sigma: 0.0,
+            ..BuildOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("initial sigma 0"), "{err}");
+}
+
+#[test]
 fn a_network_too_large_for_memory_is_refused_before_any_allocation() {
     let spec = ModelSpec::lookup("vgg11").unwrap();
     let options = BuildOptions {

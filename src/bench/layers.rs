@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::median;
 use whvi::layers::{
-    standard_normal, BayesianModule, DeterministicLinear, MeanFieldLinear, Pass, Prior, WhviLinear,
-    WhviLinearConfig,
+    standard_normal, BayesianModule, DeterministicLinear, MeanFieldLinear, Pass, PosteriorConfig,
+    WhviLinear, WhviLinearConfig,
 };
 use whvi::params::Params;
 use whvi::rng::seeded;
@@ -91,7 +91,12 @@ pub fn bench_layers(
             ),
             (
                 "meanfield",
-                Box::new(MeanFieldLinear::new(d, d, Prior::HeLike, vb.pp("mf"))?),
+                Box::new(MeanFieldLinear::new(
+                    d,
+                    d,
+                    PosteriorConfig::default(),
+                    vb.pp("mf"),
+                )?),
             ),
         ];
         let mut rng = seeded(1);

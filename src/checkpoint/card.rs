@@ -144,6 +144,13 @@ impl ModelCard {
             meta.epoch,
             meta.step
         );
+        if let Some(beta) = tempering_of(meta) {
+            let _ = writeln!(
+                s,
+                "A tempered posterior: the KL term was weighted by beta = {beta} (the likelihood \
+                 raised to 1/beta), not the plain ELBO.\n"
+            );
+        }
         let _ = writeln!(s, "## Evaluation\n\n{}\n", self.evaluation);
         s.push_str("| metric | value |\n|---|---|\n");
         for (key, label) in CARD_METRICS {
@@ -207,6 +214,16 @@ impl ModelCard {
         }
         s
     }
+}
+
+/// The KL weight of a run that trained a tempered posterior (`None` for the ELBO, and for
+/// checkpoints that record no weight).
+fn tempering_of(meta: &CheckpointMeta) -> Option<f64> {
+    meta.training
+        .as_ref()?
+        .get("kl_weight")?
+        .as_f64()
+        .filter(|beta| *beta != 1.0)
 }
 
 /// The training data set a checkpoint records (`unknown` when it records none).

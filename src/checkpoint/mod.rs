@@ -589,6 +589,11 @@ pub fn describe(path: impl AsRef<Path>) -> Result<String> {
             .map(|(n, p)| format!(", {n}: {p:?}"))
             .collect::<String>()
     );
+    let _ = writeln!(
+        s,
+        "init sigma   {} of the initial mean's scale",
+        o.initial_sigma
+    );
     let _ = writeln!(s, "input        {c}x{h}x{w}");
     let _ = writeln!(s, "classes      {}", meta.class_names.join(", "));
     if let Some(n) = &meta.normalization {

@@ -7,12 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::bias::add_bias;
 use super::noise::standard_normal;
-use super::prior::{gaussian_kl, Prior};
+use super::prior::{gaussian_kl, PosteriorConfig};
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::conv::{self, ConvGeometry};
-
-/// Initial posterior standard deviation as a fraction of the He scale of the mean.
-const INITIAL_SIGMA_FRACTION: f64 = 1e-2;
 
 /// Keeps the square root of the local-reparameterisation variance differentiable at zero.
 const VARIANCE_FLOOR: f64 = 1e-12;
@@ -29,7 +26,7 @@ struct GaussianWeights {
 
 impl GaussianWeights {
     /// `shape` is `[out, in, ...]`; the fan-in is the product of all but the first.
-    fn new(shape: &[usize], prior: Prior, vb: VarBuilder) -> Result<Self> {
+    fn new(shape: &[usize], posterior: PosteriorConfig, vb: VarBuilder) -> Result<Self> {
         let fan_in = shape[1..]
             .iter()
             .try_fold(1usize, |a, &b| a.checked_mul(b))
@@ -40,6 +37,7 @@ impl GaussianWeights {
             );
         };
         let he_var = 2.0 / fan_in as f64;
+        let initial_log_sigma = posterior.initial_log_sigma(he_var.sqrt())?;
         let mu = vb.get_with_hints(
             shape,
             "mu",
@@ -48,17 +46,13 @@ impl GaussianWeights {
                 stdev: he_var.sqrt(),
             },
         )?;
-        let log_sigma = vb.get_with_hints(
-            shape,
-            "log_sigma",
-            Init::Const((INITIAL_SIGMA_FRACTION * he_var.sqrt()).ln()),
-        )?;
+        let log_sigma = vb.get_with_hints(shape, "log_sigma", Init::Const(initial_log_sigma))?;
         let bias = vb.get_with_hints(shape[0], "bias", Init::Const(0.0))?;
         Ok(GaussianWeights {
             mu,
             log_sigma,
             bias,
-            prior_var: prior.variance(he_var),
+            prior_var: posterior.prior.variance(he_var),
         })
     }
 
@@ -107,9 +101,14 @@ pub struct MeanFieldLinear {
 
 impl MeanFieldLinear {
     /// A `d_in -> d_out` layer; parameters `mu`, `log_sigma` `[d_out, d_in]` and `bias`.
-    pub fn new(d_in: usize, d_out: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        posterior: PosteriorConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(MeanFieldLinear {
-            weights: GaussianWeights::new(&[d_out, d_in], prior, vb)?,
+            weights: GaussianWeights::new(&[d_out, d_in], posterior, vb)?,
             d_in,
             d_out,
         })
@@ -174,8 +173,8 @@ pub struct MeanFieldConv2dConfig {
     pub padding: usize,
     /// How the weight noise is drawn (default: local reparameterisation).
     pub mode: MeanFieldConvMode,
-    /// The prior of the weights (default: He-like).
-    pub prior: Prior,
+    /// The prior of the weights and their initial width.
+    pub posterior: PosteriorConfig,
 }
 
 impl Default for MeanFieldConv2dConfig {
@@ -184,7 +183,7 @@ impl Default for MeanFieldConv2dConfig {
             stride: 1,
             padding: 0,
             mode: MeanFieldConvMode::Local,
-            prior: Prior::HeLike,
+            posterior: PosteriorConfig::default(),
         }
     }
 }
@@ -203,11 +202,11 @@ impl MeanFieldConv2d {
             stride,
             padding,
             mode,
-            prior,
+            posterior,
         } = config;
         let shape = [out_channels, in_channels, kernel, kernel];
         Ok(MeanFieldConv2d {
-            weights: GaussianWeights::new(&shape, prior, vb)?,
+            weights: GaussianWeights::new(&shape, posterior, vb)?,
             in_channels,
             out_channels,
             kernel,

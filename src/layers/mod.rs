@@ -25,7 +25,7 @@ pub use dropout::McDropout;
 pub use meanfield::{MeanFieldConv2d, MeanFieldConv2dConfig, MeanFieldConvMode, MeanFieldLinear};
 pub use noise::standard_normal;
 pub use pool::MaxPool2d;
-pub use prior::{gaussian_kl, Prior};
+pub use prior::{gaussian_kl, PosteriorConfig, Prior, DEFAULT_INITIAL_SIGMA};
 pub use sequential::{Activation, AppliedBefore, Flatten, Sequential};
 pub use whvi::{
     whvi_conv2d, whvi_linear, ConvSampling, WhviBlocks, WhviConv2d, WhviConv2dConfig, WhviLinear,

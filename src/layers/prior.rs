@@ -61,6 +61,54 @@ impl Prior {
     }
 }
 
+/// The initial posterior standard deviation of [`PosteriorConfig::default`], as a fraction of
+/// the scale of the initial mean.
+pub const DEFAULT_INITIAL_SIGMA: f64 = 1e-2;
+
+/// The Gaussian posterior of a Bayesian layer: its prior, and how wide it starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PosteriorConfig {
+    /// The prior (default: He-like).
+    pub prior: Prior,
+    /// The initial standard deviation, as a fraction of the initial mean's scale (default
+    /// [`DEFAULT_INITIAL_SIGMA`]). A narrow start lets the network first learn like a
+    /// deterministic one; the KL term then widens the posterior where the data allow, at the
+    /// pace the optimiser gives it.
+    pub initial_sigma: f64,
+}
+
+impl Default for PosteriorConfig {
+    fn default() -> Self {
+        PosteriorConfig {
+            prior: Prior::HeLike,
+            initial_sigma: DEFAULT_INITIAL_SIGMA,
+        }
+    }
+}
+
+impl PosteriorConfig {
+    /// Refuses a prior or an initial sigma that is not a positive finite number.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.prior.validate()?;
+        let fraction = self.initial_sigma;
+        if !(fraction > 0.0 && fraction.is_finite()) {
+            return Err(crate::Error::invalid(format!(
+                "initial sigma {fraction}: it must be a positive fraction of the mean's scale \
+                 (the default is {DEFAULT_INITIAL_SIGMA})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The initial `log sigma` of a layer whose initial mean has standard deviation
+    /// `mean_scale`, once [`PosteriorConfig::validate`] passes.
+    pub(crate) fn initial_log_sigma(&self, mean_scale: f64) -> Result<f64> {
+        self.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((self.initial_sigma * mean_scale).ln())
+    }
+}
+
 /// KL( N(mu, diag(exp(log_sigma)^2)) || N(0, prior_var · I) ), summed over all elements:
 /// `0.5 · sum[ log(lambda) - log(sigma^2) + (mu^2 + sigma^2) / lambda - 1 ]`.
 pub fn gaussian_kl(mu: &Tensor, log_sigma: &Tensor, prior_var: f64) -> Result<Tensor> {

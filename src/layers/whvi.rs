@@ -6,17 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use super::bias::add_bias;
 use super::noise::standard_normal;
-use super::prior::{gaussian_kl, Prior};
+use super::prior::{gaussian_kl, PosteriorConfig};
 use super::whvi_kernel::WhviProduct;
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::conv::{self, ConvGeometry};
 use crate::fwht::{fwht, Scaling};
-
-/// Initial posterior standard deviation, as a fraction of the scale of the initial mean.
-///
-/// The posterior starts narrow (the method's section 5): the network first learns like a
-/// deterministic one and the KL term widens the posterior where the data allow.
-const INITIAL_SIGMA_FRACTION: f64 = 1e-2;
 
 /// The variational parameters of a stack of WHVI blocks representing a `d_out x d_in` matrix.
 ///
@@ -42,10 +36,15 @@ impl WhviBlocks {
     ///
     /// Initialisation (the method's section 5): `s1`, `s2` near 1 (`N(1, 0.1^2)`);
     /// `mu ~ N(0, 2 / (D · d_in))`, so the mean matrix has He-like scale `sqrt(2 / d_in)`;
-    /// `sigma` at 1% of `mu`'s scale. The diagonals are positive rather than random-sign: a sign
+    /// `sigma` at `posterior.initial_sigma` (1% by default) of `mu`'s scale. The diagonals are positive rather than random-sign: a sign
     /// flip of a row or column is orthogonal and changes nothing in the spectrum of the mean
     /// matrix, while the jitter already breaks the `W_ij = (H mu)_{i xor j}` symmetry.
-    pub fn new(d_in: usize, d_out: usize, prior: Prior, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        d_in: usize,
+        d_out: usize,
+        posterior: PosteriorConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         if d_in == 0 || d_out == 0 {
             candle_core::bail!("a WHVI matrix needs d_in, d_out >= 1 (got {d_out} x {d_in})");
         }
@@ -55,6 +54,7 @@ impl WhviBlocks {
         };
         let blocks = d_out.div_ceil(d);
         let mu_std = (2.0 / (d as f64 * d_in as f64)).sqrt();
+        let initial_log_sigma = posterior.initial_log_sigma(mu_std)?;
         let s_init = Init::Randn {
             mean: 1.0,
             stdev: 0.1,
@@ -69,12 +69,9 @@ impl WhviBlocks {
                 stdev: mu_std,
             },
         )?;
-        let log_sigma = vb.get_with_hints(
-            (blocks, d),
-            "log_sigma",
-            Init::Const((INITIAL_SIGMA_FRACTION * mu_std).ln()),
-        )?;
-        let prior_var = prior.variance(2.0 / (d as f64 * d_in as f64));
+        let log_sigma =
+            vb.get_with_hints((blocks, d), "log_sigma", Init::Const(initial_log_sigma))?;
+        let prior_var = posterior.prior.variance(2.0 / (d as f64 * d_in as f64));
         Ok(WhviBlocks {
             d_in,
             d_out,
@@ -296,8 +293,8 @@ impl WhviBlocks {
 /// The settings of a WHVI dense layer (candle-nn's layers take a config the same way).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct WhviLinearConfig {
-    /// The prior of `g` (default: He-like).
-    pub prior: Prior,
+    /// The prior of `g` and its initial width.
+    pub posterior: PosteriorConfig,
 }
 
 /// A `d_in -> d_out` WHVI dense layer with its parameters under `vb`, as candle-nn's `linear`
@@ -328,7 +325,7 @@ impl WhviLinear {
         config: WhviLinearConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let blocks = WhviBlocks::new(d_in, d_out, config.prior, vb.clone())?;
+        let blocks = WhviBlocks::new(d_in, d_out, config.posterior, vb.clone())?;
         let bias = vb.get_with_hints(d_out, "bias", Init::Const(0.0))?;
         Ok(WhviLinear { blocks, bias })
     }
@@ -425,8 +422,8 @@ pub struct WhviConv2dConfig {
     pub padding: usize,
     /// One filter bank per batch or per example (default: per batch).
     pub sampling: ConvSampling,
-    /// The prior of `g` (default: He-like).
-    pub prior: Prior,
+    /// The prior of `g` and its initial width.
+    pub posterior: PosteriorConfig,
 }
 
 impl Default for WhviConv2dConfig {
@@ -435,7 +432,7 @@ impl Default for WhviConv2dConfig {
             stride: 1,
             padding: 0,
             sampling: ConvSampling::Shared,
-            prior: Prior::HeLike,
+            posterior: PosteriorConfig::default(),
         }
     }
 }
@@ -481,7 +478,7 @@ impl WhviConv2d {
             stride,
             padding,
             sampling,
-            prior,
+            posterior,
         } = config;
         if kernel == 0 || stride == 0 {
             candle_core::bail!("WhviConv2d: kernel size and stride must be >= 1");
@@ -492,7 +489,7 @@ impl WhviConv2d {
                 "WhviConv2d: {in_channels} x {kernel}^2 inputs per filter is too many"
             );
         };
-        let blocks = WhviBlocks::new(fan_in, out_channels, prior, vb.clone())?;
+        let blocks = WhviBlocks::new(fan_in, out_channels, posterior, vb.clone())?;
         let bias = vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?;
         let hadamard_rows = blocks.hadamard_rows(vb.device())?;
         Ok(WhviConv2d {

@@ -182,7 +182,8 @@ impl LrSchedule {
 }
 
 /// The KL warm-up: the weight `beta` of the KL term in the ELBO rises linearly from 0 to 1 over
-/// the first `epochs` epochs, then stays at 1 (always 1 when `epochs` is 0, the default).
+/// the first `epochs` epochs, then stays at 1 (always 1 when `epochs` is 0, the default). A
+/// run's KL weight (`TrainConfig::kl_weight`) scales the whole ramp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct KlWarmup {

@@ -55,6 +55,11 @@ pub struct TrainConfig {
     pub diagonal_lr_scale: f64,
     /// KL warm-up.
     pub kl_warmup: KlWarmup,
+    /// The weight `beta` of the KL term once the warm-up is over (1: the ELBO). Any other value
+    /// trains a tempered posterior, `p(w | D)` with the likelihood raised to `1 / beta`: below
+    /// 1 a "cold" posterior, narrower than Bayes' rule gives, above 1 a wider one.
+    #[serde(default = "default_kl_weight")]
+    pub kl_weight: f64,
     /// Posterior samples per training step (the loss is averaged over them).
     pub mc_samples: usize,
     /// Clip the global gradient norm to this value.
@@ -93,6 +98,7 @@ impl Default for TrainConfig {
             schedule: LrSchedule::cosine(OptimizerKind::AdamW.default_lr(), 0.0),
             diagonal_lr_scale: default_diagonal_lr_scale(),
             kl_warmup: KlWarmup::default(),
+            kl_weight: 1.0,
             mc_samples: 1,
             clip_grad: None,
             validation: crate::data::DEFAULT_VALIDATION_SIZE,
@@ -111,6 +117,10 @@ pub const DEFAULT_DIAGONAL_LR_SCALE: f64 = 10.0;
 
 fn default_diagonal_lr_scale() -> f64 {
     DEFAULT_DIAGONAL_LR_SCALE
+}
+
+fn default_kl_weight() -> f64 {
+    1.0
 }
 
 impl TrainConfig {
@@ -154,6 +164,12 @@ impl TrainConfig {
                 self.diagonal_lr_scale
             )));
         }
+        if !(self.kl_weight > 0.0 && self.kl_weight.is_finite()) {
+            return Err(Error::invalid(format!(
+                "kl_weight must be a positive number (1 for the ELBO), got {}",
+                self.kl_weight
+            )));
+        }
         if let Some(t) = self.time_limit_minutes {
             if !(t > 0.0 && t.is_finite()) {
                 return Err(Error::invalid(format!(
@@ -163,6 +179,12 @@ impl TrainConfig {
         }
         self.schedule.validate()?;
         Ok(())
+    }
+
+    /// The KL weight after `epoch` epochs (fractional, counted from 0): the warm-up's ramp
+    /// times [`TrainConfig::kl_weight`].
+    pub fn beta(&self, epoch: f64) -> f64 {
+        self.kl_weight * self.kl_warmup.beta(epoch)
     }
 
     /// The optimiser configuration for `parameters`: weight decay only on the roles that take

@@ -166,7 +166,7 @@ impl<'a> Run<'a> {
                 state.epoch as f64 + state.batch_in_epoch as f64 / self.batches_per_epoch as f64;
             let settings = StepSettings {
                 n_train: self.train_set.len(),
-                beta: config.kl_warmup.beta(epoch_progress),
+                beta: config.beta(epoch_progress),
                 mc_samples: config.mc_samples,
                 clip_grad: config.clip_grad,
             };
@@ -259,7 +259,7 @@ impl<'a> Run<'a> {
             val_nll,
             val_ece,
             lr: self.optimizer.learning_rate(),
-            beta: self.config.kl_warmup.beta((state.epoch + 1) as f64),
+            beta: self.config.beta((state.epoch + 1) as f64),
             seconds,
             images_per_s: state.sums.seen as f64 / seconds.max(1e-9),
         };

@@ -8,8 +8,8 @@ use super::spec::{ModelSpec, MAX_SIZE};
 use crate::layers::{
     Activation, AppliedBefore, BatchNorm2d, BayesianModule, ConvSampling, DeterministicConv2d,
     DeterministicLinear, Flatten, MaxPool2d, McDropout, MeanFieldConv2d, MeanFieldConv2dConfig,
-    MeanFieldConvMode, MeanFieldLinear, Parameter, Pass, Prior, Sequential, WhviConv2d,
-    WhviConv2dConfig, WhviLinear, WhviLinearConfig,
+    MeanFieldConvMode, MeanFieldLinear, Parameter, Pass, PosteriorConfig, Prior, Sequential,
+    WhviConv2d, WhviConv2dConfig, WhviLinear, WhviLinearConfig, DEFAULT_INITIAL_SIGMA,
 };
 use crate::{Error, Result};
 
@@ -114,6 +114,14 @@ pub struct BuildOptions {
     /// Per-layer priors `(layer name, prior)`, in place of `prior` for those layers.
     #[serde(default)]
     pub prior_overrides: Vec<(String, Prior)>,
+    /// The initial posterior standard deviation of the Bayesian layers, as a fraction of their
+    /// initial mean's scale.
+    #[serde(default = "default_initial_sigma")]
+    pub initial_sigma: f64,
+}
+
+fn default_initial_sigma() -> f64 {
+    DEFAULT_INITIAL_SIGMA
 }
 
 impl BuildOptions {
@@ -124,6 +132,14 @@ impl BuildOptions {
             .rev()
             .find(|(n, _)| n == name)
             .map_or(self.prior, |(_, prior)| *prior)
+    }
+
+    /// The posterior settings of layer `name`: its prior and the initial width.
+    pub fn posterior_of(&self, name: &str) -> PosteriorConfig {
+        PosteriorConfig {
+            prior: self.prior_of(name),
+            initial_sigma: self.initial_sigma,
+        }
     }
 }
 
@@ -141,6 +157,7 @@ impl Default for BuildOptions {
             dropout: 0.2,
             prior: Prior::HeLike,
             prior_overrides: Vec::new(),
+            initial_sigma: DEFAULT_INITIAL_SIGMA,
         }
     }
 }
@@ -454,10 +471,14 @@ fn assign_methods(rows: &mut [LayerPlan], options: &BuildOptions) -> Result<()> 
     check_priors(rows, options)
 }
 
-/// Every prior is a positive number, and every per-layer prior names a Bayesian weight layer
-/// (on a deterministic one it would silently do nothing).
+/// Every prior and the initial posterior width are positive numbers, and every per-layer prior
+/// names a Bayesian weight layer (on a deterministic one it would silently do nothing).
 fn check_priors(rows: &[LayerPlan], options: &BuildOptions) -> Result<()> {
-    options.prior.validate()?;
+    PosteriorConfig {
+        prior: options.prior,
+        initial_sigma: options.initial_sigma,
+    }
+    .validate()?;
     for (name, prior) in &options.prior_overrides {
         prior.validate()?;
         let bayesian: Vec<&str> = rows
@@ -571,7 +592,7 @@ impl Network {
                             stride,
                             padding,
                             sampling: options.conv_sampling,
-                            prior: options.prior_of(&row.name),
+                            posterior: options.posterior_of(&row.name),
                         },
                         vb,
                     )?),
@@ -583,7 +604,7 @@ impl Network {
                             stride,
                             padding,
                             mode: options.meanfield_conv,
-                            prior: options.prior_of(&row.name),
+                            posterior: options.posterior_of(&row.name),
                         },
                         vb,
                     )?),
@@ -596,14 +617,14 @@ impl Network {
                         d_in,
                         d_out,
                         WhviLinearConfig {
-                            prior: options.prior_of(&row.name),
+                            posterior: options.posterior_of(&row.name),
                         },
                         vb,
                     )?),
                     Method::MeanField => body.push(MeanFieldLinear::new(
                         d_in,
                         d_out,
-                        options.prior_of(&row.name),
+                        options.posterior_of(&row.name),
                         vb,
                     )?),
                     Method::McDropout | Method::Deterministic => {
