@@ -55,7 +55,7 @@ configs=(
     "cifar-candidates|whvi-head-prior-x0.1|--method whvi --bayes head --prior-variance he*0.1 --epochs $cifar_epochs"
     "cifar-candidates|whvi-head-sigma0.3|--method whvi --bayes head --initial-sigma 0.3 --epochs $cifar_epochs"
     "cifar-candidates|whvi-head-conv8-sigma0.3|--method whvi --bayes head --layer conv8=whvi --initial-sigma 0.3 --epochs $cifar_epochs"
-    "cifar-candidates|whvi-head-kl3|--method whvi --bayes head --kl-weight 3 --epochs $cifar_epochs"
+    "cifar-candidates|whvi-head-sigma0.3-kl10|--method whvi --bayes head --initial-sigma 0.3 --kl-weight 10 --epochs $cifar_epochs"
 )
 
 if [[ "${1:-}" == "--list" ]]; then

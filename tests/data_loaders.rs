@@ -12,8 +12,10 @@ use flate2::Compression;
 use whvi::data::{self, cifar10, idx, DatasetKind, ImageDataset};
 
 /// A fresh, empty scratch directory for one test.
+/// It lives under cargo's temporary folder for tests, so what a failed run leaves is replaced
+/// by the next run instead of piling up in /tmp.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("whvi-data-{}-{name}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-{name}"));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir

@@ -19,8 +19,11 @@ use whvi::metrics::{self, read_npy, write_npy, NpyArray};
 use whvi::params::Params;
 use whvi::zoo::{BuildOptions, Method, ModelSpec};
 
+/// A fresh, empty scratch folder for one test.
+/// It lives under cargo's temporary folder for tests, so what a failed run leaves is replaced
+/// by the next run instead of piling up in /tmp.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("whvi-evalsets-{}-{name}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("evalsets-{name}"));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir

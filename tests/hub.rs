@@ -96,7 +96,7 @@ fn serve(files: HashMap<String, Vec<u8>>, truncated: Vec<String>, log: Log) -> u
 
 #[test]
 fn hub_checkpoints_download_once_and_fail_clearly() {
-    let dir = std::env::temp_dir().join(format!("whvi-hub-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hub");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let bytes = saved_checkpoint(&dir);

@@ -13,8 +13,11 @@ use whvi::zoo::{BuildOptions, Method, ModelSpec, Network};
 
 const CPU: Device = Device::Cpu;
 
+/// A fresh, empty scratch folder for one test.
+/// It lives under cargo's temporary folder for tests, so what a failed run leaves is replaced
+/// by the next run instead of piling up in /tmp.
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("whvi-pretrained-{name}-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pretrained-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -46,8 +46,11 @@ fn config(root: &Path, out: &str) -> TrainConfig {
     }
 }
 
+/// A fresh, empty scratch folder for one test.
+/// It lives under cargo's temporary folder for tests, so what a failed run leaves is replaced
+/// by the next run instead of piling up in /tmp.
 fn temp_root(name: &str) -> PathBuf {
-    let root = std::env::temp_dir().join(format!("whvi-train-{name}-{}", std::process::id()));
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("train-{name}"));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
     root
