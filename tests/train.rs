@@ -338,6 +338,63 @@ fn settings_out_of_range_are_refused_with_the_setting_named() {
     config.validate().unwrap();
 }
 
+/// The command line's `--kl-weight` and `--initial-sigma` reach the run, and the checkpoint
+/// records both; values that are not positive numbers are refused with the setting named.
+#[test]
+fn the_posterior_flags_of_the_command_line_are_recorded_or_refused() {
+    let root = write_dataset(&temp_root("posterior-flags"), 128);
+    let (data, spec) = (root.display().to_string(), tiny_spec(&root));
+    let out = root.join("run").display().to_string();
+    let train = |flags: &[&str]| {
+        let common = [
+            "train",
+            "--model",
+            &spec,
+            "--data",
+            &data,
+            "--epochs",
+            "1",
+            "--validation",
+            "64",
+            "--test-samples",
+            "0",
+            "--threads",
+            "1",
+            "--quiet",
+            "--overwrite",
+            "--out",
+            &out,
+        ];
+        std::process::Command::new(env!("CARGO_BIN_EXE_whvi"))
+            .args(common)
+            .args(flags)
+            .output()
+            .unwrap()
+    };
+    let run = train(&["--kl-weight", "0.5", "--initial-sigma", "0.2"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let meta = whvi::checkpoint::Checkpoint::read_meta(root.join("run/last.safetensors")).unwrap();
+    assert_eq!(meta.options.initial_sigma, 0.2);
+    assert_eq!(meta.training.unwrap()["kl_weight"], 0.5);
+    for (flag, value, message) in [
+        ("--kl-weight", "0", "kl_weight must be a positive number"),
+        ("--initial-sigma", "0", "initial_sigma 0 (--initial-sigma)"),
+    ] {
+        let refused = train(&[flag, value]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(1), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(message), "{flag} {value}: {stderr}");
+        // A refused run replaces nothing, even with --overwrite.
+        let kept = whvi::checkpoint::Checkpoint::read_meta(root.join("run/last.safetensors"));
+        assert_eq!(kept.unwrap().options.initial_sigma, 0.2, "{flag} {value}");
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
 #[test]
 fn the_kl_weight_scales_the_warm_up_and_old_records_read_as_the_elbo() {
     let root = write_dataset(&temp_root("tempered"), 128);
@@ -359,6 +416,28 @@ fn the_kl_weight_scales_the_warm_up_and_old_records_read_as_the_elbo() {
     .unwrap();
     let betas: Vec<f64> = outcome.epochs.iter().map(|e| e.beta).collect();
     assert_eq!(betas, [0.125, 0.25]);
+    // The weight reaches the loss: the KL part of the training loss (loss - NLL) shrinks with it.
+    let kl_part = |kl_weight: f64, out: &str| {
+        let config = TrainConfig {
+            kl_weight,
+            epochs: 1,
+            ..crate::config(&root, out)
+        };
+        let outcome = train(
+            &config,
+            Start::New,
+            &Device::Cpu,
+            &mut QuietProgress,
+            never(),
+        );
+        let epoch = &outcome.unwrap().epochs[0];
+        epoch.train_loss - epoch.train_nll
+    };
+    let (elbo, cold) = (kl_part(1.0, "elbo"), kl_part(1e-6, "cold"));
+    assert!(
+        elbo > 0.0 && cold < 1e-4 * elbo,
+        "KL part {elbo} at 1, {cold} at 1e-6"
+    );
     // A record written before the setting existed is a plain ELBO run.
     let mut record = serde_json::to_value(&config).unwrap();
     record.as_object_mut().unwrap().remove("kl_weight").unwrap();

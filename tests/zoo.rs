@@ -393,9 +393,15 @@ fn the_initial_sigma_reaches_every_bayesian_layer_and_is_recorded() {
             })
             .collect()
     };
-    for method in [Method::Whvi, Method::MeanField] {
+    for (method, policy, layers) in [
+        (Method::Whvi, BayesPolicy::Head, 3),
+        (Method::MeanField, BayesPolicy::Head, 3),
+        (Method::Whvi, BayesPolicy::All, 5),
+        (Method::MeanField, BayesPolicy::All, 5),
+    ] {
         let narrow = BuildOptions {
             method,
+            policy,
             ..BuildOptions::default()
         };
         let wide = BuildOptions {
@@ -403,10 +409,11 @@ fn the_initial_sigma_reaches_every_bayesian_layer_and_is_recorded() {
             ..narrow.clone()
         };
         let (a, b) = (sigmas(&narrow), sigmas(&wide));
+        // lenet5: two convolutions, then three dense layers.
         assert_eq!(
-            a.len(),
-            3,
-            "{method:?}: lenet5's head has three Bayesian layers"
+            (a.len(), b.len()),
+            (layers, layers),
+            "{method:?} {policy:?}"
         );
         for (a, b) in a.iter().zip(&b) {
             assert!((b / a - 25.0).abs() < 1e-3, "{method:?}: {a} -> {b}");
@@ -431,7 +438,7 @@ fn the_initial_sigma_reaches_every_bayesian_layer_and_is_recorded() {
         },
     )
     .unwrap_err();
-    assert!(err.to_string().contains("initial sigma 0"), "{err}");
+    assert!(err.to_string().contains("initial_sigma 0"), "{err}");
 }
 
 #[test]

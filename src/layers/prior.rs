@@ -93,8 +93,8 @@ impl PosteriorConfig {
         let fraction = self.initial_sigma;
         if !(fraction > 0.0 && fraction.is_finite()) {
             return Err(crate::Error::invalid(format!(
-                "initial sigma {fraction}: it must be a positive fraction of the mean's scale \
-                 (the default is {DEFAULT_INITIAL_SIGMA})"
+                "initial_sigma {fraction} (--initial-sigma): it must be a positive fraction of \
+                 the mean's scale (the default is {DEFAULT_INITIAL_SIGMA})"
             )));
         }
         Ok(())

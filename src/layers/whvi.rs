@@ -36,9 +36,10 @@ impl WhviBlocks {
     ///
     /// Initialisation (the method's section 5): `s1`, `s2` near 1 (`N(1, 0.1^2)`);
     /// `mu ~ N(0, 2 / (D · d_in))`, so the mean matrix has He-like scale `sqrt(2 / d_in)`;
-    /// `sigma` at `posterior.initial_sigma` (1% by default) of `mu`'s scale. The diagonals are positive rather than random-sign: a sign
-    /// flip of a row or column is orthogonal and changes nothing in the spectrum of the mean
-    /// matrix, while the jitter already breaks the `W_ij = (H mu)_{i xor j}` symmetry.
+    /// `sigma` at `posterior.initial_sigma` (1% by default) of `mu`'s scale. The diagonals are
+    /// positive rather than random-sign: a sign flip of a row or column is orthogonal and
+    /// changes nothing in the spectrum of the mean matrix, while the jitter already breaks the
+    /// `W_ij = (H mu)_{i xor j}` symmetry.
     pub fn new(
         d_in: usize,
         d_out: usize,
