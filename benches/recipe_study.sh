@@ -12,8 +12,8 @@
 # the Fashion-MNIST default), cifar (vgg11 x0.25 at the same epoch budget per method: the
 # methods and the deep ensemble), cifar-candidates (WHVI variants on CIFAR-10).
 # Environment: OUT (default study/), SEEDS (default "0 1 2"), CIFAR (the cifar-10-batches-bin
-# folder; default /tmp/cifar10/cifar-10-batches-bin), CIFAR_EPOCHS (default 20, about 30 minutes
-# of training per run on 2 cores; the deep ensemble's 3 members get a third each),
+# folder; default /tmp/cifar10/cifar-10-batches-bin), CIFAR_EPOCHS (default 20: 7-9 minutes of
+# training per run on a 2-core AVX-512 EPYC; the deep ensemble's 3 members get a third each),
 # CORRUPTION_IMAGES (default 1000), THREADS (default 2), CARGO_TARGET_DIR (as for cargo).
 set -euo pipefail
 # Flags are split on spaces on purpose (word splitting); never expand globs such as he*0.1.
