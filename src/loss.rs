@@ -13,8 +13,8 @@ use candle_core::{Result, Tensor};
 /// little), which makes models underfit (or ignore the prior).
 ///
 /// `logits` `[B, K]`, `targets` `[B]` (u32 class indices), `kl_total` a scalar (the sum of
-/// every layer's KL), `beta` the KL weight (the run's
-/// `kl_weight` after the warm-up; 1 for the ELBO).
+/// every layer's KL), `beta` the KL weight (the run's `kl_weight` after the warm-up; 1 for
+/// the ELBO).
 pub fn elbo_loss(
     logits: &Tensor,
     targets: &Tensor,
