@@ -330,11 +330,26 @@ fn settings_out_of_range_are_refused_with_the_setting_named() {
             "{weight}: {err}"
         );
     }
-    let config = TrainConfig {
+    // The model's posterior settings are checked with the rest, before any data are read.
+    let mut config = TrainConfig::default();
+    config.build.initial_sigma = -0.1;
+    let err = config.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("initial_sigma -0.1 (--initial-sigma)"),
+        "{err}"
+    );
+    let mut config = TrainConfig::default();
+    config.build.prior_overrides = vec![("fc2".into(), whvi::layers::Prior::Variance(-1.0))];
+    assert!(
+        config.validate().is_err(),
+        "a negative prior variance on one layer"
+    );
+    let mut config = TrainConfig {
         time_limit_minutes: Some(0.5),
         kl_weight: 0.1,
         ..TrainConfig::default()
     };
+    config.build.initial_sigma = 0.3;
     config.validate().unwrap();
 }
 

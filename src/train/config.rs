@@ -178,6 +178,7 @@ impl TrainConfig {
             }
         }
         self.schedule.validate()?;
+        self.build.validate()?;
         Ok(())
     }
 

@@ -134,6 +134,20 @@ impl BuildOptions {
             .map_or(self.prior, |(_, prior)| *prior)
     }
 
+    /// Refuses a prior (global or per layer) or an initial sigma that no layer could be built
+    /// with, so that a run fails before it loads its data rather than when it builds the model.
+    pub fn validate(&self) -> crate::Result<()> {
+        PosteriorConfig {
+            prior: self.prior,
+            initial_sigma: self.initial_sigma,
+        }
+        .validate()?;
+        for (_, prior) in &self.prior_overrides {
+            prior.validate()?;
+        }
+        Ok(())
+    }
+
     /// The posterior settings of layer `name`: its prior and the initial width.
     pub fn posterior_of(&self, name: &str) -> PosteriorConfig {
         PosteriorConfig {
