@@ -56,6 +56,9 @@ configs=(
     "cifar-candidates|whvi-head-sigma0.3|--method whvi --bayes head --initial-sigma 0.3 --epochs $cifar_epochs"
     "cifar-candidates|whvi-head-conv8-sigma0.3|--method whvi --bayes head --layer conv8=whvi --initial-sigma 0.3 --epochs $cifar_epochs"
     "cifar-candidates|whvi-head-sigma0.3-kl10|--method whvi --bayes head --initial-sigma 0.3 --kl-weight 10 --epochs $cifar_epochs"
+    "cifar-candidates|whvi-head-mc2|--method whvi --bayes head --mc-samples 2 --epochs $cifar_epochs"
+    "cifar-candidates|whvi-head-diag30|--method whvi --bayes head --diagonal-lr-scale 30 --epochs $cifar_epochs"
+    "cifar-candidates|whvi-head-klwarmup5|--method whvi --bayes head --kl-warmup 5 --epochs $cifar_epochs"
 )
 
 if [[ "${1:-}" == "--list" ]]; then
