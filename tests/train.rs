@@ -11,7 +11,10 @@ use whvi::dist::Group;
 use whvi::eval::{comparison_table, evaluate, Corruption, EvalConfig, OodSource, ShiftSource};
 use whvi::optim::LrSchedule;
 use whvi::rng::seeded;
-use whvi::train::{train, OptimizerKind, Progress, QuietProgress, Start, TrainConfig};
+use whvi::train::{
+    train, OptimizerKind, Progress, QuietProgress, Start, TrainConfig, CIFAR10_WHVI_INITIAL_SIGMA,
+    CIFAR10_WHVI_KL_WEIGHT,
+};
 
 mod common;
 use common::write_dataset;
@@ -386,6 +389,25 @@ fn the_posterior_flags_of_the_command_line_are_recorded_or_refused() {
             .output()
             .unwrap()
     };
+    let recorded = |flags: &[&str]| {
+        let run = train(flags);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{flags:?}: {stderr}");
+        let meta =
+            whvi::checkpoint::Checkpoint::read_meta(root.join("run/last.safetensors")).unwrap();
+        let kl_weight = meta.training.unwrap()["kl_weight"].as_f64().unwrap();
+        (meta.options.initial_sigma, kl_weight)
+    };
+    // Without the flags, CIFAR-10 data and a WHVI head get the study's tempered recipe, and any
+    // other method the ELBO.
+    assert_eq!(
+        recorded(&[]),
+        (CIFAR10_WHVI_INITIAL_SIGMA, CIFAR10_WHVI_KL_WEIGHT)
+    );
+    assert_eq!(
+        recorded(&["--method", "mean-field"]),
+        (whvi::layers::DEFAULT_INITIAL_SIGMA, 1.0)
+    );
     let run = train(&["--kl-weight", "0.5", "--initial-sigma", "0.2"]);
     assert!(
         run.status.success(),
@@ -928,6 +950,33 @@ fn presets_give_the_defaults_of_each_data_set_and_optimizer() {
     assert!(!full.uses_embedded_sample());
     assert_eq!((full.model.as_str(), full.batch_size), ("vgg16", 128));
     assert_eq!(full.build.policy, BayesPolicy::Head);
+    let recipe = |c: &TrainConfig| (c.build.initial_sigma, c.kl_weight);
+    let elbo = (whvi::layers::DEFAULT_INITIAL_SIGMA, 1.0);
+    assert_eq!(
+        recipe(&full),
+        (CIFAR10_WHVI_INITIAL_SIGMA, CIFAR10_WHVI_KL_WEIGHT)
+    );
+    assert_eq!(recipe(&quick), elbo);
+    // The tempered recipe is WHVI's on the head only: another method, every layer Bayesian or
+    // a per-layer override falls back to the ELBO, and back again.
+    let mut other = full.clone();
+    other.build.method = whvi::zoo::Method::MeanField;
+    assert_eq!(recipe(&other.with_posterior_recipe()), elbo);
+    let mut all = full.clone();
+    all.build.policy = BayesPolicy::All;
+    let all = all.with_posterior_recipe();
+    assert_eq!(recipe(&all), elbo);
+    let mut head = all;
+    head.build.policy = BayesPolicy::Head;
+    assert_eq!(recipe(&head.with_posterior_recipe()), recipe(&full));
+    let mut overridden = full.clone();
+    overridden
+        .build
+        .overrides
+        .push(("conv8".into(), whvi::zoo::Method::Whvi));
+    assert_eq!(recipe(&overridden.with_posterior_recipe()), elbo);
+    let cifar100 = TrainConfig::for_dataset(DatasetKind::Cifar100, Some("cifar".into()));
+    assert_eq!(recipe(&cifar100), elbo);
     for grey in [DatasetKind::Mnist, DatasetKind::FashionMnist] {
         let config = TrainConfig::for_dataset(grey, None);
         assert_eq!((config.model.as_str(), config.batch_size), ("lenet5", 32));

@@ -18,6 +18,7 @@ mod step;
 
 pub use config::{OptimizerKind, TrainConfig, DEFAULT_DIAGONAL_LR_SCALE};
 pub use parameters::{named_parameters, trainable, NamedParameter};
+pub use preset::{CIFAR10_WHVI_INITIAL_SIGMA, CIFAR10_WHVI_KL_WEIGHT};
 pub use progress::{BarProgress, Progress, QuietProgress, RunFile};
 pub use step::{apply_gradients, train_step, StepOutcome, StepSettings};
 
