@@ -49,9 +49,9 @@ configs=(
     "cifar|mc-dropout|--method mc-dropout --epochs $cifar_epochs"
     "cifar|mean-field|--method mean-field --epochs $cifar_epochs"
     "cifar|deterministic-ensemble|--bayes none --epochs $((cifar_epochs / 3 > 0 ? cifar_epochs / 3 : 1))"
-    # The candidates. Any WHVI layer other than the head's (--bayes last or all, --layer) keeps
-    # the ELBO from sigma 1% of the means (TrainConfig::with_posterior_recipe); "-elbo" names
-    # a head with that recipe, the default before this study ($elbo).
+    # The candidates. A run with any --bayes but head, or any --layer, keeps the ELBO from sigma
+    # 1% of the means, head included (TrainConfig::with_posterior_recipe); "-elbo" names a head
+    # with that recipe, the default before this study ($elbo).
     "cifar-candidates|whvi-head-elbo|--method whvi --bayes head $elbo --epochs $cifar_epochs"
     "cifar-candidates|whvi-last|--method whvi --bayes last --epochs $cifar_epochs"
     "cifar-candidates|whvi-head-conv8|--method whvi --bayes head --layer conv8=whvi --epochs $cifar_epochs"

@@ -31,7 +31,9 @@ fn main() -> whvi::Result<()> {
         validation: if full { 5000 } else { 200 },
         out: "runs/example".into(),
         ..TrainConfig::default()
-    };
+    }
+    // On the full data set: the tempered head that `whvi train` uses (README, "Recipe study").
+    .with_posterior_recipe();
     let outcome = train(
         &config,
         Start::Replace,

@@ -408,6 +408,19 @@ fn the_posterior_flags_of_the_command_line_are_recorded_or_refused() {
         recorded(&["--method", "mean-field"]),
         (whvi::layers::DEFAULT_INITIAL_SIGMA, 1.0)
     );
+    assert_eq!(
+        recorded(&["--layer", "fc1=deterministic"]),
+        (whvi::layers::DEFAULT_INITIAL_SIGMA, 1.0)
+    );
+    // One flag given changes that setting alone: the other keeps the recipe's value.
+    assert_eq!(
+        recorded(&["--initial-sigma", "0.05"]),
+        (0.05, CIFAR10_WHVI_KL_WEIGHT)
+    );
+    assert_eq!(
+        recorded(&["--kl-weight", "1"]),
+        (CIFAR10_WHVI_INITIAL_SIGMA, 1.0)
+    );
     let run = train(&["--kl-weight", "0.5", "--initial-sigma", "0.2"]);
     assert!(
         run.status.success(),

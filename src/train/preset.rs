@@ -74,9 +74,12 @@ impl TrainConfig {
     /// [`CIFAR10_WHVI_INITIAL_SIGMA`] of the mean's scale and weighs the KL term by
     /// [`CIFAR10_WHVI_KL_WEIGHT`], a tempered posterior wider than Bayes' rule gives (the model
     /// card says so). On VGG-11 x0.25 it lowered the corrupted-set ECE and raised the OOD AUROC
-    /// over the ELBO on every seed; with every filter bank WHVI it did not learn, and the
+    /// over the ELBO on every seed; with the last convolution WHVI too it did not learn, and the
     /// CIFAR-10 sample of the quick start and the other data sets were not measured, so every
     /// other run keeps the ELBO (KL weight 1) from [`DEFAULT_INITIAL_SIGMA`].
+    ///
+    /// Both fields are overwritten: set the method, the Bayesian layers and the data first, call
+    /// this, then set `build.initial_sigma` or `kl_weight` by hand if they should differ.
     pub fn with_posterior_recipe(mut self) -> Self {
         let whvi_head = self.build.method == Method::Whvi
             && self.build.policy == BayesPolicy::Head
