@@ -496,6 +496,8 @@ impl TrainArgs {
         }
         set(&mut config.model, self.model.clone());
         config.build = self.build.apply(config.build)?;
+        // The recipe depends on --method, --bayes and --layer, so it follows them; an explicit
+        // --initial-sigma then wins over it (--kl-weight is applied below).
         config = config.with_posterior_recipe();
         set(&mut config.build.initial_sigma, self.build.initial_sigma);
         set(&mut config.epochs, self.epochs);
