@@ -339,7 +339,8 @@ pub enum ScheduleArg {
 /// Where computations run.
 #[derive(Args, Clone)]
 pub struct RuntimeArgs {
-    /// cpu, cuda, cuda:N or metal.
+    /// cpu, cuda, cuda:N or metal. Under an MPI launcher, cuda is each rank's own GPU (the
+    /// rank's place on its machine).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Compute threads (default: all cores).
@@ -355,8 +356,9 @@ impl RuntimeArgs {
         }
     }
 
-    pub fn device(&self) -> Result<candle_core::Device> {
-        whvi::device::parse_device(&self.device)
+    /// The device of this rank of `group` (a bare `cuda` is each rank's own GPU).
+    pub fn device(&self, group: &whvi::dist::Group) -> Result<candle_core::Device> {
+        whvi::device::parse_device_for_rank(&self.device, group.local_rank())
     }
 }
 

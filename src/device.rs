@@ -30,6 +30,31 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// [`parse_device`] for one rank of a job started by an MPI launcher: a bare `cuda` is the GPU
+/// of the rank's place on its machine (`local_rank`, see [`crate::dist::Group::local_rank`]),
+/// counted modulo the GPUs the process sees, so that a launcher that shows each rank only its
+/// own GPU (Slurm's `--gpus-per-task`) works too. Other names are taken as given.
+pub fn parse_device_for_rank(name: &str, local_rank: usize) -> Result<Device> {
+    match name {
+        "cuda" if local_rank > 0 => {
+            let gpu = local_rank % visible_gpus().max(1);
+            parse_device(&format!("cuda:{gpu}"))
+        }
+        _ => parse_device(name),
+    }
+}
+
+/// How many CUDA GPUs this process sees (0 without the `cuda` feature or a driver).
+fn visible_gpus() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// The name [`parse_device`] reads back: `cpu`, `cuda:N` or `metal:N`.
 pub fn device_name(device: &Device) -> String {
     match device.location() {
@@ -110,6 +135,22 @@ pub fn check_memory(bytes: Option<u64>, what: impl std::fmt::Display, remedy: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the cuda feature a GPU cannot open, and the error names the one asked for.
+    #[test]
+    fn a_rank_takes_its_own_gpu_for_a_bare_cuda_and_any_other_name_as_given() {
+        assert!(parse_device_for_rank("cpu", 3).unwrap().is_cpu());
+        if cfg!(feature = "cuda") {
+            return;
+        }
+        let err = parse_device_for_rank("cuda:5", 2).unwrap_err().to_string();
+        assert!(err.contains("'cuda:5'"), "{err}");
+        // No GPU visible: every rank is sent to the first (which then cannot open).
+        let err = parse_device_for_rank("cuda", 3).unwrap_err().to_string();
+        assert!(err.contains("'cuda:0'"), "{err}");
+        let err = parse_device_for_rank("cuda", 0).unwrap_err().to_string();
+        assert!(err.contains("'cuda'"), "{err}");
+    }
 
     #[test]
     fn parses_cpu_and_rejects_unknown_names() {

@@ -97,7 +97,8 @@ fn run(cli: Cli) -> whvi::Result<()> {
 /// `whvi train`: a run with a Ctrl-C handler that saves a resumable checkpoint.
 fn train_command(args: &args::TrainArgs) -> whvi::Result<()> {
     args.runtime.apply()?;
-    let device = args.runtime.device()?;
+    let group = whvi::dist::Group::from_environment()?;
+    let device = args.runtime.device(&group)?;
     let (config, note) = args.to_config()?;
     if let Some(note) = note {
         eprintln!("{note}");
@@ -117,7 +118,6 @@ fn train_command(args: &args::TrainArgs) -> whvi::Result<()> {
     } else {
         Box::new(whvi::train::BarProgress::new(config.batch_size))
     };
-    let group = whvi::dist::Group::from_environment()?;
     let outcome = match whvi::train::train_in_group(
         &config,
         args.start(),
@@ -150,9 +150,9 @@ fn train_command(args: &args::TrainArgs) -> whvi::Result<()> {
 /// `whvi eval`: the reports, the side-by-side table and where the JSON went.
 fn eval_command(args: &args::EvalArgs) -> whvi::Result<()> {
     args.runtime.apply()?;
-    let device = args.runtime.device()?;
-    let config = args.to_config()?;
     let group = whvi::dist::Group::from_environment()?;
+    let device = args.runtime.device(&group)?;
+    let config = args.to_config()?;
     let leader = group.is_leader();
     let mut progress = |line: &str| {
         if leader {
@@ -281,7 +281,9 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
             if let Some(n) = threads {
                 args::set_threads(n)?;
             }
-            let device = whvi::device::parse_device(&device)?;
+            let group = whvi::dist::Group::from_environment()?;
+            let device = whvi::device::parse_device_for_rank(&device, group.local_rank())?;
+            let group = group.on_device(&device)?;
             // The network whose convolution shapes to time, if any.
             let conv_shapes = match conv_shapes.as_deref() {
                 Some("none") => None,
@@ -294,7 +296,6 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
                 Some(shapes) => Some(shapes.to_string()),
                 None => device.is_cpu().then(|| "vgg16".to_string()),
             };
-            let group = whvi::dist::Group::from_environment()?;
             let leader = group.is_leader();
             let config = bench::train::TrainBenchConfig {
                 models,

@@ -1,6 +1,7 @@
 //! Training over MPI ranks (`cargo test --features mpi`; needs Open MPI's `mpirun`): two ranks
-//! with half of each batch make the updates one process makes, a two-rank run resumes, and a
-//! rank that dies ends the job and leaves the last checkpoint readable.
+//! with half of each batch make the updates one process makes (on the CPU; with the `nccl`
+//! feature also on two GPUs), a two-rank run resumes, and a rank that dies ends the job and
+//! leaves the last checkpoint readable.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -187,6 +188,21 @@ fn ranks_update_like_one_process(name: &str, ranks: usize, extra: &[&str]) {
 #[test]
 fn two_ranks_with_half_batches_update_like_one_process() {
     ranks_update_like_one_process("equal", 2, &[]);
+}
+
+/// Needs two CUDA GPUs and the `nccl` feature (`cargo test --release --features nccl --test
+/// mpi two_gpus`): each rank trains on its own GPU (`--device cuda`), gradients and batch-norm
+/// statistics summed by NCCL, and makes the updates one process makes on one GPU.
+#[cfg(feature = "nccl")]
+#[test]
+fn two_gpus_with_half_batches_update_like_one_gpu() {
+    let gpus = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+        .expect("this test needs the CUDA driver");
+    assert!(
+        gpus >= 2,
+        "this test needs two CUDA GPUs; this machine has {gpus}"
+    );
+    ranks_update_like_one_process("gpus", 2, &["--device", "cuda"]);
 }
 
 /// Shards of 10, 11 and 11 examples; two posterior samples a step (batch norm synchronised in

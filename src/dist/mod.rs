@@ -10,19 +10,26 @@
 //! are summed before every optimiser step. In training, only rank 0 writes files.
 //!
 //! The engine is MPI (the `mpi` cargo feature; `mpirun -n N whvi train ...`). Without it, or
-//! outside a launcher, a run is a group of one and nothing here costs anything.
+//! outside a launcher, a run is a group of one and nothing here costs anything. Tensors on a
+//! CUDA GPU are summed by NCCL when the group was given the device ([`Group::on_device`], the
+//! `nccl` feature), its unique id broadcast over MPI; without NCCL they go through host memory
+//! and MPI.
 
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 
+use crate::cpu::slice;
 use crate::{Error, Result};
 
 /// The collective operations a group of ranks needs. Every rank must make the same calls in the
@@ -36,6 +43,8 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn sum_f64(&self, values: &mut [f64]);
     /// Replaces `values` by their element-wise sum over all ranks.
     fn sum_f32(&self, values: &mut [f32]);
+    /// Replaces `bytes` on every rank by rank 0's.
+    fn broadcast_bytes(&self, bytes: &mut [u8]);
     /// Ends every rank of the job with exit status `code`.
     fn abort(&self, code: i32) -> !;
 }
@@ -53,9 +62,20 @@ impl Collective for Solo {
     }
     fn sum_f64(&self, _: &mut [f64]) {}
     fn sum_f32(&self, _: &mut [f32]) {}
+    fn broadcast_bytes(&self, _: &mut [u8]) {}
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
+}
+
+/// An engine that sums tensors on the device they live on (NCCL on CUDA GPUs), in the
+/// collective order of the group it was built for.
+trait DeviceCollective: Send + Sync + std::fmt::Debug {
+    /// The device whose tensors it sums.
+    fn device(&self) -> &Device;
+    /// The element-wise sum of `t` over all ranks, with the gradient of a sum: the sum of the
+    /// ranks' gradients.
+    fn sum(&self, t: &Tensor) -> candle_core::Result<Tensor>;
 }
 
 /// Gradients are summed in buckets of this many values: one all-reduce per bucket, not per
@@ -68,6 +88,8 @@ pub struct Group {
     collective: Arc<dyn Collective>,
     /// Nanoseconds this rank spent in collective calls (waiting for the others included).
     collective_nanos: Arc<AtomicU64>,
+    /// Sums tensors where they live, for the device given to [`Group::on_device`].
+    device_collective: Option<Arc<dyn DeviceCollective>>,
 }
 
 impl Group {
@@ -81,7 +103,40 @@ impl Group {
         Group {
             collective,
             collective_nanos: Arc::new(AtomicU64::new(0)),
+            device_collective: None,
         }
+    }
+
+    /// The group for work on `device`: on a CUDA GPU (with the `nccl` feature) it sums tensors
+    /// there through NCCL, each rank on its own GPU; elsewhere, or without the feature, through
+    /// host memory over the group's engine. Every rank must call it, with its own device.
+    pub fn on_device(&self, device: &Device) -> Result<Self> {
+        #[cfg(feature = "nccl")]
+        if let (Device::Cuda(gpu), true) = (device, self.size() > 1) {
+            let engine = nccl::Nccl::new(self, gpu)?;
+            return Ok(Group {
+                device_collective: Some(Arc::new(engine)),
+                ..self.clone()
+            });
+        }
+        let _ = device;
+        Ok(self.clone())
+    }
+
+    /// This process's rank among the ranks on its machine, as the launcher tells it (0 when
+    /// it does not): the GPU `--device cuda` picks for it.
+    pub fn local_rank(&self) -> usize {
+        if self.size() == 1 {
+            return 0;
+        }
+        [
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "SLURM_LOCALID",
+        ]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.parse().ok())
+        .unwrap_or(0)
     }
 
     /// The group this process was started in: the MPI world under `mpirun` / `srun` (with the
@@ -140,6 +195,8 @@ impl Group {
 
     /// Seconds this rank has spent in the group's collective calls so far, waiting for the
     /// other ranks included: the all-reduce's share of a step is its growth over the step.
+    /// NCCL's sums run on the GPU's stream without the host waiting: of those, it counts the
+    /// time to queue them.
     pub fn collective_seconds(&self) -> f64 {
         self.collective_nanos.load(Ordering::Relaxed) as f64 * 1e-9
     }
@@ -148,10 +205,7 @@ impl Group {
         if self.size() == 1 {
             return;
         }
-        let start = Instant::now();
-        call(self.collective.as_ref());
-        let nanos = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
-        self.collective_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.timed_result(|| call(self.collective.as_ref()))
     }
 
     /// Whether `flag` is set on any rank.
@@ -229,25 +283,98 @@ impl Group {
     }
 
     fn sum_bucket(&self, grads: &mut GradStore, vars: &[&Var]) -> Result<()> {
-        let mut flat: Vec<f32> = Vec::new();
-        for var in vars {
-            let grad = grads.get(var).expect("filtered on presence");
-            flat.extend(
-                grad.flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        self.timed(|c| c.sum_f32(&mut flat));
+        let flat = vars
+            .iter()
+            .map(|var| {
+                let grad = grads.get(var).expect("filtered on presence");
+                grad.flatten_all()?.to_dtype(DType::F32)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let summed = self.sum_tensor(&Tensor::cat(&flat, 0)?)?;
         let mut offset = 0;
         for var in vars {
             let n = var.elem_count();
-            let summed = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?
+            let grad = summed
+                .narrow(0, offset, n)?
+                .reshape(var.shape())?
                 .to_dtype(var.dtype())?;
-            grads.insert(var.as_tensor(), summed);
+            grads.insert(var.as_tensor(), grad);
             offset += n;
         }
         Ok(())
+    }
+
+    /// The element-wise sum of `t` over all ranks, on `t`'s device. It is differentiable: the
+    /// gradient that reaches `t` is the sum of the ranks' gradients of the result (so that a
+    /// statistic of the global batch, such as batch normalisation's, back-propagates into
+    /// every shard). Every rank must make the same calls in the same order.
+    pub fn sum_tensor(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(t.clone());
+        }
+        if let Some(engine) = &self.device_collective {
+            if engine.device().same_device(t.device()) {
+                return self.timed_result(|| engine.sum(t));
+            }
+        }
+        let host = t.to_device(&Device::Cpu)?;
+        host.apply_op1(HostSum {
+            group: self.clone(),
+        })?
+        .to_device(t.device())
+    }
+
+    fn timed_result<R>(&self, call: impl FnOnce() -> R) -> R {
+        let start = Instant::now();
+        let result = call();
+        let nanos = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.collective_nanos.fetch_add(nanos, Ordering::Relaxed);
+        result
+    }
+}
+
+/// [`Group::sum_tensor`] on the CPU: the values go through the group's engine.
+#[derive(Debug)]
+struct HostSum {
+    group: Group,
+}
+
+impl CustomOp1 for HostSum {
+    fn name(&self) -> &'static str {
+        "sum-over-ranks"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let summed = match storage {
+            CpuStorage::F32(_) => {
+                let mut values = slice::<f32>(storage, layout, self.name())?.to_vec();
+                self.group.timed(|c| c.sum_f32(&mut values));
+                CpuStorage::F32(values)
+            }
+            CpuStorage::F64(_) => {
+                let mut values = slice::<f64>(storage, layout, self.name())?.to_vec();
+                self.group.timed(|c| c.sum_f64(&mut values));
+                CpuStorage::F64(values)
+            }
+            other => candle_core::bail!(
+                "a sum over ranks takes f32 or f64 values, not {:?}",
+                other.dtype()
+            ),
+        };
+        Ok((summed, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.group.sum_tensor(grad_res)?))
     }
 }
 
@@ -322,40 +449,48 @@ fn launcher_size() -> Option<usize> {
         .find_map(|name| std::env::var(name).ok()?.parse().ok())
 }
 
+/// Rank `rank` of a group of `size` whose ranks all hold this rank's values (so a sum
+/// multiplies by `size`): for tests of code that runs on one shard.
+#[cfg(test)]
+pub(crate) fn mirrored_group(rank: usize, size: usize) -> Group {
+    Group::new(Arc::new(Mirrored { rank, size }))
+}
+
+#[cfg(test)]
+#[derive(Debug)]
+struct Mirrored {
+    rank: usize,
+    size: usize,
+}
+
+#[cfg(test)]
+impl Collective for Mirrored {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn sum_f64(&self, values: &mut [f64]) {
+        // As a real all-reduce, it takes time (which the group counts).
+        std::thread::sleep(std::time::Duration::from_micros(50));
+        values.iter_mut().for_each(|v| *v *= self.size as f64);
+    }
+    fn sum_f32(&self, values: &mut [f32]) {
+        values.iter_mut().for_each(|v| *v *= self.size as f32);
+    }
+    fn broadcast_bytes(&self, _: &mut [u8]) {}
+    fn abort(&self, code: i32) -> ! {
+        panic!("abort({code})")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
-
-    /// Rank `rank` of `size` ranks that all hold the same values: a sum multiplies by `size`.
-    #[derive(Debug)]
-    struct Mirrored {
-        rank: usize,
-        size: usize,
-    }
-
-    impl Collective for Mirrored {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn size(&self) -> usize {
-            self.size
-        }
-        fn sum_f64(&self, values: &mut [f64]) {
-            // As a real all-reduce, it takes time (which the group counts).
-            std::thread::sleep(std::time::Duration::from_micros(50));
-            values.iter_mut().for_each(|v| *v *= self.size as f64);
-        }
-        fn sum_f32(&self, values: &mut [f32]) {
-            values.iter_mut().for_each(|v| *v *= self.size as f32);
-        }
-        fn abort(&self, code: i32) -> ! {
-            panic!("abort({code})")
-        }
-    }
 
     fn group(rank: usize, size: usize) -> Group {
-        Group::new(Arc::new(Mirrored { rank, size }))
+        mirrored_group(rank, size)
     }
 
     #[test]
@@ -437,6 +572,7 @@ mod tests {
             values.iter_mut().zip(theirs).for_each(|(v, t)| *v += t);
         }
         fn sum_f32(&self, _: &mut [f32]) {}
+        fn broadcast_bytes(&self, _: &mut [u8]) {}
         fn abort(&self, code: i32) -> ! {
             panic!("abort({code})")
         }

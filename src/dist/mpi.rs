@@ -7,7 +7,7 @@ use std::thread::ThreadId;
 use mpi::collective::SystemOperation;
 use mpi::environment::{Threading, Universe};
 use mpi::topology::SimpleCommunicator;
-use mpi::traits::{Communicator, CommunicatorCollectives};
+use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 
 use super::Collective;
 use crate::{Error, Result};
@@ -89,6 +89,10 @@ impl Collective for MpiGroup {
         let send = values.to_vec();
         self.world()
             .all_reduce_into(&send[..], values, SystemOperation::sum());
+    }
+
+    fn broadcast_bytes(&self, bytes: &mut [u8]) {
+        self.world().process_at_rank(0).broadcast_into(bytes);
     }
 
     fn abort(&self, code: i32) -> ! {

@@ -9,7 +9,8 @@
 //! statistics in closed form. With the pool fused in, the forward pools each window as it
 //! normalises it and keeps a byte per window (where its maximum sits), so neither the
 //! full-size output nor the pool's full-size input gradient is ever stored. Other devices and
-//! element types use candle-nn's module (and [`MaxPool2d`]).
+//! element types use candle-nn's module (and [`MaxPool2d`]); trained on one rank's shard of a
+//! batch, tensor ops whose channel sums are summed over the ranks.
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{BatchNormConfig, ModuleT, VarBuilder};
@@ -186,6 +187,65 @@ impl BatchNorm2d {
     }
 }
 
+impl BatchNorm2d {
+    /// Training on one rank's shard in tensor ops (on a GPU, or an element type or shape the
+    /// CPU op does not take): the statistics are the global batch's, summed over the ranks by
+    /// [`Group::sum_tensor`], whose gradient brings the other ranks' share back to this shard.
+    fn forward_synchronised(&self, x: &Tensor, pass: &mut Pass, group: &Group) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.channels {
+            bail!(
+                "batch norm: expected input [batch, {}, height, width], got {:?}",
+                self.channels,
+                x.dims()
+            );
+        }
+        let mut count = [(b * h * w) as f64];
+        group.sum_f64(&mut count);
+        let n = count[0];
+        if n < 2.0 {
+            bail!(
+                "batch norm: training needs more than one value per channel, got {n} over all \
+                 ranks; use a larger batch"
+            );
+        }
+        // Statistics in f32 at least: half-precision sums of a batch lose too much.
+        let xs = match x.dtype() {
+            DType::F64 => x.clone(),
+            _ => x.to_dtype(DType::F32)?,
+        };
+        let global_mean = |t: &Tensor| group.sum_tensor(&t.sum_keepdim((0, 2, 3))?)? / n;
+        let mean = global_mean(&xs)?;
+        let centred = xs.broadcast_sub(&mean)?;
+        let var = global_mean(&centred.sqr()?)?;
+        if pass.updates_statistics() {
+            let (m, v) = (to_f64(&mean.flatten_all()?)?, to_f64(&var.flatten_all()?)?);
+            self.update_running(&m, &v, n as usize)?;
+        }
+        let per_channel = |t: &Tensor| t.to_dtype(xs.dtype())?.reshape((1, c, 1, 1));
+        let eps = BatchNormConfig::default().eps;
+        let scale = (var + eps)?
+            .sqrt()?
+            .recip()?
+            .broadcast_mul(&per_channel(&self.weight)?)?;
+        let y = centred
+            .broadcast_mul(&scale)?
+            .broadcast_add(&per_channel(&self.bias)?)?
+            .to_dtype(x.dtype())?;
+        self.activate_and_pool(y, pass)
+    }
+
+    /// The ReLU and max pool after the normalisation, outside the CPU op.
+    fn activate_and_pool(&self, y: Tensor, pass: &mut Pass) -> Result<Tensor> {
+        let y = if self.relu { y.relu()? } else { y };
+        if self.pool {
+            MaxPool2d::new(2).forward_pass(&y, pass)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
 fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
@@ -200,14 +260,8 @@ impl BayesianModule for BatchNorm2d {
         if self.fused_path(x) {
             return self.forward_fused(x, pass.is_train(), pass.updates_statistics(), sync);
         }
-        if sync.is_some() && pass.is_train() {
-            bail!(
-                "batch norm synchronised over ranks runs in the CPU op, on f32 or f64 input \
-                 [batch, channels, height, width]; got {:?} input of shape {:?} on {:?}",
-                x.dtype(),
-                x.dims(),
-                x.device().location()
-            );
+        if let (Some(group), true) = (&sync, pass.is_train()) {
+            return self.forward_synchronised(x, pass, group);
         }
         // candle-nn's layer updates the running statistics in every training pass: put them
         // back when this pass must not.
@@ -224,12 +278,7 @@ impl BayesianModule for BatchNorm2d {
             self.running_mean.set(&mean)?;
             self.running_var.set(&var)?;
         }
-        let y = if self.relu { y.relu()? } else { y };
-        if self.pool {
-            MaxPool2d::new(2).forward_pass(&y, pass)
-        } else {
-            Ok(y)
-        }
+        self.activate_and_pool(y, pass)
     }
 
     fn parameters(&self) -> Vec<Parameter> {
@@ -714,4 +763,128 @@ fn gradient_tensors<T: candle_core::WithDType>(
         Some(Tensor::from_vec(dw, weight.shape(), device)?),
         Some(Tensor::from_vec(db, bias.shape(), device)?),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::mirrored_group;
+    use crate::rng::seeded;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// A layer with a scale and shift other than 1 and 0, so that their gradients count.
+    fn layer() -> BatchNorm2d {
+        let vars = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let layer = BatchNorm2d::new(3, vb).unwrap().with_relu().with_max_pool();
+        let set = |t: &Tensor, values: &[f32]| {
+            let var = vars.data().lock().unwrap();
+            let var = var.values().find(|v| v.as_tensor().id() == t.id()).unwrap();
+            var.set(&Tensor::new(values, &Device::Cpu).unwrap())
+                .unwrap();
+        };
+        set(&layer.weight, &[0.5, 1.5, -1.0]);
+        set(&layer.bias, &[0.1, -0.2, 0.3]);
+        layer
+    }
+
+    fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+        let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+        assert_eq!(a.dims(), b.dims(), "{what}");
+        let worst = (&a - &b).unwrap().abs().unwrap().max(0).unwrap();
+        let worst = worst
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(worst < 1e-5, "{what}: differs by {worst}");
+    }
+
+    /// The layer's output, the gradients of `sum(output · upstream)` with respect to its input,
+    /// weight and bias, and its running statistics afterwards. The input is `copies` copies
+    /// of a shard, and so is `upstream`.
+    fn outcome(
+        layer: &BatchNorm2d,
+        x: &Tensor,
+        copies: usize,
+        forward: impl FnOnce(&BatchNorm2d, &Tensor) -> Tensor,
+    ) -> Vec<Tensor> {
+        let x = Var::from_tensor(x).unwrap();
+        let y = forward(layer, x.as_tensor());
+        let per_copy = y.elem_count() / copies;
+        let upstream = Tensor::arange(0f32, per_copy as f32, &Device::Cpu)
+            .unwrap()
+            .affine(0.1, -1.0)
+            .unwrap()
+            .repeat(copies)
+            .unwrap()
+            .reshape(y.shape())
+            .unwrap();
+        let grads = (&y * upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grad = |t: &Tensor| grads.get(t).unwrap().clone();
+        vec![
+            y.clone(),
+            grad(x.as_tensor()),
+            grad(&layer.weight),
+            grad(&layer.bias),
+            layer.running_mean.as_tensor().clone(),
+            layer.running_var.as_tensor().clone(),
+        ]
+    }
+
+    /// Two ranks holding the same shard `x` (and the same gradient of their loss) make the
+    /// global batch `[x; x]`. The tensor-op path
+    /// (the GPU's) and the CPU op, both synchronised, must give rank 0 the global batch's
+    /// output, the input gradient of the global loss (both halves' losses reach `x` through
+    /// the statistics) and its running statistics; the weight's gradient is this shard's
+    /// half, which the training step sums over the ranks.
+    #[test]
+    fn synchronised_statistics_in_tensor_ops_match_the_global_batch_and_the_cpu_op() {
+        let x = Tensor::arange(0f32, 96.0, &Device::Cpu)
+            .unwrap()
+            .affine(0.37, 0.0)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((2, 3, 4, 4))
+            .unwrap();
+        let group = mirrored_group(0, 2);
+        let mut rng = seeded(7);
+        let tensor_ops = outcome(&layer(), &x, 1, |l, x| {
+            l.forward_synchronised(x, &mut Pass::train(&mut rng), &group)
+                .unwrap()
+        });
+        let cpu_op = outcome(&layer(), &x, 1, |l, x| {
+            l.forward_fused(x, true, true, Some(group.clone())).unwrap()
+        });
+        let both = Tensor::cat(&[&x, &x], 0).unwrap();
+        let mut global = outcome(&layer(), &both, 2, |l, x| {
+            l.forward_pass(x, &mut Pass::train(&mut rng)).unwrap()
+        });
+        // Rank 0's rows of the global output and input gradient; half of the global batch's
+        // parameter gradients.
+        for rows in &mut global[..2] {
+            *rows = rows.narrow(0, 0, 2).unwrap();
+        }
+        for gradient in &mut global[2..4] {
+            *gradient = (&*gradient * 0.5).unwrap();
+        }
+        let names = [
+            "output",
+            "input gradient",
+            "weight gradient",
+            "bias gradient",
+        ];
+        let names = names.iter().chain(&["running mean", "running variance"]);
+        for (((name, t), c), g) in names.zip(&tensor_ops).zip(&cpu_op).zip(&global) {
+            assert_close(t, g, &format!("tensor ops vs the global batch: {name}"));
+            assert_close(c, g, &format!("CPU op vs the global batch: {name}"));
+        }
+    }
 }

@@ -58,6 +58,7 @@ impl<'a> Run<'a> {
     ) -> Result<Self> {
         config.validate()?;
         check_group(config, device, group)?;
+        let group = &group.on_device(device)?;
         let leader = group.is_leader();
         let (last_path, best_path, log_path) = paths(&config.out);
         if start == Start::New && leader {
@@ -452,18 +453,17 @@ fn batches_per_epoch(
     Ok(batches)
 }
 
-/// Refuses a group this run cannot be split over: several ranks need the CPU (batch
-/// normalisation is synchronised in the CPU op; the NCCL path for GPUs is not written yet) and
-/// a batch of at least one example per rank.
+/// Refuses a group this run cannot be split over: several ranks need the CPU or CUDA GPUs
+/// (Metal has no all-reduce here) and a batch of at least one example per rank.
 fn check_group(config: &TrainConfig, device: &Device, group: &Group) -> Result<()> {
     let ranks = group.size();
     if ranks == 1 {
         return Ok(());
     }
-    if !device.is_cpu() {
+    if device.is_metal() {
         return Err(Error::invalid(format!(
-            "training over {ranks} ranks runs on the CPU only for now (GPU all-reduce through \
-             NCCL is not implemented); use --device cpu, or one process per GPU job"
+            "training over {ranks} ranks runs on the CPU or on CUDA GPUs, not on Metal; use \
+             --device cpu, or one process"
         )));
     }
     if config.batch_size < ranks {
