@@ -31,15 +31,18 @@ pub fn parse_device(name: &str) -> Result<Device> {
 }
 
 /// [`parse_device`] for one rank of a job started by an MPI launcher: a bare `cuda` is the GPU
-/// of the rank's place on its machine (`local_rank`, see [`crate::dist::Group::local_rank`]),
-/// counted modulo the GPUs the process sees, so that a launcher that shows each rank only its
-/// own GPU (Slurm's `--gpus-per-task`) works too. Other names are taken as given.
+/// of the rank's place on its machine (`local_rank`, as `Group::local_rank` reads it from the
+/// launcher), or the only GPU when the process sees one (a launcher that shows each rank its own GPU, as
+/// Slurm's `--gpus-per-task=1` does). More ranks on a machine than it shows GPUs is an error.
+/// Other names are taken as given.
 pub fn parse_device_for_rank(name: &str, local_rank: usize) -> Result<Device> {
-    match name {
-        "cuda" if local_rank > 0 => {
-            let gpu = local_rank % visible_gpus().max(1);
-            parse_device(&format!("cuda:{gpu}"))
-        }
+    match (name, visible_gpus()) {
+        ("cuda", 0 | 1) => parse_device("cuda:0"),
+        ("cuda", n) if local_rank < n => parse_device(&format!("cuda:{local_rank}")),
+        ("cuda", n) => Err(Error::invalid(format!(
+            "--device cuda: this is rank {local_rank} on its machine, which shows {n} GPUs; \
+             start at most {n} ranks per machine, or name each rank's GPU (cuda:N)"
+        ))),
         _ => parse_device(name),
     }
 }
@@ -146,10 +149,10 @@ mod tests {
         let err = parse_device_for_rank("cuda:5", 2).unwrap_err().to_string();
         assert!(err.contains("'cuda:5'"), "{err}");
         // No GPU visible: every rank is sent to the first (which then cannot open).
-        let err = parse_device_for_rank("cuda", 3).unwrap_err().to_string();
-        assert!(err.contains("'cuda:0'"), "{err}");
-        let err = parse_device_for_rank("cuda", 0).unwrap_err().to_string();
-        assert!(err.contains("'cuda'"), "{err}");
+        for rank in [0, 3] {
+            let err = parse_device_for_rank("cuda", rank).unwrap_err().to_string();
+            assert!(err.contains("'cuda:0'"), "{err}");
+        }
     }
 
     #[test]

@@ -98,7 +98,10 @@ fn run(cli: Cli) -> whvi::Result<()> {
 fn train_command(args: &args::TrainArgs) -> whvi::Result<()> {
     args.runtime.apply()?;
     let group = whvi::dist::Group::from_environment()?;
-    let device = args.runtime.device(&group)?;
+    let device = args
+        .runtime
+        .device(&group)
+        .map_err(|e| end_group_on_error(&group, e))?;
     let (config, note) = args.to_config()?;
     if let Some(note) = note {
         eprintln!("{note}");
@@ -151,7 +154,10 @@ fn train_command(args: &args::TrainArgs) -> whvi::Result<()> {
 fn eval_command(args: &args::EvalArgs) -> whvi::Result<()> {
     args.runtime.apply()?;
     let group = whvi::dist::Group::from_environment()?;
-    let device = args.runtime.device(&group)?;
+    let device = args
+        .runtime
+        .device(&group)
+        .map_err(|e| end_group_on_error(&group, e))?;
     let config = args.to_config()?;
     let leader = group.is_leader();
     let mut progress = |line: &str| {
@@ -282,8 +288,9 @@ fn bench_command(bench: Bench) -> whvi::Result<()> {
                 args::set_threads(n)?;
             }
             let group = whvi::dist::Group::from_environment()?;
-            let device = whvi::device::parse_device_for_rank(&device, group.local_rank())?;
-            let group = group.on_device(&device)?;
+            let device = whvi::device::parse_device_for_rank(&device, group.local_rank())
+                .and_then(|device| Ok((group.on_device(&device)?, device)));
+            let (group, device) = device.map_err(|e| end_group_on_error(&group, e))?;
             // The network whose convolution shapes to time, if any.
             let conv_shapes = match conv_shapes.as_deref() {
                 Some("none") => None,

@@ -111,15 +111,27 @@ impl Group {
     /// there through NCCL, each rank on its own GPU; elsewhere, or without the feature, through
     /// host memory over the group's engine. Every rank must call it, with its own device.
     pub fn on_device(&self, device: &Device) -> Result<Self> {
+        if self.size() == 1 {
+            return Ok(self.clone());
+        }
+        let mut on_gpu = [f64::from(u8::from(device.is_cuda()))];
+        self.sum_f64(&mut on_gpu);
+        if on_gpu[0] != 0.0 && on_gpu[0] != self.size() as f64 {
+            return Err(Error::invalid(format!(
+                "{} of the {} ranks run on a CUDA GPU and the others on another device: give \
+                 every rank the same --device",
+                on_gpu[0],
+                self.size()
+            )));
+        }
         #[cfg(feature = "nccl")]
-        if let (Device::Cuda(gpu), true) = (device, self.size() > 1) {
+        if let Device::Cuda(gpu) = device {
             let engine = nccl::Nccl::new(self, gpu)?;
             return Ok(Group {
                 device_collective: Some(Arc::new(engine)),
                 ..self.clone()
             });
         }
-        let _ = device;
         Ok(self.clone())
     }
 
@@ -317,7 +329,7 @@ impl Group {
                 return self.timed_result(|| engine.sum(t));
             }
         }
-        let host = t.to_device(&Device::Cpu)?;
+        let host = t.to_device(&Device::Cpu)?.contiguous()?;
         host.apply_op1(HostSum {
             group: self.clone(),
         })?
@@ -586,6 +598,21 @@ mod tests {
         let err = other.check_same("weights", 1234).unwrap_err().to_string();
         assert!(err.contains("different weights"), "{err}");
         Group::solo().check_same("weights", 7).unwrap();
+    }
+
+    #[test]
+    fn ranks_that_mix_a_gpu_and_the_cpu_are_refused_and_cpu_ranks_keep_the_host_sum() {
+        // The partner's flag: it is on a GPU.
+        let mixed = Group::new(Arc::new(Partner { other: 1.0 }));
+        let err = mixed.on_device(&Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("1 of the 2 ranks run on a CUDA GPU"), "{err}");
+        let cpu = group(0, 2).on_device(&Device::Cpu).unwrap();
+        assert!(cpu.device_collective.is_none());
+        let x = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        // A strided column, summed over two ranks that hold the same values.
+        let column = x.narrow(1, 1, 1).unwrap();
+        let summed = cpu.sum_tensor(&column).unwrap();
+        assert_eq!(summed.to_vec2::<f32>().unwrap(), [[4.0], [8.0]]);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex};
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::result::NcclError;
+use candle_core::cuda_backend::cudarc::nccl::sys::ncclResult_t;
 use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{
@@ -23,7 +25,17 @@ pub(super) struct Nccl {
 }
 
 /// NCCL calls on one communicator must not overlap: the lock orders them.
-struct Communicator(Mutex<Comm>);
+struct Communicator {
+    comm: Mutex<Comm>,
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // cudarc's `Comm` aborts the communicator when dropped: let the queued sums end first.
+        let comm = self.comm.get_mut().unwrap_or_else(|p| p.into_inner());
+        let _ = comm.stream().synchronize();
+    }
+}
 
 // SAFETY: the communicator handle is only used under the mutex; NCCL allows calls on it from
 // any thread as long as they do not overlap.
@@ -41,29 +53,43 @@ impl Nccl {
     /// Sets up the communicator of `group`'s ranks, this one on `gpu`. Every rank must call it.
     pub(super) fn new(group: &Group, gpu: &CudaDevice) -> Result<Self> {
         let device = Device::Cuda(gpu.clone());
-        let failed = |what: &str, e: &dyn std::fmt::Debug| {
+        let failed = |what: &str, e: NcclError| {
+            // Two ranks on one GPU is the usual cause of an invalid use at set-up.
+            let hint = match e.0 {
+                ncclResult_t::ncclInvalidUsage => {
+                    ". Every rank needs a GPU of its own: `--device cuda` gives each rank the GPU \
+                     of its place on its machine, so start at most as many ranks per machine as \
+                     it has GPUs"
+                }
+                _ => "",
+            };
             Error::invalid(format!(
-                "NCCL could not {what} on rank {} of {} ({}): {e:?}. Every rank needs a GPU of \
-                 its own: `--device cuda` gives each rank the GPU of its rank on its machine, so \
-                 start at most as many ranks per machine as it has GPUs",
+                "NCCL could not {what} on rank {} of {} ({}): {:?}{hint}",
                 group.rank(),
                 group.size(),
-                device_name(&device)
+                device_name(&device),
+                e.0
             ))
         };
         let mut id = [0u8; 128];
         if group.is_leader() {
-            let fresh = Id::new().map_err(|e| failed("create the job's unique id", &e))?;
+            let fresh = Id::new().map_err(|e| failed("create the job's unique id", e))?;
             for (byte, &c) in id.iter_mut().zip(fresh.internal()) {
                 *byte = c as u8;
             }
         }
         group.collective.broadcast_bytes(&mut id);
         let id = Id::uninit(id.map(|b| b as c_char));
+        // NCCL joins the GPU current on the calling thread: make it this rank's.
+        gpu.cuda_stream().context().bind_to_thread().map_err(|e| {
+            Error::invalid(format!("cannot make {} current: {e}", device_name(&device)))
+        })?;
         let comm = Comm::from_rank(gpu.cuda_stream(), group.rank(), group.size(), id)
-            .map_err(|e| failed("set up the ranks' communicator", &e))?;
+            .map_err(|e| failed("set up the ranks' communicator", e))?;
         Ok(Nccl {
-            communicator: Arc::new(Communicator(Mutex::new(comm))),
+            communicator: Arc::new(Communicator {
+                comm: Mutex::new(comm),
+            }),
             device,
         })
     }
@@ -85,21 +111,23 @@ impl DeviceCollective for Nccl {
 struct NcclSum(Arc<Communicator>);
 
 impl NcclSum {
-    fn all_reduce<T: NcclType + DeviceRepr + ValidAsZeroBits + CudaDType>(
+    fn all_reduce<T: NcclType + DeviceRepr + CudaDType>(
         &self,
         storage: &CudaStorage,
         (start, end): (usize, usize),
     ) -> candle_core::Result<CudaStorage> {
         let gpu = storage.device();
         let input = storage.as_cuda_slice::<T>()?.slice(start..end);
-        let mut output: CudaSlice<T> = gpu.alloc_zeros(end - start)?;
+        // SAFETY: the all-reduce, queued next on the same stream, writes every element before
+        // anything can read the buffer.
+        let mut output: CudaSlice<T> = unsafe { gpu.alloc(end - start)? };
         let comm = self
             .0
-             .0
+            .comm
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         comm.all_reduce(&input, &mut output, &ReduceOp::Sum)
-            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce failed: {e:?}")))?;
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce failed: {:?}", e.0)))?;
         Ok(CudaStorage::wrap_cuda_slice(output, gpu.clone()))
     }
 }

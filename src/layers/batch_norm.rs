@@ -20,7 +20,7 @@ use super::pool::{window_max, window_row, MaxPool2d};
 use super::pool_simd::{pool_row_f32, Normalise};
 use super::{BayesianModule, ParamRole, Parameter, Pass};
 use crate::cpu::{slice, with_slices};
-use crate::dist::Group;
+use crate::dist::{Group, Shard};
 use crate::simd;
 use std::sync::OnceLock;
 
@@ -135,7 +135,8 @@ impl BatchNorm2d {
             }
             let (mean, var) = moments(&sums, c, count);
             if update_statistics {
-                self.update_running(&mean, &var, count)?;
+                let host = |values: &[f64]| Tensor::new(values, x.device());
+                self.update_running(&host(&mean)?, &host(&var)?, count)?;
             }
             (mean, var)
         } else {
@@ -166,22 +167,17 @@ impl BatchNorm2d {
     }
 
     /// `running = (1 - momentum)·running + momentum·batch`, with the unbiased batch variance
-    /// (PyTorch's convention).
-    fn update_running(&self, mean: &[f64], var: &[f64], count: usize) -> Result<()> {
+    /// (PyTorch's convention). In tensor ops, so that on a GPU nothing waits for the host.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
         let momentum = BatchNormConfig::default().momentum;
         let unbiased = count as f64 / (count - 1) as f64;
         for (stat, batch, factor) in [
             (&self.running_mean, mean, 1.0),
             (&self.running_var, var, unbiased),
         ] {
-            let old = to_f64(stat.as_tensor())?;
-            let new: Vec<f64> = old
-                .iter()
-                .zip(batch)
-                .map(|(o, b)| (1.0 - momentum) * o + momentum * factor * b)
-                .collect();
-            let t = Tensor::from_vec(new, old.len(), stat.device())?.to_dtype(stat.dtype())?;
-            stat.set(&t)?;
+            let batch = batch.detach().flatten_all()?.to_dtype(stat.dtype())?;
+            let new = ((stat.as_tensor() * (1.0 - momentum))? + (batch * (momentum * factor))?)?;
+            stat.set(&new)?;
         }
         Ok(())
     }
@@ -191,7 +187,7 @@ impl BatchNorm2d {
     /// Training on one rank's shard in tensor ops (on a GPU, or an element type or shape the
     /// CPU op does not take): the statistics are the global batch's, summed over the ranks by
     /// [`Group::sum_tensor`], whose gradient brings the other ranks' share back to this shard.
-    fn forward_synchronised(&self, x: &Tensor, pass: &mut Pass, group: &Group) -> Result<Tensor> {
+    fn forward_synchronised(&self, x: &Tensor, pass: &mut Pass, shard: &Shard) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != self.channels {
             bail!(
@@ -200,10 +196,9 @@ impl BatchNorm2d {
                 x.dims()
             );
         }
-        let mut count = [(b * h * w) as f64];
-        group.sum_f64(&mut count);
-        let n = count[0];
-        if n < 2.0 {
+        let count = shard.global_rows(b)? * h * w;
+        let n = count as f64;
+        if count < 2 {
             bail!(
                 "batch norm: training needs more than one value per channel, got {n} over all \
                  ranks; use a larger batch"
@@ -214,13 +209,13 @@ impl BatchNorm2d {
             DType::F64 => x.clone(),
             _ => x.to_dtype(DType::F32)?,
         };
+        let group = shard.group();
         let global_mean = |t: &Tensor| group.sum_tensor(&t.sum_keepdim((0, 2, 3))?)? / n;
         let mean = global_mean(&xs)?;
         let centred = xs.broadcast_sub(&mean)?;
         let var = global_mean(&centred.sqr()?)?;
         if pass.updates_statistics() {
-            let (m, v) = (to_f64(&mean.flatten_all()?)?, to_f64(&var.flatten_all()?)?);
-            self.update_running(&m, &v, n as usize)?;
+            self.update_running(&mean, &var, count)?;
         }
         let per_channel = |t: &Tensor| t.to_dtype(xs.dtype())?.reshape((1, c, 1, 1));
         let eps = BatchNormConfig::default().eps;
@@ -252,16 +247,16 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
 
 impl BayesianModule for BatchNorm2d {
     fn forward_pass(&self, x: &Tensor, pass: &mut Pass) -> Result<Tensor> {
-        let sync = pass
+        let shard = pass
             .shard()
-            .map(|shard| shard.group())
-            .filter(|group| group.size() > 1)
+            .filter(|shard| shard.group().size() > 1)
             .cloned();
         if self.fused_path(x) {
+            let sync = shard.map(|shard| shard.group().clone());
             return self.forward_fused(x, pass.is_train(), pass.updates_statistics(), sync);
         }
-        if let (Some(group), true) = (&sync, pass.is_train()) {
-            return self.forward_synchronised(x, pass, group);
+        if let (Some(shard), true) = (&shard, pass.is_train()) {
+            return self.forward_synchronised(x, pass, shard);
         }
         // candle-nn's layer updates the running statistics in every training pass: put them
         // back when this pass must not.
@@ -855,9 +850,11 @@ mod tests {
             .reshape((2, 3, 4, 4))
             .unwrap();
         let group = mirrored_group(0, 2);
+        // Rank 0's rows of a global batch of 4.
+        let shard = group.shard(4).unwrap();
         let mut rng = seeded(7);
         let tensor_ops = outcome(&layer(), &x, 1, |l, x| {
-            l.forward_synchronised(x, &mut Pass::train(&mut rng), &group)
+            l.forward_synchronised(x, &mut Pass::train(&mut rng), &shard)
                 .unwrap()
         });
         let cpu_op = outcome(&layer(), &x, 1, |l, x| {
