@@ -79,6 +79,19 @@ impl BatchNorm2d {
         self
     }
 
+    /// `[batch, channels, height, width]` of an input with this layer's channels.
+    fn input_dims(&self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.channels {
+            bail!(
+                "batch norm: expected input [batch, {}, height, width], got {:?}",
+                self.channels,
+                x.dims()
+            );
+        }
+        Ok((b, c, h, w))
+    }
+
     fn fused_path(&self, x: &Tensor) -> bool {
         x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4
     }
@@ -92,14 +105,7 @@ impl BatchNorm2d {
         update_statistics: bool,
         sync: Option<Group>,
     ) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != self.channels {
-            bail!(
-                "batch norm: expected input [batch, {}, height, width], got {:?}",
-                self.channels,
-                x.dims()
-            );
-        }
+        let (b, c, h, w) = self.input_dims(x)?;
         if self.pool && h.min(w) < 2 {
             bail!(
                 "max pool: a 2x2 window does not fit a {h}x{w} input; use a larger input or \
@@ -188,14 +194,7 @@ impl BatchNorm2d {
     /// CPU op does not take): the statistics are the global batch's, summed over the ranks by
     /// [`Group::sum_tensor`], whose gradient brings the other ranks' share back to this shard.
     fn forward_synchronised(&self, x: &Tensor, pass: &mut Pass, shard: &Shard) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != self.channels {
-            bail!(
-                "batch norm: expected input [batch, {}, height, width], got {:?}",
-                self.channels,
-                x.dims()
-            );
-        }
+        let (b, c, h, w) = self.input_dims(x)?;
         let count = shard.global_rows(b)? * h * w;
         let n = count as f64;
         if count < 2 {
