@@ -228,29 +228,81 @@ impl TrainConfig {
     }
 
     /// The settings in which `self` (of the run being resumed) and `other` differ and that
-    /// change what the run computes, each as `name: old -> new`; empty when `--resume` can
-    /// continue bit for bit. The output directory (a run may be moved or named by another
-    /// path) and the time limit do not count.
+    /// change what the run computes, each as `name: old -> new` (nested settings by their path,
+    /// `build.initial_sigma: 0.01 -> 0.3`); empty when `--resume` can continue bit for bit. The
+    /// output directory (a run may be moved or named by another path) and the time limit do
+    /// not count.
     pub(crate) fn resume_differences(&self, other: &TrainConfig) -> Vec<String> {
         const IGNORED: [&str; 2] = ["out", "time_limit_minutes"];
-        let as_map = |c: &TrainConfig| match serde_json::to_value(c) {
-            Ok(serde_json::Value::Object(map)) => map,
-            _ => serde_json::Map::new(),
+        let as_value = |c: &TrainConfig| {
+            let mut value = serde_json::to_value(c).unwrap_or_default();
+            if let Some(settings) = value.as_object_mut() {
+                IGNORED.iter().for_each(|name| drop(settings.remove(*name)));
+            }
+            value
         };
-        let (old, new) = (as_map(self), as_map(other));
-        let mut names: Vec<&String> = old.keys().chain(new.keys()).collect();
-        names.sort();
-        names.dedup();
-        names
-            .into_iter()
-            .filter(|name| !IGNORED.contains(&name.as_str()))
-            .filter(|name| old.get(*name) != new.get(*name))
-            .map(|name| {
-                let show = |v: Option<&serde_json::Value>| {
-                    v.map_or("unset".to_string(), |v| v.to_string())
+        let mut differences = Vec::new();
+        setting_differences("", &as_value(self), &as_value(other), &mut differences);
+        differences
+    }
+}
+
+/// Appends `path: old -> new` for every leaf setting in which `old` and `new` differ, going into
+/// the objects both hold (a setting only one of them has is `unset` on the other side).
+fn setting_differences(
+    path: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut names: Vec<&String> = a.keys().chain(b.keys()).collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                let path = match path {
+                    "" => name.clone(),
+                    _ => format!("{path}.{name}"),
                 };
-                format!("{name}: {} -> {}", show(old.get(name)), show(new.get(name)))
-            })
-            .collect()
+                let unset = Value::String("unset".into());
+                let (a, b) = (a.get(name), b.get(name));
+                match (a, b) {
+                    (Some(a), Some(b)) => setting_differences(&path, a, b, out),
+                    _ if a != b => out.push(format!(
+                        "{path}: {} -> {}",
+                        a.unwrap_or(&unset),
+                        b.unwrap_or(&unset)
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        _ if old != new => out.push(format!("{path}: {old} -> {new}")),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_differences_name_nested_settings_by_their_path_and_ignore_the_output_folder() {
+        let run = TrainConfig::for_dataset(DatasetKind::Cifar10, None);
+        let mut other = run.clone();
+        assert!(run.resume_differences(&other).is_empty());
+        other.build.initial_sigma = 0.25;
+        other.batch_size = run.batch_size + 1;
+        other.out = PathBuf::from("elsewhere");
+        let differences = run.resume_differences(&other);
+        assert_eq!(
+            differences,
+            [
+                format!("batch_size: {} -> {}", run.batch_size, other.batch_size),
+                format!("build.initial_sigma: {} -> 0.25", run.build.initial_sigma),
+            ]
+        );
     }
 }
