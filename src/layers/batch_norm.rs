@@ -187,9 +187,7 @@ impl BatchNorm2d {
         }
         Ok(())
     }
-}
 
-impl BatchNorm2d {
     /// Training on one rank's shard in tensor ops (on a GPU, or an element type or shape the
     /// CPU op does not take): the statistics are the global batch's, summed over the ranks by
     /// [`Group::sum_tensor`], whose gradient brings the other ranks' share back to this shard.
